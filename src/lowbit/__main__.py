@@ -1,0 +1,5 @@
+import sys
+
+from lowbit.cli.main import main
+
+sys.exit(main())

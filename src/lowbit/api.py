@@ -1,0 +1,114 @@
+"""The library entry points the CLI calls: quantize a model to a file, simulate a scheme in memory."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lowbit.errors import SchemeError
+from lowbit.export.atomic import check_output
+from lowbit.export.hf_checkpoint import get_format, model_dtype, write_checkpoint
+from lowbit.methods.base import get_method
+from lowbit.schemes import parse_scheme
+from lowbit.walk.quantize_walk import WalkStats, simulate, walk_quantize
+from lowbit.walk.sources import ModelSource, open_model
+
+log = logging.getLogger(__name__)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+@dataclass(frozen=True)
+class QuantizeReport:
+    """What one ``lowbit quantize`` run produced and cost."""
+
+    output: Path
+    scheme: str
+    method: str
+    format: str
+    seconds: float
+    peak_rss_bytes: int
+    file_bytes: int
+    linear_bits_per_weight: float
+    model_bits_per_weight: float
+    mean_sqnr_db: float
+    quantized_layers: int
+    stats: WalkStats = field(repr=False, compare=False)
+
+    def to_json_dict(self) -> dict[str, object]:
+        return {
+            "output": str(self.output),
+            "scheme": self.scheme,
+            "method": self.method,
+            "format": self.format,
+            "seconds": round(self.seconds, 3),
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "file_bytes": self.file_bytes,
+            "bpw": self.linear_bits_per_weight,
+            "model_bpw": self.model_bits_per_weight,
+            "mean_sqnr_db": self.mean_sqnr_db,
+            "quantized_layers": self.quantized_layers,
+        }
+
+
+def quantize(
+    model: str | Path | ModelSource,
+    scheme: str,
+    out: str | Path,
+    method: str = "rtn",
+    fmt: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> QuantizeReport:
+    """Quantize every block linear of ``model`` with ``scheme`` and write ``out`` in ``fmt``.
+
+    The model is read one block at a time; ``out`` appears only when complete.
+    """
+    out_path = Path(out)
+    check_output(out_path, force)
+    sch = parse_scheme(scheme)
+    fmt_name = fmt or sch.default_format
+    if fmt_name not in sch.formats:
+        raise SchemeError(f"scheme {sch.name} cannot be written as {fmt_name}; it is written as {', '.join(sch.formats)}")
+    exporter = get_format(fmt_name)
+    meth = get_method(method)
+    t0 = time.perf_counter()
+    source = model if isinstance(model, ModelSource) else open_model(model)
+    codec = sch.codec(exporter.scale_dtype(model_dtype(source)))
+    shapes = [source.info(n).shape for n in source.names() if source.arch.is_quantizable(n)]
+    exporter.check(codec, shapes)
+    stats = WalkStats()
+    items = walk_quantize(source, codec, meth, stats, progress=progress)
+    written = write_checkpoint(items, source, exporter, codec, out_path, force=force)
+    return QuantizeReport(
+        output=out_path,
+        scheme=sch.name,
+        method=meth.name,
+        format=fmt_name,
+        seconds=time.perf_counter() - t0,
+        peak_rss_bytes=peak_rss_bytes(),
+        file_bytes=written.file_bytes,
+        linear_bits_per_weight=stats.linear_bits_per_weight,
+        model_bits_per_weight=stats.model_bits_per_weight,
+        mean_sqnr_db=stats.mean_sqnr_db,
+        quantized_layers=len(stats.layers),
+        stats=stats,
+    )
+
+
+def simulate_scheme(
+    source: ModelSource, scheme: str, method: str = "rtn", progress: bool = False
+) -> tuple[dict[str, torch.Tensor], WalkStats]:
+    """Float weights of ``source`` with ``scheme`` applied in memory (scales in fp16), and the walk stats."""
+    sch = parse_scheme(scheme)
+    stats = WalkStats()
+    weights = simulate(source, sch.codec(torch.float16), get_method(method), stats, progress=progress)
+    return weights, stats

@@ -1,0 +1,46 @@
+"""``lowbit eval MODEL --ref REF --text TEXTFILE``: perplexity as llama.cpp computes it, KLD, top-1."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="perplexity, KL-divergence and top-1 agreement of a model against its original",
+        description="Perplexity over non-overlapping windows of --ctx tokens, scoring the second half of each "
+        "(as llama-perplexity does), KL-divergence of the model's next-token distribution from the reference's, "
+        "top-1 agreement. The reference's predictions are cached, so a sweep runs the reference once.",
+    )
+    p.add_argument("model", help="model directory, lowbit output, compressed-tensors checkpoint or .gguf file")
+    p.add_argument("--ref", required=True, help="the unquantized original (directory or .gguf)")
+    p.add_argument("--text", required=True, help="UTF-8 text file to evaluate on")
+    p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--chunks", type=int, default=None, help="at most this many windows (default: all)")
+    p.add_argument("--cache-dir", default=None, help="where reference logits are cached (default ~/.cache/lowbit)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lowbit.eval.run import evaluate_source, prepare_reference, result_dict, source_bits_per_weight
+    from lowbit.walk.sources import open_model
+
+    progress = sys.stderr.isatty()
+    source = open_model(args.model)
+    setup = prepare_reference(args.ref, args.text, args.ctx, args.chunks, args.cache_dir, progress)
+    result = evaluate_source(setup, source, progress=progress)
+    out = result_dict(result, source_bits_per_weight(source))
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    bpw = "n/a" if out["bpw"] is None else f"{out['bpw']:.3f}"
+    print(
+        f"{args.model}: PPL {result.ppl:.4f} ± {result.ppl_stderr:.4f} (reference {result.ref_ppl:.4f}, "
+        f"Δ {result.delta_ppl:+.4f}), KLD mean {result.kld_mean:.6f} p99 {result.kld_p99:.6f} "
+        f"p99.9 {result.kld_p999:.6f}, top-1 {100 * result.top1:.2f}%, {result.tokens} tokens, bits/weight {bpw}"
+    )
+    return 0

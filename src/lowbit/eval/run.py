@@ -1,0 +1,135 @@
+"""Evaluate a model (directory, lowbit output, GGUF) against a reference on a text file.
+
+Glue between the model sources, the torch model builder and the evaluator: tokenization with the
+reference's tokenizer, one cached reference per (reference weights, text, ctx, chunks), and bits/weight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowbit.errors import InputFileError
+from lowbit.eval.perplexity import EvalResult, evaluate, load_or_build_reference
+from lowbit.eval.refcache import Reference
+from lowbit.eval.windows import encode_text, tokenizer_bos_id
+from lowbit.walk.sources import GGUFSource, ModelSource, SafetensorsSource, open_model
+from lowbit.walk.torch_model import build_model, logits_fn, threads_for
+
+log = logging.getLogger(__name__)
+
+
+def model_fingerprint(source: ModelSource) -> str:
+    """sha256 over the files that hold ``source``'s weights and config (content, not names)."""
+    h = hashlib.sha256()
+    files: list[Path]
+    if isinstance(source, SafetensorsSource):
+        files = sorted(source.path.glob("*.safetensors")) + [source.path / "config.json"]
+    else:
+        files = [source.path]
+    for f in files:
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def source_bits_per_weight(source: ModelSource) -> float | None:
+    """Bits per weight of the quantized linears (lowbit/compressed-tensors outputs), or of all weights
+    for a GGUF file (as llama.cpp reports it); None for an unquantized checkpoint."""
+    if isinstance(source, GGUFSource):
+        total_bits = sum(int(t.n_bytes) * 8 for t in source.reader.tensors)
+        n = sum(int(t.n_elements) for t in source.reader.tensors)
+        return total_bits / n if n else None
+    bpw = getattr(source, "linear_bits_per_weight", None)
+    return float(bpw) if bpw is not None else None
+
+
+@dataclass(frozen=True)
+class EvalSetup:
+    """Tokens and reference shared by every model evaluated against one original on one text."""
+
+    tokens: torch.Tensor
+    bos_id: int | None
+    reference: Reference
+    ref_source: ModelSource
+
+
+def prepare_reference(
+    ref: str | Path | ModelSource,
+    text_file: str | Path,
+    ctx: int = 512,
+    chunks: int | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool | None = None,
+) -> EvalSetup:
+    """Tokenize ``text_file`` with the reference's tokenizer and load or compute the cached reference."""
+    ref_source = ref if isinstance(ref, ModelSource) else open_model(ref)
+    path = Path(text_file)
+    if not path.is_file():
+        raise InputFileError(f"text file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputFileError(f"{path} is not UTF-8 text ({e})") from e
+    tok = ref_source.tokenizer()
+    tokens = encode_text(tok, text)
+    bos = tokenizer_bos_id(tok)
+    fp = model_fingerprint(ref_source)
+
+    ref_model: Any = None  # built only when the reference is not cached
+
+    def ref_fn(ids: torch.Tensor) -> torch.Tensor:
+        nonlocal ref_model
+        if ref_model is None:
+            ref_model = build_model(ref_source)
+        return logits_fn(ref_model)(ids)
+
+    with threads_for(ref_source.config):
+        reference = load_or_build_reference(
+            ref_fn, tokens, ctx, chunks, bos, model_fingerprint=fp, cache_dir=cache_dir, progress=progress
+        )
+    return EvalSetup(tokens, bos, reference, ref_source)
+
+
+def evaluate_source(
+    setup: EvalSetup,
+    model: str | Path | ModelSource,
+    weights: Mapping[str, torch.Tensor] | None = None,
+    progress: bool | None = None,
+) -> EvalResult:
+    """Evaluate ``model`` (or ``weights`` on its architecture) against ``setup``'s reference."""
+    source = model if isinstance(model, ModelSource) else open_model(model)
+    vocab = int(source.config.get("vocab_size", 0))
+    ref_vocab = int(setup.ref_source.config.get("vocab_size", 0))
+    if vocab and ref_vocab and vocab != ref_vocab:
+        raise InputFileError(
+            f"{source.path} has a vocabulary of {vocab}, the reference {setup.ref_source.path} of {ref_vocab}; "
+            "evaluate a model against the original it was quantized from"
+        )
+    torch_model = build_model(source, weights)
+    with threads_for(source.config):
+        return evaluate(logits_fn(torch_model), setup.reference, progress=progress)
+
+
+def result_dict(result: EvalResult, bpw: float | None) -> dict[str, Any]:
+    """The ``lowbit eval --json`` object: the contract fields first, then the rest."""
+    d = result.to_json_dict()
+    out: dict[str, Any] = {
+        "ppl": d["ppl"],
+        "ref_ppl": d["ref_ppl"],
+        "kld_mean": d["kld_mean"],
+        "kld_p99": d["kld_p99"],
+        "top1": d["top1"],
+        "tokens": d["tokens"],
+        "bpw": None if bpw is None or math.isnan(bpw) else bpw,
+    }
+    out.update({k: v for k, v in d.items() if k not in out})
+    return out

@@ -1,0 +1,437 @@
+"""compressed-tensors ``pack-quantized`` checkpoints: per-Linear tensors and the ``quantization_config``.
+
+This is the format llm-compressor writes for W4A16/W8A16-style schemes and that transformers (with
+compressed-tensors installed) and vLLM load. The functions here are pure: one quantized Linear in, the
+tensors stored under its module prefix out (and back), plus the config.json block. Writing shards is
+the pipeline's job.
+
+Stored tensors of one Linear ``(out, in)``, as compressed-tensors 0.20 writes and reads them
+(``compressors/pack_quantized``)::
+
+    weight_packed      int32 (out, ceil(in * b / 32))   codes, b bits each, densely packed along in
+    weight_scale       scale dtype; tensor: (1,)  channel: (out, 1)  group: (out, in / g)
+    weight_zero_point  asymmetric only, int32 (ceil(out * b / 32), G): packed along *out* (rows);
+                       per-tensor: int8 (1,), not packed (compressed-tensors packs only group/channel)
+    weight_shape       int64 (2,) = [out, in]
+
+Code conventions (compressed-tensors' integer range is the signed ``[-2**(b-1), 2**(b-1) - 1]`` for
+symmetric *and* asymmetric schemes; packing adds ``2**(b-1)`` to make the stored field unsigned):
+
+* symmetric: ct code = lowbit code, stored field = code + 2**(b-1); no zero point.
+* asymmetric: ct code = lowbit code - 2**(b-1) and ct zero = lowbit zero - 2**(b-1), so the stored
+  fields are exactly lowbit's unsigned codes and zero points. ``w = (q - z) * s`` either way.
+
+Dense packing: element ``i`` of a packed row occupies bits ``[i*b, (i+1)*b)`` of the row's little-endian
+bit stream, word ``k`` holding stream bits ``[32k, 32k+32)``. For b in {2, 4, 8} this is the plain
+LSB-first ``32 // b`` codes-per-word layout; for 3, 5, 6, 7 bits codes straddle words (as compressed-tensors
+0.20 packs them; earlier packers used ``32 // b`` codes per word with the high bits wasted, a layout this
+module refuses, by its width, rather than misreads).
+
+Limits of the format (checked, not silently worked around):
+
+* Groups must divide the input width: compressed-tensors' dequantization raises on a ragged last group
+  (and vLLM's kernels need it too), so ``in % g != 0`` is a :class:`~lowbit.errors.ShapeError`.
+* Only per-tensor, per-channel and ``Block(1, g)`` groups map to its strategies.
+* ``weight_g_idx`` (activation-order groups) is gone from compressed-tensors 0.20; it is never written and
+  only a trivial one is accepted on reading.
+* vLLM's WNA16 scheme takes 4 and 8 bits only; transformers dequantizes any of 2..8.
+
+Asymmetric checkpoints and transformers 5.23: its default ("run compressed") load path builds each
+module's parameters with compressed-tensors' meta-device compression, which skips packing the zero point,
+so it allocates ``weight_zero_point`` unpacked ``(out, G)`` int8 and rejects the packed tensor ("size
+mismatch"); an unpacked int8 tensor loads but then fails at decompression, which unpacks int32 along rows.
+Its ``dequantize=True`` path decompresses the stored tensors directly and reads the canonical layout. So
+lowbit writes the canonical layout (what compressed-tensors' compressor, llm-compressor and vLLM use) and,
+for asymmetric schemes, adds ``"dequantize": true`` to the config: a transformers loading attribute that
+compressed-tensors' ``QuantizationConfig`` ignores (vLLM reads only the keys it knows; not tested here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from enum import Enum, StrEnum
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.errors import InputFileError, SchemeError, ShapeError
+from lowbit.formats import bitpack
+from lowbit.formats.affine import AffineCodec, AffineQuantized
+from lowbit.formats.base import PER_CHANNEL, PER_TENSOR, Block, group
+
+logger = logging.getLogger(__name__)
+
+QUANT_METHOD = "compressed-tensors"
+FORMAT = "pack-quantized"
+#: The compressed-tensors release whose layout (dense packing, row-packed zero points) this module writes.
+FORMAT_VERSION = "0.20.0"
+
+PACKED = "weight_packed"
+SCALE = "weight_scale"
+ZERO_POINT = "weight_zero_point"
+SHAPE = "weight_shape"
+G_IDX = "weight_g_idx"
+
+_SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Bounds the int64 bit stream of the 3/5/6/7-bit packer to ~2**24 bits per chunk of rows.
+_STREAM_BITS = 1 << 24
+
+
+class Strategy(StrEnum):
+    """compressed-tensors' name for the granularity of the scales."""
+
+    TENSOR = "tensor"
+    CHANNEL = "channel"
+    GROUP = "group"
+
+
+@dataclasses.dataclass(frozen=True)
+class Granularity:
+    """A lowbit :class:`Block` in compressed-tensors' terms."""
+
+    strategy: Strategy
+    group_size: int | None = None
+
+    @classmethod
+    def of(cls, block: Block) -> Granularity:
+        if block == PER_TENSOR:
+            return cls(Strategy.TENSOR)
+        if block == PER_CHANNEL:
+            return cls(Strategy.CHANNEL)
+        if block.rows == 1 and block.cols is not None:
+            return cls(Strategy.GROUP, block.cols)
+        raise SchemeError(
+            f"compressed-tensors pack-quantized has no strategy for {block.label} blocks; "
+            "use per-tensor, per-channel or groups of input columns"
+        )
+
+    @property
+    def block(self) -> Block:
+        if self.strategy is Strategy.TENSOR:
+            return PER_TENSOR
+        if self.strategy is Strategy.CHANNEL:
+            return PER_CHANNEL
+        assert self.group_size is not None
+        return group(self.group_size)
+
+
+# --------------------------------------------------------------------- scale dtype
+def scale_dtype_for(model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype to store (and therefore to quantize with) scales for a model of ``model_dtype``.
+
+    The model's own dtype. transformers' ``dequantize`` path computes ``(q - z) * s`` in the *stored*
+    scale dtype and casts to the model dtype; its run-compressed path first casts the stored scales to
+    the model dtype. With scales in the model dtype both equal ``codec.dequantize(q).to(model_dtype)``
+    bit for bit: the integer ``q - z`` (at most 9 bits) is exact in every float type, and the product is
+    rounded once. fp32 model -> fp32 scales (fp16 scales would make the dequantize path round the product
+    to fp16: ~2.6e-4 relative logit error on stories260K); bf16/fp16 models -> bf16/fp16 scales, which is
+    also what llm-compressor stores and the dtype vLLM casts scales to. A float64 model gets fp32 scales
+    (lowbit dequantizes in fp32).
+    """
+    if model_dtype in _SCALE_DTYPES:
+        return model_dtype
+    if model_dtype == torch.float64:
+        return torch.float32
+    raise SchemeError(f"no compressed-tensors scale dtype for a {model_dtype} model; expected a float dtype")
+
+
+# --------------------------------------------------------------------- dense packing
+def _pack_dense(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned ``codes`` (rows, n) along dim 1 into int32 (rows, ceil(n * bits / 32)), dense."""
+    rows, n = codes.shape
+    n_words = math.ceil(n * bits / 32)
+    if 32 % bits == 0:
+        per = 32 // bits
+        return bitpack.pack(F.pad(codes.to(torch.int64), (0, n_words * per - n)), bits, torch.int32)
+    out = torch.empty(rows, n_words, dtype=torch.int32)
+    step = max(1, _STREAM_BITS // max(1, n_words * 32))
+    for r0 in range(0, rows, step):
+        chunk = codes[r0 : r0 + step].to(torch.uint8)
+        r = chunk.shape[0]
+        # Each code's 8 bits LSB-first, keep the low `bits`: the row's bit stream.
+        stream = bitpack.unpack(chunk, 1).reshape(r, n, 8)[..., :bits].reshape(r, n * bits)
+        stream = F.pad(stream, (0, n_words * 32 - n * bits))
+        out[r0 : r0 + r] = bitpack.pack(stream, 1, torch.int32)
+    return out
+
+
+def _unpack_dense(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`_pack_dense`: int32 (rows, words) -> uint8 codes (rows, n)."""
+    rows, n_words = words.shape
+    if 32 % bits == 0:
+        return bitpack.unpack(words, bits, length=n)
+    out = torch.empty(rows, n, dtype=torch.uint8)
+    step = max(1, _STREAM_BITS // max(1, n_words * 32))
+    for r0 in range(0, rows, step):
+        chunk = words[r0 : r0 + step]
+        r = chunk.shape[0]
+        stream = bitpack.unpack(chunk, 1)[:, : n * bits].reshape(r, n, bits)
+        out[r0 : r0 + r] = bitpack.pack(F.pad(stream, (0, 8 - bits)).reshape(r, n * 8), 1, torch.uint8)
+    return out
+
+
+# --------------------------------------------------------------------- per-tensor conversion
+def _check_linear_shape(shape: tuple[int, ...], gran: Granularity) -> tuple[int, int]:
+    if len(shape) != 2:
+        raise ShapeError(f"compressed-tensors stores 2-D Linear weights, not shape {tuple(shape)}")
+    out_f, in_f = shape
+    if gran.strategy is Strategy.GROUP:
+        assert gran.group_size is not None
+        if in_f % gran.group_size:
+            raise ShapeError(
+                f"compressed-tensors cannot hold a ragged last group: input width {in_f} is not a multiple "
+                f"of group size {gran.group_size} (transformers and vLLM refuse it); use a group size that "
+                "divides it, per-channel scales, or leave this layer unquantized"
+            )
+    return out_f, in_f
+
+
+def linear_tensors(q: AffineQuantized) -> dict[str, torch.Tensor]:
+    """The tensors stored for one quantized Linear under its module prefix, suffix -> tensor.
+
+    Keys: ``weight_packed`` (int32), ``weight_scale`` (``q.codec.scale_dtype``), ``weight_shape``
+    (int64 (2,)) and, when asymmetric, ``weight_zero_point`` (layouts in the module docstring).
+    """
+    codec = q.codec
+    gran = Granularity.of(codec.block)
+    out_f, in_f = _check_linear_shape(q.shape, gran)
+    bits = codec.bits
+    offset = 1 << (bits - 1)
+
+    codes = q.codes.reshape(out_f, in_f).to(torch.int64)
+    if codec.symmetric:
+        codes = codes + offset
+    tensors = {PACKED: _pack_dense(codes, bits)}
+
+    grid = codec.block.grid((out_f, in_f))
+    scales = q.scales.reshape(grid)
+    if gran.strategy is Strategy.TENSOR:
+        scales = scales.reshape(1)
+    tensors[SCALE] = scales.to(codec.scale_dtype).contiguous().clone()
+
+    if not codec.symmetric:
+        if q.zeros is None:
+            raise SchemeError("asymmetric AffineQuantized without zero points")
+        zeros = q.zeros.reshape(grid).to(torch.int64)
+        if gran.strategy is Strategy.TENSOR:
+            tensors[ZERO_POINT] = (zeros - offset).reshape(1).to(torch.int8)
+        else:
+            # (groups, out) packed along out, transposed back: (ceil(out * b / 32), groups)
+            tensors[ZERO_POINT] = _pack_dense(zeros.T, bits).T.contiguous()
+    tensors[SHAPE] = torch.tensor([out_f, in_f], dtype=torch.int64)
+    return tensors
+
+
+def read_linear(tensors: Mapping[str, torch.Tensor], codec: AffineCodec) -> AffineQuantized:
+    """Inverse of :func:`linear_tensors`; also reads what compressed-tensors' compressor (llm-compressor)
+    wrote, including zero points stored unpacked (int8 ``(out, G)``) or row-packed in an ``(out, G)``
+    int32 tensor (the layout transformers 5.23 allocates).
+
+    ``codec`` gives bits, symmetry and granularity (see :func:`codec_from_config`); the scale dtype is
+    taken from the file, so the result dequantizes exactly as stored.
+    """
+    for key in (PACKED, SCALE, SHAPE):
+        if key not in tensors:
+            raise InputFileError(f"compressed-tensors Linear lacks '{key}' (has {sorted(tensors)})")
+    gran = Granularity.of(codec.block)
+    shape = tuple(int(v) for v in tensors[SHAPE].reshape(-1).tolist())
+    out_f, in_f = _check_linear_shape(shape, gran)
+    bits = codec.bits
+    offset = 1 << (bits - 1)
+
+    packed = tensors[PACKED]
+    n_words = math.ceil(in_f * bits / 32)
+    if packed.dtype != torch.int32 or tuple(packed.shape) != (out_f, n_words):
+        raise InputFileError(
+            f"weight_packed is {packed.dtype} {tuple(packed.shape)}, expected int32 {(out_f, n_words)} for "
+            f"{bits}-bit codes of shape {shape} (dense packing as compressed-tensors 0.20 writes it)"
+        )
+    codes = _unpack_dense(packed, bits, in_f).to(torch.int16)
+    if codec.symmetric:
+        codes = codes - offset
+
+    scale = tensors[SCALE]
+    if scale.dtype not in _SCALE_DTYPES:
+        raise InputFileError(f"weight_scale has dtype {scale.dtype}; expected float16, bfloat16 or float32")
+    if scale.dtype != codec.scale_dtype:
+        logger.debug("taking scale dtype %s from the file instead of %s", scale.dtype, codec.scale_dtype)
+        codec = dataclasses.replace(codec, scale_dtype=scale.dtype)
+    grid = codec.block.grid((out_f, in_f))
+    if scale.numel() != grid[0] * grid[1]:
+        raise InputFileError(
+            f"weight_scale has shape {tuple(scale.shape)}, expected {grid} for shape {shape}"
+        )
+    scales = scale.reshape(grid).clone()
+
+    zeros: torch.Tensor | None = None
+    zp = tensors.get(ZERO_POINT)
+    if codec.symmetric:
+        if zp is not None and bool(zp.ne(0).any()):
+            raise InputFileError("symmetric scheme but the file holds nonzero weight_zero_point values")
+    else:
+        if zp is None:
+            raise InputFileError("asymmetric scheme but the file has no weight_zero_point")
+        zeros = _read_zero_points(zp, gran, bits, grid)
+        if int(zeros.min()) < 0 or int(zeros.max()) > codec.qmax:
+            raise InputFileError(f"weight_zero_point values fall outside the {bits}-bit range")
+
+    g_idx = tensors.get(G_IDX)
+    if g_idx is not None:
+        cols_per_block = codec.block.resolve((out_f, in_f))[1]
+        trivial = torch.arange(in_f) // cols_per_block
+        if g_idx.numel() != in_f or not torch.equal(g_idx.reshape(-1).to(torch.int64), trivial):
+            raise InputFileError(
+                "weight_g_idx reorders columns (activation-order groups), which lowbit cannot represent; "
+                "re-quantize without actorder='group'"
+            )
+    return AffineQuantized(shape=shape, codes=codes, scales=scales, zeros=zeros, codec=codec)
+
+
+def _read_zero_points(zp: torch.Tensor, gran: Granularity, bits: int, grid: tuple[int, int]) -> torch.Tensor:
+    """lowbit's unsigned int16 zero points (grid) from any zero-point layout a writer produced."""
+    offset = 1 << (bits - 1)
+    out_f, n_groups = grid
+    if gran.strategy is Strategy.TENSOR or zp.dtype != torch.int32:
+        # Unpacked, compressed-tensors' signed convention.
+        if zp.numel() != out_f * n_groups or zp.is_floating_point():
+            raise InputFileError(f"weight_zero_point is {zp.dtype} {tuple(zp.shape)}, expected {grid}")
+        return (zp.reshape(grid).to(torch.int16) + offset).contiguous()
+    zp2 = zp.reshape(zp.shape[0], -1)
+    n_words = math.ceil(out_f * bits / 32)
+    if zp2.shape[1] != n_groups or zp2.shape[0] not in (n_words, out_f):
+        raise InputFileError(
+            f"weight_zero_point is int32 {tuple(zp.shape)}; expected ({n_words}, {n_groups}) packed along rows"
+        )
+    if zp2.shape[0] != n_words and bool(zp2[n_words:].ne(0).any()):
+        raise InputFileError(
+            "weight_zero_point is int32 of unpacked shape but not row-packed; cannot read it"
+        )
+    return _unpack_dense(zp2[:n_words].T.contiguous(), bits, out_f).T.to(torch.int16).contiguous()
+
+
+# --------------------------------------------------------------------- config.json
+def weights_args(codec: AffineCodec, observer: str = "minmax") -> dict[str, Any]:
+    """The ``weights`` QuantizationArgs of a config group, as compressed-tensors 0.20 serializes them."""
+    gran = Granularity.of(codec.block)
+    return {
+        "num_bits": codec.bits,
+        "type": "int",
+        "symmetric": codec.symmetric,
+        "group_size": gran.group_size,
+        "strategy": gran.strategy.value,
+        "dynamic": False,
+        "observer": observer,
+    }
+
+
+def quantization_config(
+    codec: AffineCodec,
+    ignore: Sequence[str],
+    targets: Sequence[str] = ("Linear",),
+    observer: str = "minmax",
+    dequantize_on_load: bool | None = None,
+) -> dict[str, Any]:
+    """The ``quantization_config`` block of config.json for one config group quantized with ``codec``.
+
+    ``ignore``: module names (or ``re:`` patterns) that match ``targets`` but stay dense, e.g.
+    ``["lm_head"]``. ``observer`` is informational. ``dequantize_on_load`` (default: asymmetric only)
+    adds transformers' ``"dequantize": true`` loading attribute, without which transformers 5.23 cannot
+    load row-packed zero points (see the module docstring).
+    """
+    Granularity.of(codec.block)  # raises for blocks the format cannot express
+    if codec.bits not in (4, 8):
+        logger.info("%d-bit pack-quantized loads in transformers; vLLM runs only 4 and 8 bits", codec.bits)
+    config: dict[str, Any] = {
+        "config_groups": {
+            "group_0": {
+                "targets": list(targets),
+                "weights": weights_args(codec, observer),
+                "input_activations": None,
+                "output_activations": None,
+                "format": FORMAT,
+            }
+        },
+        "format": FORMAT,
+        "global_compression_ratio": None,
+        "ignore": list(ignore),
+        "kv_cache_scheme": None,
+        "moe_sparsity_config": None,
+        "quant_method": QUANT_METHOD,
+        "quantization_status": "compressed",
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": FORMAT_VERSION,
+    }
+    if dequantize_on_load is None:
+        dequantize_on_load = not codec.symmetric
+    if dequantize_on_load:
+        config["dequantize"] = True
+    return config
+
+
+def codec_from_config(
+    config_group: Mapping[str, Any], scale_dtype: torch.dtype = torch.float32
+) -> AffineCodec:
+    """The :class:`AffineCodec` of one ``config_groups`` entry (a QuantizationScheme dict).
+
+    ``scale_dtype`` is not part of the config (the stored scales carry it); :func:`read_linear` takes the
+    file's dtype regardless.
+    """
+    args = config_group.get("weights")
+    if not isinstance(args, Mapping):
+        raise SchemeError("config group has no 'weights' quantization args; nothing for lowbit to read")
+    if _text(args.get("type", "int")) != "int":
+        raise SchemeError(f"compressed-tensors weights of type {args.get('type')!r}: lowbit reads only int")
+    fmt = config_group.get("format")
+    if fmt is not None and _text(fmt) != FORMAT:
+        raise SchemeError(f"config group format {fmt!r}: lowbit reads only {FORMAT!r}")
+    if args.get("actorder") is True or _text(args.get("actorder")) in ("group", "dynamic"):
+        raise SchemeError(
+            "activation-order groups (actorder='group') are not supported; lowbit cannot read g_idx"
+        )
+    if args.get("dynamic") not in (None, False):
+        raise SchemeError("dynamic weight quantization has no stored scales; nothing for lowbit to read")
+    bits = int(args.get("num_bits", 8))
+    group_size = args.get("group_size")
+    strategy = args.get("strategy")
+    if strategy is None:  # compressed-tensors infers it from group_size
+        strategy = "tensor" if group_size is None else ("channel" if group_size == -1 else "group")
+    try:
+        strat = Strategy(_text(strategy))
+    except ValueError:
+        raise SchemeError(f"compressed-tensors strategy {strategy!r} is not supported by lowbit") from None
+    if strat is Strategy.GROUP and (not isinstance(group_size, int) or group_size <= 0):
+        raise SchemeError(f"group strategy needs a positive group_size, not {group_size!r}")
+    gran = Granularity(strat, group_size if strat is Strategy.GROUP else None)
+    return AffineCodec(
+        bits=bits, symmetric=bool(args.get("symmetric", True)), block=gran.block, scale_dtype=scale_dtype
+    )
+
+
+def _text(value: Any) -> str:
+    """A config value as lower-case text (dicts from ``model_dump()`` hold str-enums, config.json strings)."""
+    return str(value.value if isinstance(value, Enum) else value).lower()
+
+
+def codecs_from_config(
+    config: Mapping[str, Any], scale_dtype: torch.dtype = torch.float32
+) -> dict[str, AffineCodec]:
+    """Codec of every config group of a ``quantization_config`` block, by group name."""
+    if _text(config.get("quant_method")) != QUANT_METHOD:
+        raise SchemeError(f"quant_method is {config.get('quant_method')!r}, not {QUANT_METHOD!r}")
+    fmt = config.get("format")
+    groups = config.get("config_groups") or {}
+    if not isinstance(groups, Mapping) or not groups:
+        raise SchemeError("quantization_config has no config_groups")
+    codecs: dict[str, AffineCodec] = {}
+    for name, scheme in groups.items():
+        if not isinstance(scheme, Mapping):
+            raise SchemeError(f"config group {name!r} is a preset name list; expand it before reading")
+        if scheme.get("format") is None and _text(fmt) != FORMAT:
+            raise SchemeError(f"checkpoint format {fmt!r}: lowbit reads only {FORMAT!r}")
+        codecs[name] = codec_from_config(scheme, scale_dtype)
+    return codecs

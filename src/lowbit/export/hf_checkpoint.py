@@ -1,0 +1,147 @@
+"""Quantized Hugging Face checkpoints: the directory layout shared by every HF-side format.
+
+A :class:`CheckpointFormat` knows only how one quantized linear is stored (tensor suffix -> tensor) and
+what ``quantization_config`` says; this module streams the walk into ``model.safetensors``, writes
+``config.json`` and the tokenizer, and renames the finished directory into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from lowbit.errors import SchemeError
+from lowbit.export.atomic import atomic_dir
+from lowbit.export.safetensors_writer import StreamingSafetensorsWriter
+from lowbit.formats.base import Codec, QuantizedTensor
+from lowbit.walk.quantize_walk import WalkItem
+from lowbit.walk.sources import ModelSource, SafetensorsSource
+
+log = logging.getLogger(__name__)
+
+FORMATS: dict[str, type[CheckpointFormat]] = {}
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+class CheckpointFormat(ABC):
+    """How quantized linears are stored in one Hugging Face checkpoint format."""
+
+    name: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if getattr(cls, "name", None):
+            FORMATS[cls.name] = cls
+
+    @abstractmethod
+    def scale_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the format stores scales in for a model of ``model_dtype``."""
+
+    @abstractmethod
+    def check(self, codec: Codec, shapes: Iterable[tuple[int, ...]]) -> None:
+        """Raise a one-line :class:`SchemeError`/:class:`ShapeError` if ``codec`` cannot be stored
+        for these weight shapes, before any work is done."""
+
+    @abstractmethod
+    def linear_tensors(self, q: QuantizedTensor) -> dict[str, torch.Tensor]:
+        """Suffix -> tensor for one quantized linear (stored under ``<module>.<suffix>``)."""
+
+    @abstractmethod
+    def quantization_config(self, codec: Codec, ignore: list[str]) -> dict[str, Any]:
+        """The ``quantization_config`` block of config.json."""
+
+
+def get_format(name: str) -> CheckpointFormat:
+    from lowbit.export import ct_format  # noqa: F401  (registers)
+
+    cls = FORMATS.get(name)
+    if cls is None:
+        raise SchemeError(f"unknown output format {name!r}; available: {', '.join(sorted(FORMATS))}")
+    return cls()
+
+
+def model_dtype(source: ModelSource) -> torch.dtype:
+    """The float dtype the checkpoint's weights are in (float32 for GGUF, which is dequantized)."""
+    name = source.config.get("dtype") or source.config.get("torch_dtype") or "float32"
+    if isinstance(source, SafetensorsSource):
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name), torch.float32)
+    return torch.float32
+
+
+@dataclass(frozen=True)
+class WrittenCheckpoint:
+    path: Path
+    file_bytes: int
+
+
+def write_checkpoint(
+    items: Iterable[WalkItem],
+    source: ModelSource,
+    fmt: CheckpointFormat,
+    codec: Codec,
+    out: Path,
+    force: bool = False,
+    extra_config: Mapping[str, Any] | None = None,
+) -> WrittenCheckpoint:
+    """Stream ``items`` into a checkpoint directory ``out`` (atomic: complete or absent)."""
+    ignore = ["lm_head"] + [f"re:.*{k.replace('.', '[.]')}$" for k in source.arch.keep_linears]
+    dtype = model_dtype(source)
+    with atomic_dir(out, force) as tmp:
+        with StreamingSafetensorsWriter(tmp / "model.safetensors", {"format": "pt"}) as writer:
+            for item in items:
+                if item.quantized is None:
+                    t = item.tensor
+                    writer.add(item.name, t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t)
+                    continue
+                prefix = item.name[: -len(".weight")]
+                for suffix, t in fmt.linear_tensors(item.quantized).items():
+                    writer.add(f"{prefix}.{suffix}", t)
+        config = {k: v for k, v in source.config.items() if not k.startswith("_")}
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        config.pop("torch_dtype", None)
+        if "architectures" not in config:
+            config["architectures"] = [_causal_lm_class(config["model_type"])]
+        config["quantization_config"] = fmt.quantization_config(codec, ignore)
+        if extra_config:
+            config.update(extra_config)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _write_tokenizer(source, tmp)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
+    log.info("wrote %s (%.2f MB of weights)", out, size / 1e6)
+    return WrittenCheckpoint(out, size)
+
+
+def _causal_lm_class(model_type: str) -> str:
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    AutoConfig.for_model(model_type)  # validates the type
+    return str(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+
+
+def _write_tokenizer(source: ModelSource, out: Path) -> None:
+    if isinstance(source, SafetensorsSource):
+        for name in _TOKENIZER_FILES:
+            f = source.path / name
+            if f.is_file():
+                shutil.copy2(f, out / name)
+        return
+    source.tokenizer().save_pretrained(str(out))

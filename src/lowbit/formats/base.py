@@ -1,0 +1,110 @@
+"""The codec contract: one tensor in, codes + parameters out, and back.
+
+A codec never sees a model or a file. It quantizes one 2-D weight ``(out_features, in_features)``
+(or any tensor it documents), dequantizes it, and reports its exact storage cost.
+
+Granularity is one notion for every codec: a :class:`Block` shape ``(rows, cols)``. ``None`` means
+"the whole dimension", so per-tensor is ``Block(None, None)``, per-output-channel is ``Block(1, None)``
+and groups of ``g`` input columns are ``Block(1, g)``. A dimension that the block does not divide gets
+a ragged last block (it is quantized with its own parameters, never padded with garbage).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Block:
+    """Shape of the region that shares one set of quantization parameters.
+
+    ``rows``/``cols`` of ``None`` span the whole dimension.
+    """
+
+    rows: int | None = 1
+    cols: int | None = None
+
+    def resolve(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """The concrete block shape for a tensor of ``shape`` (clipped to the tensor)."""
+        r = shape[0] if self.rows is None else min(self.rows, shape[0])
+        c = shape[1] if self.cols is None else min(self.cols, shape[1])
+        return max(r, 1), max(c, 1)
+
+    def grid(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """Number of blocks along each dimension (ragged last blocks counted)."""
+        r, c = self.resolve(shape)
+        return math.ceil(shape[0] / r), math.ceil(shape[1] / c)
+
+    @property
+    def label(self) -> str:
+        if self.rows is None and self.cols is None:
+            return "per-tensor"
+        if self.rows == 1 and self.cols is None:
+            return "per-channel"
+        if self.rows == 1:
+            return f"group {self.cols}"
+        return f"block {self.rows}x{self.cols}"
+
+
+PER_TENSOR = Block(None, None)
+PER_CHANNEL = Block(1, None)
+
+
+def group(g: int) -> Block:
+    """Groups of ``g`` consecutive input columns within each output row."""
+    return Block(1, g)
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """Base of every codec's result. ``shape`` is the original tensor's shape."""
+
+    shape: tuple[int, ...]
+
+
+class Codec(ABC):
+    """One tensor <-> codes and parameters. Subclasses are frozen dataclasses (their config)."""
+
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """Short name, e.g. ``int4-sym g128``."""
+
+    @abstractmethod
+    def quantize(self, w: torch.Tensor) -> QuantizedTensor:
+        """Quantize ``w`` (float, any float dtype; computed in float32)."""
+
+    @abstractmethod
+    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        """Float32 tensor of ``q.shape``."""
+
+    @abstractmethod
+    def storage_bits(self, shape: tuple[int, ...]) -> int:
+        """Exact number of bits the codec stores for a tensor of ``shape``: codes + scales + zeros + any
+        second-level parameters."""
+
+    def bits_per_weight(self, shape: tuple[int, ...]) -> float:
+        return self.storage_bits(shape) / math.prod(shape)
+
+    def fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
+        """``dequantize(quantize(w))`` in ``w``'s dtype: the simulated-quantization weight."""
+        return self.dequantize(self.quantize(w)).to(w.dtype)
+
+
+def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(sum w^2 / sum (w - w_hat)^2)`` in dB.
+
+    ``inf`` for an exact reconstruction.
+    """
+    w64 = w.detach().to(torch.float64)
+    err = (w64 - w_hat.detach().to(torch.float64)).pow(2).sum().item()
+    sig = w64.pow(2).sum().item()
+    if err == 0.0:
+        return math.inf
+    if sig == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(sig / err)

@@ -1,0 +1,146 @@
+"""Scheme names -> codecs: the vocabulary of ``lowbit quantize --scheme``.
+
+Integer weight schemes (written as compressed-tensors ``pack-quantized``):
+
+* ``wN``        N-bit integers (2..8), one scale per output channel.
+* ``wNgG``      N-bit integers, one scale per group of G input columns (a ragged last group is allowed).
+* suffix ``-sym`` (the default: what llm-compressor's W4A16 and most GPTQ checkpoints use) or ``-asym``
+  (an integer zero point per group, better at 2-3 bits).
+
+Float schemes: ``nf4`` / ``fp4`` (bitsandbytes 4-bit, blocks of 64, fp32 absmax; ``-dq`` adds double
+quantization of the absmax values), ``fp8`` (e4m3 weights, per-channel scale), ``fp8-e5m2``.
+
+GGUF mixes (``Q4_K_M`` ...) are listed for ``lowbit fit``; lowbit writes GGUF files once the GGUF format lands.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lowbit.errors import SchemeError
+from lowbit.formats.affine import AffineCodec
+from lowbit.formats.base import PER_CHANNEL, Block, Codec, group
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A named way to quantize the linear weights of a model."""
+
+    name: str
+    description: str
+    # Builds the codec; its argument is the dtype scales must be stored in for the output format.
+    make_codec: Callable[[torch.dtype], Codec] = field(compare=False)
+    formats: tuple[str, ...] = ("compressed-tensors",)
+
+    def codec(self, scale_dtype: torch.dtype = torch.float16) -> Codec:
+        return self.make_codec(scale_dtype)
+
+    @property
+    def default_format(self) -> str:
+        return self.formats[0]
+
+
+_AFFINE = re.compile(r"^w([2-8])(?:g(\d+))?(?:-(sym|asym))?$")
+
+# Schemes with fixed names (not parsed from a pattern), built lazily so the codec modules load on use.
+_NAMED: dict[str, tuple[str, Callable[[torch.dtype], Codec], tuple[str, ...]]] = {}
+
+
+def _register(name: str, description: str, formats: tuple[str, ...]) -> Callable[
+    [Callable[[torch.dtype], Codec]], Callable[[torch.dtype], Codec]
+]:
+    def deco(fn: Callable[[torch.dtype], Codec]) -> Callable[[torch.dtype], Codec]:
+        _NAMED[name] = (description, fn, formats)
+        return fn
+
+    return deco
+
+
+@_register("nf4", "4-bit NormalFloat (bitsandbytes), blocks of 64, fp32 absmax", ("bnb",))
+def _nf4(_: torch.dtype) -> Codec:
+    from lowbit.formats.nf4 import nf4
+
+    return nf4(blocksize=64)
+
+
+@_register("nf4-dq", "NF4 with double quantization of the absmax values (QLoRA)", ("bnb",))
+def _nf4_dq(_: torch.dtype) -> Codec:
+    from lowbit.formats.nf4 import nf4
+
+    return nf4(blocksize=64, double_quant=True)
+
+
+@_register("fp4", "4-bit float e2m1 (bitsandbytes), blocks of 64, fp32 absmax", ("bnb",))
+def _fp4(_: torch.dtype) -> Codec:
+    from lowbit.formats.nf4 import fp4
+
+    return fp4(blocksize=64)
+
+
+@_register("fp8", "FP8 e4m3 weights, one fp32 scale per output channel", ("compressed-tensors",))
+def _fp8(_: torch.dtype) -> Codec:
+    from lowbit.formats.fp8 import Fp8Codec, Fp8Format
+
+    return Fp8Codec(fmt=Fp8Format.E4M3, block=PER_CHANNEL)
+
+
+@_register("fp8-e5m2", "FP8 e5m2 weights, one fp32 scale per output channel", ("compressed-tensors",))
+def _fp8_e5m2(_: torch.dtype) -> Codec:
+    from lowbit.formats.fp8 import Fp8Codec, Fp8Format
+
+    return Fp8Codec(fmt=Fp8Format.E5M2, block=PER_CHANNEL)
+
+
+GGUF_MIXES: tuple[str, ...] = (
+    "Q2_K", "Q2_K_S", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M", "Q5_0", "Q5_1",
+    "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0",
+)  # fmt: skip
+
+EXAMPLE_AFFINE: tuple[str, ...] = ("w8", "w4", "w4g128", "w4g64", "w4g32", "w3g128", "w3g64", "w2g64", "w4g128-asym")
+
+
+def _affine(bits: int, symmetric: bool, block: Block, scale_dtype: torch.dtype) -> Codec:
+    return AffineCodec(bits=bits, symmetric=symmetric, block=block, scale_dtype=scale_dtype)
+
+
+def parse_scheme(name: str) -> Scheme:
+    """The :class:`Scheme` for ``name``; :class:`SchemeError` naming the valid forms otherwise."""
+    key = name.strip()
+    m = _AFFINE.match(key.lower())
+    if m:
+        bits = int(m.group(1))
+        g = int(m.group(2)) if m.group(2) else None
+        sym = m.group(3) != "asym"
+        if g is not None and g < 1:
+            raise SchemeError(f"group size in {name!r} must be positive")
+        block = PER_CHANNEL if g is None else group(g)
+        gran = "one scale per output channel" if g is None else f"groups of {g} columns"
+        desc = f"{bits}-bit integers, {gran}, {'symmetric' if sym else 'asymmetric (zero point)'}"
+        canonical = f"w{bits}" + (f"g{g}" if g else "") + ("" if sym else "-asym")
+        return Scheme(canonical, desc, functools.partial(_affine, bits, sym, block))
+    if key.lower() in _NAMED:
+        desc, fn, formats = _NAMED[key.lower()]
+        return Scheme(key.lower(), desc, fn, formats)
+    if key.upper() in GGUF_MIXES:
+        raise SchemeError(
+            f"{key.upper()} is a GGUF mix: lowbit does not write GGUF yet; `lowbit fit` sizes it, "
+            "and llama-quantize makes it meanwhile"
+        )
+    raise SchemeError(f"unknown scheme {name!r}; use wN, wNgG (2<=N<=8), with -sym/-asym, or one of: {', '.join(_NAMED)}")
+
+
+def scheme_help() -> str:
+    """Every scheme form, one per line, for ``--help``."""
+    lines = [
+        "wN           N-bit integers (N=2..8), one scale per output channel, symmetric",
+        "wNgG         N-bit integers, one scale per group of G input columns (e.g. w4g128, w3g64)",
+        "wN[gG]-asym  ... with an integer zero point per group (default is -sym)",
+    ]
+    lines += [f"{n:<12} {d}" for n, (d, _, _) in _NAMED.items()]
+    lines.append("GGUF mixes   " + " ".join(GGUF_MIXES) + " (sized by `lowbit fit`; written once GGUF lands)")
+    return "\n".join(lines)

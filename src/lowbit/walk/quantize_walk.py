@@ -1,0 +1,121 @@
+"""The model walk: one transformer block at a time, each block linear through a method and a codec.
+
+Tensors are read lazily from the source (memory-mapped), quantized, handed to the consumer and dropped,
+so peak memory is about one block, not the model. Consumers are the exporters (write a checkpoint) and
+the simulator (an in-memory float model with quantized-then-dequantized weights, for evaluation).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from lowbit.errors import NonFiniteWeightError
+from lowbit.formats.base import Codec, QuantizedTensor, sqnr_db
+from lowbit.methods.base import Method
+from lowbit.walk.sources import ModelSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WalkItem:
+    """One tensor of the model: ``quantized`` is set for the linears the walk quantized."""
+
+    name: str
+    tensor: torch.Tensor
+    quantized: QuantizedTensor | None = None
+
+
+@dataclass(frozen=True)
+class LayerStat:
+    name: str
+    shape: tuple[int, ...]
+    bits: int
+    sqnr_db: float
+
+
+@dataclass
+class WalkStats:
+    """Bits and error of what the walk produced, filled in while it runs."""
+
+    layers: list[LayerStat] = field(default_factory=list)
+    quantized_params: int = 0
+    quantized_bits: int = 0
+    other_params: int = 0
+    other_bits: int = 0
+
+    @property
+    def linear_bits_per_weight(self) -> float:
+        return self.quantized_bits / self.quantized_params if self.quantized_params else math.nan
+
+    @property
+    def model_bits_per_weight(self) -> float:
+        n = self.quantized_params + self.other_params
+        return (self.quantized_bits + self.other_bits) / n if n else math.nan
+
+    @property
+    def mean_sqnr_db(self) -> float:
+        finite = [s.sqnr_db for s in self.layers if math.isfinite(s.sqnr_db)]
+        return sum(finite) / len(finite) if finite else math.nan
+
+
+def check_finite(name: str, w: torch.Tensor) -> None:
+    if w.is_floating_point() and not torch.isfinite(w).all():
+        bad = int((~torch.isfinite(w)).sum())
+        raise NonFiniteWeightError(f"tensor {name} holds {bad} NaN/Inf values; fix the checkpoint before quantizing")
+
+
+def walk_quantize(
+    source: ModelSource,
+    codec: Codec,
+    method: Method,
+    stats: WalkStats | None = None,
+    progress: bool = True,
+    measure_error: bool = True,
+) -> Iterator[WalkItem]:
+    """Yield every tensor of ``source`` in block order, block linears quantized.
+
+    Embeddings, norms and lm_head pass through unchanged (``quantized`` is None).
+    """
+    arch = source.arch
+    groups = source.blocks()
+    bar = tqdm(groups, desc="quantize", unit="block", disable=not progress, leave=False)
+    for grp in bar:
+        for name in grp.names:
+            t = source.read(name)
+            if arch.is_quantizable(name):
+                check_finite(name, t)
+                q = method.quantize_linear(t, codec)
+                bits = codec.storage_bits(tuple(t.shape))
+                if stats is not None:
+                    err = sqnr_db(t, codec.dequantize(q)) if measure_error else math.nan
+                    stats.layers.append(LayerStat(name, tuple(t.shape), bits, err))
+                    stats.quantized_params += t.numel()
+                    stats.quantized_bits += bits
+                    log.debug("%s %s: %.2f dB", name, tuple(t.shape), err)
+                yield WalkItem(name, t, q)
+            else:
+                if stats is not None:
+                    stats.other_params += t.numel()
+                    stats.other_bits += t.numel() * t.element_size() * 8
+                yield WalkItem(name, t)
+
+
+def simulate(
+    source: ModelSource, codec: Codec, method: Method, stats: WalkStats | None = None, progress: bool = True
+) -> dict[str, torch.Tensor]:
+    """Float weights of the simulated-quantization model: each quantized linear replaced by its
+    dequantized codes (float32), everything else as stored."""
+    out: dict[str, torch.Tensor] = {}
+    for item in walk_quantize(source, codec, method, stats, progress):
+        if item.quantized is not None:
+            out[item.name] = codec.dequantize(item.quantized).to(torch.float32)
+        else:
+            out[item.name] = item.tensor
+    return out

@@ -1,0 +1,365 @@
+"""Lazy, memory-mapped model sources: a Hugging Face safetensors directory or a GGUF file.
+
+Every source presents the model under its Hugging Face tensor names, reads one tensor at a time
+(nothing is loaded until asked for), and groups tensors by transformer block so that callers walk the
+model one block at a time. GGUF tensors are dequantized on read and llama.cpp's rotary row permutation
+of q/k is undone, so a GGUF file and the checkpoint it came from look the same to the rest of lowbit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lowbit.errors import InputFileError
+from lowbit.models.registry import GGUF_TO_MODEL_TYPE, Architecture, get_architecture
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a source knows about one tensor without reading it. ``shape`` is PyTorch order."""
+
+    name: str
+    shape: tuple[int, ...]
+    storage: str  # storage type as in the file: "F32", "BF16", "Q4_1", "int32 packed", ...
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class BlockGroup:
+    """Tensor names of one transformer block (``index``), or of the globals (``index`` None)."""
+
+    index: int | None
+    names: tuple[str, ...]
+
+
+class ModelSource(ABC):
+    """A model whose tensors are read lazily, by Hugging Face name."""
+
+    path: Path
+    config: dict[str, Any]
+    arch: Architecture
+
+    @abstractmethod
+    def names(self) -> list[str]:
+        """All tensor names, in file order."""
+
+    @abstractmethod
+    def info(self, name: str) -> TensorInfo: ...
+
+    @abstractmethod
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor as floats (its stored float dtype, or float32 if it had to be dequantized)."""
+
+    @abstractmethod
+    def tokenizer(self) -> Any:
+        """A ``transformers`` tokenizer for this model."""
+
+    @property
+    def format_name(self) -> str:
+        return type(self).__name__
+
+    def blocks(self) -> list[BlockGroup]:
+        """Tensors grouped as: globals before the blocks, each block in order, globals after."""
+        by_block: dict[int, list[str]] = {}
+        head: list[str] = []
+        tail: list[str] = []
+        for name in self.names():
+            split = self.arch.split_block_name(name)
+            if split is None:
+                (tail if by_block else head).append(name)
+            else:
+                by_block.setdefault(split[0], []).append(name)
+        groups = [BlockGroup(None, tuple(head))] if head else []
+        groups += [BlockGroup(i, tuple(by_block[i])) for i in sorted(by_block)]
+        if tail:
+            groups.append(BlockGroup(None, tuple(tail)))
+        return groups
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.get("num_hidden_layers", 0))
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", False))
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release file handles (sources are also usable as context managers)."""
+
+    def __enter__(self) -> ModelSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------- safetensors
+class SafetensorsSource(ModelSource):
+    """A Hugging Face model directory: ``config.json`` + ``model.safetensors`` or sharded with
+    ``model.safetensors.index.json``. Tensors are memory-mapped through ``safetensors.safe_open``."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        self.path = path
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise InputFileError(f"{path} has no config.json; give a Hugging Face model directory or a .gguf file")
+        try:
+            self.config = json.loads(cfg_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputFileError(f"{cfg_path} is not valid JSON ({e}); restore the file") from e
+        self.arch = get_architecture(self.config.get("model_type"))
+        files = _safetensors_files(path)
+        self._handles: dict[Path, Any] = {}
+        self._where: dict[str, Path] = {}
+        for f in files:
+            try:
+                h = safe_open(str(f), framework="pt")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise InputFileError(f"{f} is not a readable safetensors file ({e}); re-download or re-export it") from e
+            self._handles[f] = h
+            for k in h.keys():  # noqa: SIM118 - safe_open handles are not mappings
+                self._where[k] = f
+        self._order = list(self._where)
+        self._decoders: dict[str, Callable[[], torch.Tensor]] = {}
+        self._hidden: set[str] = set()
+        # Set by the quantized-checkpoint readers: bits/weight of the stored quantized linears.
+        self.linear_bits_per_weight: float | None = None
+
+    def names(self) -> list[str]:
+        return [n for n in self._order if n not in self._hidden]
+
+    def raw_names(self) -> list[str]:
+        """Names as stored in the files (quantized checkpoints store several tensors per weight)."""
+        return list(self._where)
+
+    def raw(self, name: str) -> torch.Tensor:
+        """A stored tensor as it is in the file (no decoding)."""
+        if name not in self._where:
+            raise InputFileError(f"tensor {name!r} is not in {self.path}")
+        try:
+            return self._handles[self._where[name]].get_tensor(name)
+        except Exception as e:  # safetensors raises several types for a truncated buffer
+            raise InputFileError(f"cannot read tensor {name!r} from {self._where[name]} ({e}); the file is damaged") from e
+
+    def raw_info(self, name: str) -> TensorInfo:
+        h = self._handles[self._where[name]]
+        sl = h.get_slice(name)
+        shape = tuple(int(s) for s in sl.get_shape())
+        dtype = sl.get_dtype()
+        nbytes = int(np.prod(shape, dtype=np.int64)) * _SAFETENSORS_DTYPE_BYTES.get(dtype, 4)
+        return TensorInfo(name, shape, dtype, nbytes)
+
+    def add_virtual(self, name: str, decode: Callable[[], torch.Tensor], replaces: list[str], at: str) -> None:
+        """Present ``name`` (read through ``decode``) in place of the stored tensors ``replaces``."""
+        self._decoders[name] = decode
+        self._hidden.update(replaces)
+        if name not in self._order:
+            self._order.insert(self._order.index(at), name)
+
+    def info(self, name: str) -> TensorInfo:
+        if name in self._decoders:
+            t = self._decoders[name]()
+            return TensorInfo(name, tuple(t.shape), "quantized", 0)
+        return self.raw_info(name)
+
+    def read(self, name: str) -> torch.Tensor:
+        if name in self._decoders:
+            return self._decoders[name]()
+        return self.raw(name)
+
+    def tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.path))
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+_SAFETENSORS_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise InputFileError(f"{index} is not a valid safetensors index ({e})") from e
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise InputFileError(f"{path} lacks shard(s) {', '.join(missing)} named in its index; download them")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    shards = sorted(path.glob("*.safetensors"))
+    if shards:
+        return shards
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
+        raise InputFileError(
+            f"{path} holds only pickle checkpoints (.bin/.pt), which can run code when loaded; "
+            "convert them to safetensors first (e.g. transformers' save_pretrained(safe_serialization=True))"
+        )
+    raise InputFileError(f"{path} has no .safetensors weights")
+
+
+# ---------------------------------------------------------------------------- GGUF
+_GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's rotary row permutation (convert_hf_to_gguf's ``permute``) of a q/k weight."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's rotary row permutation of a q/k weight (HF half-split -> interleaved pairs)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class GGUFSource(ModelSource):
+    """A GGUF file (any tensor type gguf-py can dequantize), read through ``gguf.GGUFReader``'s memmap."""
+
+    def __init__(self, path: Path) -> None:
+        from lowbit.walk.gguf_read import open_gguf
+
+        self.path = path
+        self.reader = open_gguf(path)
+        self.config = _gguf_config(path)
+        self.arch = get_architecture(self.config.get("model_type"))
+        inv_block = {v: k for k, v in self.arch.gguf_block_names.items()}
+        inv_global = {v: k for k, v in self.arch.gguf_global_names.items()}
+        self._map: dict[str, tuple[Any, int | None]] = {}  # HF name -> (reader tensor, expert index)
+        for t in self.reader.tensors:
+            m = _GGUF_BLOCK.match(t.name)
+            if m:
+                i, gname, suffix = int(m.group(1)), m.group(2), m.group(3)
+                rel = inv_block.get(gname)
+                if rel is None:
+                    log.warning("GGUF tensor %s has no Hugging Face name in the %s registry; skipped", t.name, self.arch.name)
+                    continue
+                prefix = self.arch.block_prefix.format(i=i)
+                if "{e}" in rel:
+                    for e in range(int(t.shape[-1]) if len(t.shape) == 3 else 1):
+                        self._map[f"{prefix}{rel.format(e=e)}.{suffix}"] = (t, e)
+                else:
+                    self._map[f"{prefix}{rel}.{suffix}"] = (t, None)
+                continue
+            base, _, suffix = t.name.rpartition(".")
+            rel = inv_global.get(base)
+            if rel is None:
+                log.warning("GGUF tensor %s has no Hugging Face name; skipped", t.name)
+                continue
+            self._map[f"{rel}.{suffix}"] = (t, None)
+        self._n_head = int(self.config["num_attention_heads"])
+        self._n_kv = int(self.config.get("num_key_value_heads", self._n_head))
+
+    def names(self) -> list[str]:
+        return list(self._map)
+
+    def gguf_tensor(self, name: str) -> Any:
+        return self._map[name][0]
+
+    def info(self, name: str) -> TensorInfo:
+        t, e = self._lookup(name)
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+        if e is not None:
+            shape = shape[1:]
+        return TensorInfo(name, shape, t.tensor_type.name, int(t.n_bytes) // (1 if e is None else int(t.shape[-1])))
+
+    def _lookup(self, name: str) -> tuple[Any, int | None]:
+        if name not in self._map:
+            raise InputFileError(f"tensor {name!r} is not in {self.path}")
+        return self._map[name]
+
+    def read(self, name: str) -> torch.Tensor:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        t, e = self._lookup(name)
+        data = t.data if e is None else t.data[e]
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+        if e is not None:
+            shape = shape[1:]
+        try:
+            if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+                arr = np.asarray(data).reshape(shape)
+                w = torch.from_numpy(arr.copy())
+            else:
+                w = torch.from_numpy(np.ascontiguousarray(dequantize(np.asarray(data), t.tensor_type)).reshape(shape))
+        except (ValueError, NotImplementedError) as e2:
+            raise InputFileError(f"cannot dequantize {t.name} ({t.tensor_type.name}) from {self.path}: {e2}") from e2
+        if self.arch.gguf_permute_qk and name.endswith("self_attn.q_proj.weight"):
+            w = unpermute_qk(w, self._n_head)
+        elif self.arch.gguf_permute_qk and name.endswith("self_attn.k_proj.weight"):
+            w = unpermute_qk(w, self._n_kv)
+        return w
+
+    def tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+
+
+def _gguf_config(path: Path) -> dict[str, Any]:
+    """The Hugging Face config of a GGUF file, as transformers' GGUF loader derives it."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    try:
+        cfg = dict(load_gguf_checkpoint(str(path), return_tensors=False)["config"])
+    except (ValueError, KeyError, NotImplementedError) as e:
+        raise InputFileError(f"cannot read the model configuration of {path}: {e}") from e
+    arch_name = cfg.get("model_type")
+    cfg["model_type"] = GGUF_TO_MODEL_TYPE.get(str(arch_name), str(arch_name))
+    return cfg
+
+
+def open_model(path: str | Path) -> ModelSource:
+    """A :class:`ModelSource` for a model directory or a ``.gguf`` file."""
+    p = Path(path)
+    if not p.exists():
+        raise InputFileError(f"{p} does not exist; give a Hugging Face model directory or a .gguf file")
+    if p.is_dir():
+        from lowbit.walk.quantized import attach_quantized_decoders
+
+        src = SafetensorsSource(p)
+        attach_quantized_decoders(src)
+        return src
+    if p.suffix.lower() == ".gguf" or _has_gguf_magic(p):
+        return GGUFSource(p)
+    if p.suffix in (".bin", ".pt", ".pth", ".pkl"):
+        raise InputFileError(f"{p} is a pickle checkpoint, which can run code when loaded; convert it to safetensors")
+    raise InputFileError(f"{p} is neither a model directory nor a GGUF file")
+
+
+def _has_gguf_magic(p: Path) -> bool:
+    try:
+        with p.open("rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def iter_blocks(source: ModelSource) -> Iterator[BlockGroup]:
+    yield from source.blocks()

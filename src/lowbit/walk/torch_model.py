@@ -1,0 +1,87 @@
+"""Build a runnable ``transformers`` model from a source's (dequantized) tensors.
+
+Evaluation runs every model — an original directory, a lowbit output, another tool's checkpoint, a GGUF
+file — through the same ``transformers`` architecture in float32, so they are judged alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from lowbit.errors import InputFileError
+from lowbit.walk.sources import ModelSource
+
+log = logging.getLogger(__name__)
+
+
+def hf_config(source: ModelSource) -> Any:
+    """A ``transformers`` config for ``source`` without any quantization_config (weights arrive as floats)."""
+    from transformers import AutoConfig
+
+    cfg = {k: v for k, v in source.config.items() if k not in ("quantization_config", "transformers_version")}
+    model_type = cfg.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **cfg)
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputFileError(f"transformers cannot build a {model_type} model from {source.path}: {e}") from e
+
+
+def build_model(
+    source: ModelSource,
+    weights: Mapping[str, torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Any:
+    """A ``transformers`` causal LM in eval mode with ``weights`` (default: every tensor of ``source``)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = hf_config(source)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    state = weights if weights is not None else {n: source.read(n) for n in source.names()}
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(cfg, "tie_word_embeddings", False) else set()
+    missing = [m for m in missing if m not in tied]
+    if missing or unexpected:
+        raise InputFileError(
+            f"{source.path}: weights do not fit the {cfg.model_type} architecture "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    if tied:
+        model.tie_weights()
+    model.eval()
+    return model
+
+
+# Below this width, intra-op threads cost more than they save (a 64x64 matmul is ~20x slower on two
+# busy threads than on one), so tiny models run single-threaded.
+SINGLE_THREAD_BELOW_HIDDEN = 512
+
+
+@contextlib.contextmanager
+def threads_for(config: dict[str, Any]) -> Iterator[None]:
+    """Run the enclosed evaluation single-threaded when the model is tiny (set once: changing the thread
+    count rebuilds the pool)."""
+    hidden = int(config.get("hidden_size", SINGLE_THREAD_BELOW_HIDDEN))
+    before = torch.get_num_threads()
+    if hidden < SINGLE_THREAD_BELOW_HIDDEN:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def logits_fn(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Wrap a ``transformers`` model as ``(1, T) token ids -> (1, T, V) float32 logits``."""
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(input_ids=ids, use_cache=False).logits.float()
+
+    return run
