@@ -37,7 +37,8 @@ class QuantizeReport:
     seconds: float
     peak_rss_bytes: int
     file_bytes: int
-    linear_bits_per_weight: float
+    linear_bits_per_weight: float  # as stored in the file (codes + scales + zeros + padding)
+    codec_bits_per_weight: float  # the codec's own count, without the format's padding
     model_bits_per_weight: float
     mean_sqnr_db: float
     quantized_layers: int
@@ -53,6 +54,7 @@ class QuantizeReport:
             "peak_rss_bytes": self.peak_rss_bytes,
             "file_bytes": self.file_bytes,
             "bpw": self.linear_bits_per_weight,
+            "codec_bpw": self.codec_bits_per_weight,
             "model_bpw": self.model_bits_per_weight,
             "mean_sqnr_db": self.mean_sqnr_db,
             "quantized_layers": self.quantized_layers,
@@ -96,7 +98,8 @@ def quantize(
         seconds=time.perf_counter() - t0,
         peak_rss_bytes=peak_rss_bytes(),
         file_bytes=written.file_bytes,
-        linear_bits_per_weight=stats.linear_bits_per_weight,
+        linear_bits_per_weight=written.linear_bits_per_weight,
+        codec_bits_per_weight=stats.linear_bits_per_weight,
         model_bits_per_weight=stats.model_bits_per_weight,
         mean_sqnr_db=stats.mean_sqnr_db,
         quantized_layers=len(stats.layers),
@@ -107,8 +110,16 @@ def quantize(
 def simulate_scheme(
     source: ModelSource, scheme: str, method: str = "rtn", progress: bool = False
 ) -> tuple[dict[str, torch.Tensor], WalkStats]:
-    """Float weights of ``source`` with ``scheme`` applied in memory (scales in fp16), and the walk stats."""
+    """Float weights of ``source`` with ``scheme`` applied in memory, and the walk stats.
+
+    Scales are in the dtype the scheme's output format stores for this model (fp16 where lowbit has no
+    writer for that format yet), so the weights equal what :func:`quantize` writes, read back.
+    """
     sch = parse_scheme(scheme)
+    try:
+        scale_dtype = get_format(sch.default_format).scale_dtype(model_dtype(source))
+    except SchemeError:  # no writer registered for the format
+        scale_dtype = torch.float16
     stats = WalkStats()
-    weights = simulate(source, sch.codec(torch.float16), get_method(method), stats, progress=progress)
+    weights = simulate(source, sch.codec(scale_dtype), get_method(method), stats, progress=progress)
     return weights, stats

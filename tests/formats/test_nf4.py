@@ -290,6 +290,7 @@ BNB_CASES = [
     ((130, 512), 64, "heavy"),  # 1040 blocks: 5 nested blocks, the last short
     ((2, 64 * 5 + 6), 64, "zeros"),  # all-zero full and short blocks
     ((1, 64), 64, "ties"),  # exact midpoints
+    ((10, 64), 64, "const"),  # equal absmax everywhere: the centred absmax are all 0
 ]
 
 
@@ -297,6 +298,8 @@ def _bnb_input(shape: tuple[int, ...], data: str) -> torch.Tensor:
     n = math.prod(shape)
     if data == "gauss":
         return torch.randn(n, generator=torch.Generator().manual_seed(n)).reshape(shape)
+    if data == "const":
+        return torch.full(shape, -2.5)
     x = _heavy(n, seed=n)
     if data == "zeros":
         x[64:128] = 0.0

@@ -1,9 +1,10 @@
-"""compressed-tensors ``pack-quantized`` checkpoints: per-Linear tensors and the ``quantization_config``.
+"""compressed-tensors checkpoints: per-Linear tensors and the ``quantization_config``.
 
-This is the format llm-compressor writes for W4A16/W8A16-style schemes and that transformers (with
-compressed-tensors installed) and vLLM load. The functions here are pure: one quantized Linear in, the
-tensors stored under its module prefix out (and back), plus the config.json block. Writing shards is
-the pipeline's job.
+Two of its formats: ``pack-quantized`` (integer weights; what llm-compressor writes for W4A16/W8A16-style
+schemes) and ``float-quantized`` (FP8 e4m3 weights; the weight part of llm-compressor's FP8 /
+FP8_DYNAMIC schemes). transformers (with compressed-tensors installed) and vLLM load both. The functions
+here are pure: one quantized Linear in, the tensors stored under its module prefix out (and back), plus
+the config.json block. Writing shards is the pipeline's job.
 
 Stored tensors of one Linear ``(out, in)``, as compressed-tensors 0.20 writes and reads them
 (``compressors/pack_quantized``)::
@@ -44,6 +45,20 @@ Its ``dequantize=True`` path decompresses the stored tensors directly and reads 
 lowbit writes the canonical layout (what compressed-tensors' compressor, llm-compressor and vLLM use) and,
 for asymmetric schemes, adds ``"dequantize": true`` to the config: a transformers loading attribute that
 compressed-tensors' ``QuantizationConfig`` ignores (vLLM reads only the keys it knows; not tested here).
+
+``float-quantized`` (``compressors/naive_quantized``: ``FloatQuantizationCompressor``, the weight cast to
+the args' ``pytorch_dtype()``, which for ``type: float, num_bits: 8`` is always ``float8_e4m3fn``)::
+
+    weight        float8_e4m3fn (out, in)   w / scale, clamped to +-448, rounded to nearest (ties even)
+    weight_scale  float32; tensor: (1,)  channel: (out, 1)
+
+``w = weight.float() * scale``; symmetric, no zero point. Only e4m3 exists in the format (there is no
+field for e5m2), so :class:`~lowbit.formats.fp8.Fp8Codec` with e5m2 is a :class:`SchemeError`. lowbit
+stores the codec's float32 scales whatever the model dtype: that is the dtype vLLM keeps FP8 scales in,
+and an fp32 model loads in transformers bit for bit. In a bf16/fp16 model transformers' run-compressed path
+casts the scales to the model dtype before multiplying (llm-compressor stores them in that dtype to begin
+with), so its weights differ from lowbit's by that one rounding of the scale (<= 2**-9 relative in bf16).
+``naive-quantized`` stores the same two tensors and is read as well.
 """
 
 from __future__ import annotations
@@ -62,14 +77,19 @@ from lowbit.errors import InputFileError, SchemeError, ShapeError
 from lowbit.formats import bitpack
 from lowbit.formats.affine import AffineCodec, AffineQuantized
 from lowbit.formats.base import PER_CHANNEL, PER_TENSOR, Block, group
+from lowbit.formats.fp8 import Fp8Codec, Fp8Format, Fp8Quantized
 
 logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "compressed-tensors"
 FORMAT = "pack-quantized"
-#: The compressed-tensors release whose layout (dense packing, row-packed zero points) this module writes.
+FLOAT_FORMAT = "float-quantized"
+NAIVE_FORMAT = "naive-quantized"  # the same tensors as float-quantized (its base class)
+MIXED_FORMAT = "mixed-precision"  # global format when config groups differ; each group names its own
+#: The compressed-tensors release whose layouts (dense packing, row-packed zero points) this module writes.
 FORMAT_VERSION = "0.20.0"
 
+WEIGHT = "weight"
 PACKED = "weight_packed"
 SCALE = "weight_scale"
 ZERO_POINT = "weight_zero_point"
@@ -175,7 +195,9 @@ def _unpack_dense(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------- per-tensor conversion
-def _check_linear_shape(shape: tuple[int, ...], gran: Granularity) -> tuple[int, int]:
+def check_linear_shape(shape: tuple[int, ...], gran: Granularity) -> tuple[int, int]:
+    """``(out, in)`` of a Linear weight of ``shape`` stored with ``gran``; a one-line :class:`ShapeError`
+    if compressed-tensors cannot hold it (not 2-D, or a group size that does not divide ``in``)."""
     if len(shape) != 2:
         raise ShapeError(f"compressed-tensors stores 2-D Linear weights, not shape {tuple(shape)}")
     out_f, in_f = shape
@@ -198,7 +220,7 @@ def linear_tensors(q: AffineQuantized) -> dict[str, torch.Tensor]:
     """
     codec = q.codec
     gran = Granularity.of(codec.block)
-    out_f, in_f = _check_linear_shape(q.shape, gran)
+    out_f, in_f = check_linear_shape(q.shape, gran)
     bits = codec.bits
     offset = 1 << (bits - 1)
 
@@ -239,7 +261,7 @@ def read_linear(tensors: Mapping[str, torch.Tensor], codec: AffineCodec) -> Affi
             raise InputFileError(f"compressed-tensors Linear lacks '{key}' (has {sorted(tensors)})")
     gran = Granularity.of(codec.block)
     shape = tuple(int(v) for v in tensors[SHAPE].reshape(-1).tolist())
-    out_f, in_f = _check_linear_shape(shape, gran)
+    out_f, in_f = check_linear_shape(shape, gran)
     bits = codec.bits
     offset = 1 << (bits - 1)
 
@@ -313,7 +335,77 @@ def _read_zero_points(zp: torch.Tensor, gran: Granularity, bits: int, grid: tupl
     return _unpack_dense(zp2[:n_words].T.contiguous(), bits, out_f).T.to(torch.int16).contiguous()
 
 
+# --------------------------------------------------------------------- float-quantized (FP8)
+def fp8_granularity(codec: Fp8Codec) -> Granularity:
+    """The strategy of an FP8 codec in float-quantized terms; :class:`SchemeError` for what the format
+    cannot hold (e5m2 codes, groups or 2-D blocks)."""
+    if codec.fmt is not Fp8Format.E4M3:
+        raise SchemeError(
+            f"compressed-tensors {FLOAT_FORMAT} stores only FP8 e4m3 (float8_e4m3fn) weights, not "
+            f"{codec.fmt.value}; use the fp8 (e4m3) scheme"
+        )
+    if codec.block == PER_TENSOR:
+        return Granularity(Strategy.TENSOR)
+    if codec.block == PER_CHANNEL:
+        return Granularity(Strategy.CHANNEL)
+    raise SchemeError(
+        f"lowbit writes compressed-tensors {FLOAT_FORMAT} per tensor or per channel, not {codec.block.label} "
+        "blocks; use a per-tensor or per-channel FP8 codec"
+    )
+
+
+def fp8_linear_tensors(q: Fp8Quantized) -> dict[str, torch.Tensor]:
+    """The tensors stored for one FP8-quantized Linear under its module prefix, suffix -> tensor.
+
+    Keys: ``weight`` (float8_e4m3fn ``(out, in)``, the codes as they are) and ``weight_scale`` (float32,
+    ``(1,)`` per tensor or ``(out, 1)`` per channel).
+    """
+    gran = fp8_granularity(q.codec)
+    out_f, in_f = check_linear_shape(q.shape, gran)
+    assert q.codes.dtype == torch.float8_e4m3fn, q.codes.dtype
+    scales = q.scales.to(torch.float32).reshape(q.codec.block.grid((out_f, in_f)))
+    if gran.strategy is Strategy.TENSOR:
+        scales = scales.reshape(1)
+    return {WEIGHT: q.codes.reshape(out_f, in_f).contiguous(), SCALE: scales.contiguous().clone()}
+
+
+def read_fp8_linear(tensors: Mapping[str, torch.Tensor], codec: Fp8Codec) -> Fp8Quantized:
+    """Inverse of :func:`fp8_linear_tensors`; also reads what compressed-tensors' compressor
+    (llm-compressor) wrote: scales in float16/bfloat16 (converted to float32 exactly) and an all-zero
+    ``weight_zero_point``.
+
+    ``codec`` gives the granularity (see :func:`codec_from_config`). The shape is the stored weight's.
+    """
+    for key in (WEIGHT, SCALE):
+        if key not in tensors:
+            raise InputFileError(f"compressed-tensors FP8 Linear lacks '{key}' (has {sorted(tensors)})")
+    gran = fp8_granularity(codec)
+    codes = tensors[WEIGHT]
+    if codes.dtype != torch.float8_e4m3fn:
+        raise InputFileError(f"FP8 weight has dtype {codes.dtype}; {FLOAT_FORMAT} stores float8_e4m3fn")
+    shape = tuple(int(n) for n in codes.shape)
+    out_f, in_f = check_linear_shape(shape, gran)
+    scale = tensors[SCALE]
+    if scale.dtype not in _SCALE_DTYPES:
+        raise InputFileError(f"weight_scale has dtype {scale.dtype}; expected float16, bfloat16 or float32")
+    grid = codec.block.grid((out_f, in_f))
+    if scale.numel() != grid[0] * grid[1]:
+        raise InputFileError(
+            f"weight_scale has shape {tuple(scale.shape)}, expected {grid} for shape {shape}"
+        )
+    zp = tensors.get(ZERO_POINT)
+    if zp is not None and bool(zp.float().ne(0).any()):
+        raise InputFileError("FP8 weights are symmetric but the file holds nonzero weight_zero_point values")
+    return Fp8Quantized(
+        shape=shape, codes=codes.clone(), scales=scale.reshape(grid).to(torch.float32), codec=codec
+    )
+
+
 # --------------------------------------------------------------------- config.json
+#: A codec this module stores: integers (pack-quantized) or FP8 e4m3 (float-quantized).
+CtCodec = AffineCodec | Fp8Codec
+
+
 def weights_args(codec: AffineCodec, observer: str = "minmax") -> dict[str, Any]:
     """The ``weights`` QuantizationArgs of a config group, as compressed-tensors 0.20 serializes them."""
     gran = Granularity.of(codec.block)
@@ -328,8 +420,22 @@ def weights_args(codec: AffineCodec, observer: str = "minmax") -> dict[str, Any]
     }
 
 
+def fp8_weights_args(codec: Fp8Codec, observer: str = "minmax") -> dict[str, Any]:
+    """The ``weights`` QuantizationArgs of an FP8 config group (``type: float``, 8 bits, symmetric)."""
+    gran = fp8_granularity(codec)
+    return {
+        "num_bits": 8,
+        "type": "float",
+        "symmetric": True,
+        "group_size": None,
+        "strategy": gran.strategy.value,
+        "dynamic": False,
+        "observer": observer,
+    }
+
+
 def quantization_config(
-    codec: AffineCodec,
+    codec: CtCodec,
     ignore: Sequence[str],
     targets: Sequence[str] = ("Linear",),
     observer: str = "minmax",
@@ -337,25 +443,32 @@ def quantization_config(
 ) -> dict[str, Any]:
     """The ``quantization_config`` block of config.json for one config group quantized with ``codec``.
 
-    ``ignore``: module names (or ``re:`` patterns) that match ``targets`` but stay dense, e.g.
-    ``["lm_head"]``. ``observer`` is informational. ``dequantize_on_load`` (default: asymmetric only)
-    adds transformers' ``"dequantize": true`` loading attribute, without which transformers 5.23 cannot
-    load row-packed zero points (see the module docstring).
+    An :class:`AffineCodec` is written as ``pack-quantized``, an :class:`Fp8Codec` as ``float-quantized``
+    (weights only: ``input_activations`` is null, i.e. FP8 W8A16). ``ignore``: module names (or ``re:``
+    patterns) that match ``targets`` but stay dense, e.g. ``["lm_head"]``. ``observer`` is informational.
+    ``dequantize_on_load`` (default: asymmetric integer schemes only) adds transformers' ``"dequantize":
+    true`` loading attribute, without which transformers 5.23 cannot load row-packed zero points (see the
+    module docstring).
     """
-    Granularity.of(codec.block)  # raises for blocks the format cannot express
-    if codec.bits not in (4, 8):
-        logger.info("%d-bit pack-quantized loads in transformers; vLLM runs only 4 and 8 bits", codec.bits)
+    if isinstance(codec, Fp8Codec):
+        weights, fmt, symmetric = fp8_weights_args(codec, observer), FLOAT_FORMAT, True
+    else:
+        weights, fmt, symmetric = weights_args(codec, observer), FORMAT, codec.symmetric
+        if codec.bits not in (4, 8):
+            logger.info(
+                "%d-bit pack-quantized loads in transformers; vLLM runs only 4 and 8 bits", codec.bits
+            )
     config: dict[str, Any] = {
         "config_groups": {
             "group_0": {
                 "targets": list(targets),
-                "weights": weights_args(codec, observer),
+                "weights": weights,
                 "input_activations": None,
                 "output_activations": None,
-                "format": FORMAT,
+                "format": fmt,
             }
         },
-        "format": FORMAT,
+        "format": fmt,
         "global_compression_ratio": None,
         "ignore": list(ignore),
         "kv_cache_scheme": None,
@@ -367,28 +480,41 @@ def quantization_config(
         "version": FORMAT_VERSION,
     }
     if dequantize_on_load is None:
-        dequantize_on_load = not codec.symmetric
+        dequantize_on_load = not symmetric
     if dequantize_on_load:
         config["dequantize"] = True
     return config
 
 
 def codec_from_config(
-    config_group: Mapping[str, Any], scale_dtype: torch.dtype = torch.float32
-) -> AffineCodec:
-    """The :class:`AffineCodec` of one ``config_groups`` entry (a QuantizationScheme dict).
+    config_group: Mapping[str, Any],
+    scale_dtype: torch.dtype = torch.float32,
+    default_format: str | None = None,
+) -> CtCodec:
+    """The codec of one ``config_groups`` entry (a QuantizationScheme dict): an :class:`AffineCodec` for
+    integer ``pack-quantized`` weights, an :class:`Fp8Codec` (e4m3) for 8-bit ``float-quantized`` (or
+    ``naive-quantized``) float weights.
 
-    ``scale_dtype`` is not part of the config (the stored scales carry it); :func:`read_linear` takes the
-    file's dtype regardless.
+    The group's ``format`` wins; without one, ``default_format`` (the config's global format), and
+    without that the format compressed-tensors would infer for the weight type. ``scale_dtype`` is not
+    part of the config (the stored scales carry it); :func:`read_linear` takes the file's dtype regardless.
     """
     args = config_group.get("weights")
     if not isinstance(args, Mapping):
         raise SchemeError("config group has no 'weights' quantization args; nothing for lowbit to read")
-    if _text(args.get("type", "int")) != "int":
-        raise SchemeError(f"compressed-tensors weights of type {args.get('type')!r}: lowbit reads only int")
-    fmt = config_group.get("format")
-    if fmt is not None and _text(fmt) != FORMAT:
-        raise SchemeError(f"config group format {fmt!r}: lowbit reads only {FORMAT!r}")
+    kind = _text(args.get("type", "int"))
+    if kind not in ("int", "float"):
+        raise SchemeError(
+            f"compressed-tensors weights of type {args.get('type')!r}: lowbit reads int and float"
+        )
+    fmt_value = config_group.get("format") or default_format
+    fmt = _text(fmt_value) if fmt_value is not None else (FORMAT if kind == "int" else FLOAT_FORMAT)
+    readable = (FORMAT,) if kind == "int" else (FLOAT_FORMAT, NAIVE_FORMAT)
+    if fmt not in readable:
+        raise SchemeError(
+            f"config group format {fmt_value!r} with {kind} weights: lowbit reads {kind} weights only as "
+            f"{' or '.join(map(repr, readable))}"
+        )
     if args.get("actorder") is True or _text(args.get("actorder")) in ("group", "dynamic"):
         raise SchemeError(
             "activation-order groups (actorder='group') are not supported; lowbit cannot read g_idx"
@@ -407,9 +533,15 @@ def codec_from_config(
     if strat is Strategy.GROUP and (not isinstance(group_size, int) or group_size <= 0):
         raise SchemeError(f"group strategy needs a positive group_size, not {group_size!r}")
     gran = Granularity(strat, group_size if strat is Strategy.GROUP else None)
-    return AffineCodec(
-        bits=bits, symmetric=bool(args.get("symmetric", True)), block=gran.block, scale_dtype=scale_dtype
-    )
+    symmetric = bool(args.get("symmetric", True))
+    if kind == "float":
+        if bits != 8 or not symmetric or strat is Strategy.GROUP:
+            raise SchemeError(
+                f"compressed-tensors float weights with {bits} bits, {strat.value} strategy"
+                f"{'' if symmetric else ', asymmetric'}: lowbit reads symmetric FP8 per tensor or per channel"
+            )
+        return Fp8Codec(fmt=Fp8Format.E4M3, block=gran.block)
+    return AffineCodec(bits=bits, symmetric=symmetric, block=gran.block, scale_dtype=scale_dtype)
 
 
 def _text(value: Any) -> str:
@@ -419,19 +551,19 @@ def _text(value: Any) -> str:
 
 def codecs_from_config(
     config: Mapping[str, Any], scale_dtype: torch.dtype = torch.float32
-) -> dict[str, AffineCodec]:
-    """Codec of every config group of a ``quantization_config`` block, by group name."""
+) -> dict[str, CtCodec]:
+    """Codec of every config group of a ``quantization_config`` block, by group name (groups may differ
+    in format: the global format is then ``mixed-precision`` and each group names its own)."""
     if _text(config.get("quant_method")) != QUANT_METHOD:
         raise SchemeError(f"quant_method is {config.get('quant_method')!r}, not {QUANT_METHOD!r}")
     fmt = config.get("format")
+    default = None if fmt is None or _text(fmt) == MIXED_FORMAT else _text(fmt)
     groups = config.get("config_groups") or {}
     if not isinstance(groups, Mapping) or not groups:
         raise SchemeError("quantization_config has no config_groups")
-    codecs: dict[str, AffineCodec] = {}
+    codecs: dict[str, CtCodec] = {}
     for name, scheme in groups.items():
         if not isinstance(scheme, Mapping):
             raise SchemeError(f"config group {name!r} is a preset name list; expand it before reading")
-        if scheme.get("format") is None and _text(fmt) != FORMAT:
-            raise SchemeError(f"checkpoint format {fmt!r}: lowbit reads only {FORMAT!r}")
-        codecs[name] = codec_from_config(scheme, scale_dtype)
+        codecs[name] = codec_from_config(scheme, scale_dtype, default)
     return codecs

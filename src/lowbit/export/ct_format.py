@@ -1,10 +1,18 @@
-"""The compressed-tensors ``pack-quantized`` format as a :class:`CheckpointFormat`, and its reader."""
+"""compressed-tensors as a :class:`CheckpointFormat` (``pack-quantized`` integers, ``float-quantized`` FP8),
+and its reader.
+
+Which compressed-tensors format a codec is stored in is data: :data:`LAYOUTS` maps a codec type to its
+:class:`Layout`, which the writer (:class:`CompressedTensorsFormat`) and the reader
+(:func:`attach_decoders`) share.
+"""
 
 from __future__ import annotations
 
+import logging
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -13,30 +21,138 @@ from lowbit.export import compressed_tensors as ct
 from lowbit.export.hf_checkpoint import CheckpointFormat
 from lowbit.formats.affine import AffineCodec, AffineQuantized
 from lowbit.formats.base import Codec, QuantizedTensor
+from lowbit.formats.fp8 import Fp8Codec, Fp8Quantized
 
 if TYPE_CHECKING:
     from lowbit.walk.sources import SafetensorsSource
 
+log = logging.getLogger(__name__)
+
+# Activation quantization parameters a config group with input_activations stores next to the weight.
+_ACTIVATION_SUFFIXES = ("input_scale", "input_zero_point", "input_global_scale")
+
+
+class Layout(ABC):
+    """How one codec family is stored per Linear in one compressed-tensors format."""
+
+    codec_type: ClassVar[type[Codec]]
+    format: ClassVar[str]
+    #: Stored tensor suffixes of one Linear, the first being where the decoded ``.weight`` is listed.
+    suffixes: ClassVar[tuple[str, ...]]
+
+    @abstractmethod
+    def check(self, codec: Codec, shapes: Iterable[tuple[int, ...]]) -> None:
+        """One-line SchemeError/ShapeError if ``codec`` cannot be stored for these shapes."""
+
+    @abstractmethod
+    def tensors(self, q: QuantizedTensor) -> dict[str, torch.Tensor]:
+        """Suffix -> tensor for one quantized Linear."""
+
+    @abstractmethod
+    def decode(self, tensors: Mapping[str, torch.Tensor], codec: Codec) -> torch.Tensor:
+        """The float32 weight ``(out, in)`` from the stored tensors (suffix -> tensor)."""
+
+    @abstractmethod
+    def shape(self, src: SafetensorsSource, module: str) -> tuple[int, int]:
+        """The logical ``(out, in)`` of the stored Linear ``module``, without decoding it."""
+
+    def payload(self, suffix: str) -> bool:
+        """Whether a stored tensor counts towards the bits per weight (metadata such as shapes does not)."""
+        return True
+
+
+class PackQuantized(Layout):
+    codec_type = AffineCodec
+    format = ct.FORMAT
+    suffixes = (ct.PACKED, ct.SCALE, ct.ZERO_POINT, ct.SHAPE, ct.G_IDX)
+
+    def check(self, codec: Codec, shapes: Iterable[tuple[int, ...]]) -> None:
+        assert isinstance(codec, AffineCodec)
+        gran = ct.Granularity.of(codec.block)
+        for shape in shapes:
+            ct.check_linear_shape(shape, gran)
+
+    def tensors(self, q: QuantizedTensor) -> dict[str, torch.Tensor]:
+        assert isinstance(q, AffineQuantized)
+        return ct.linear_tensors(q)
+
+    def decode(self, tensors: Mapping[str, torch.Tensor], codec: Codec) -> torch.Tensor:
+        assert isinstance(codec, AffineCodec)
+        q = ct.read_linear(tensors, codec)
+        return q.codec.dequantize(q)
+
+    def shape(self, src: SafetensorsSource, module: str) -> tuple[int, int]:
+        shape = tuple(int(v) for v in src.raw(f"{module}.{ct.SHAPE}").reshape(-1).tolist())
+        if len(shape) != 2:
+            raise InputFileError(f"{module}.{ct.SHAPE} is {shape}; expected 2 values")
+        return shape[0], shape[1]
+
+    def payload(self, suffix: str) -> bool:
+        return suffix != ct.SHAPE
+
+
+class FloatQuantized(Layout):
+    codec_type = Fp8Codec
+    format = ct.FLOAT_FORMAT
+    suffixes = (ct.WEIGHT, ct.SCALE, ct.ZERO_POINT)
+
+    def check(self, codec: Codec, shapes: Iterable[tuple[int, ...]]) -> None:
+        assert isinstance(codec, Fp8Codec)
+        gran = ct.fp8_granularity(codec)
+        for shape in shapes:
+            ct.check_linear_shape(shape, gran)
+
+    def tensors(self, q: QuantizedTensor) -> dict[str, torch.Tensor]:
+        assert isinstance(q, Fp8Quantized)
+        return ct.fp8_linear_tensors(q)
+
+    def decode(self, tensors: Mapping[str, torch.Tensor], codec: Codec) -> torch.Tensor:
+        assert isinstance(codec, Fp8Codec)
+        q = ct.read_fp8_linear(tensors, codec)
+        return q.codec.dequantize(q)
+
+    def shape(self, src: SafetensorsSource, module: str) -> tuple[int, int]:
+        info = src.raw_info(f"{module}.{ct.WEIGHT}")
+        if len(info.shape) != 2:
+            raise InputFileError(f"{module}.{ct.WEIGHT} has shape {info.shape}; expected a 2-D Linear weight")
+        return info.shape[0], info.shape[1]
+
+
+#: Codec type -> how compressed-tensors stores it.
+LAYOUTS: dict[type[Codec], Layout] = {
+    layout.codec_type: layout for layout in (PackQuantized(), FloatQuantized())
+}
+
+
+def layout_for(codec: Codec) -> Layout:
+    """The :class:`Layout` storing ``codec``; a one-line SchemeError for codecs compressed-tensors cannot hold."""
+    layout = next((LAYOUTS[t] for t in type(codec).__mro__ if t in LAYOUTS), None)
+    if layout is None:
+        raise SchemeError(
+            f"compressed-tensors holds integer (pack-quantized) and FP8 e4m3 (float-quantized) weights, not "
+            f"{codec.name}; choose a wN/wNgG or fp8 scheme, or another output format"
+        )
+    return layout
+
 
 class CompressedTensorsFormat(CheckpointFormat):
     name = "compressed-tensors"
+    metadata_suffixes = (ct.SHAPE,)
 
     def scale_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         return ct.scale_dtype_for(model_dtype)
 
     def check(self, codec: Codec, shapes: Iterable[tuple[int, ...]]) -> None:
-        if not isinstance(codec, AffineCodec):
-            raise SchemeError(f"compressed-tensors pack-quantized holds integer schemes, not {codec.name}")
-        gran = ct.Granularity.of(codec.block)
-        for shape in shapes:
-            ct._check_linear_shape(shape, gran)
+        layout_for(codec).check(codec, shapes)
 
     def linear_tensors(self, q: QuantizedTensor) -> dict[str, torch.Tensor]:
-        assert isinstance(q, AffineQuantized)
-        return ct.linear_tensors(q)
+        if not isinstance(q, AffineQuantized | Fp8Quantized):
+            raise SchemeError(f"compressed-tensors cannot store a {type(q).__name__}")
+        return layout_for(q.codec).tensors(q)
 
     def quantization_config(self, codec: Codec, ignore: list[str]) -> dict[str, Any]:
-        assert isinstance(codec, AffineCodec)
+        layout_for(codec)  # the one-line SchemeError for codecs compressed-tensors cannot hold
+        assert isinstance(codec, AffineCodec | Fp8Codec)
         return ct.quantization_config(codec, ignore)
 
 
@@ -45,29 +161,52 @@ def _targets_match(targets: Iterable[str], module: str) -> bool:
 
 
 def attach_decoders(src: SafetensorsSource, qcfg: Mapping[str, Any]) -> None:
-    """Present each packed Linear of a compressed-tensors checkpoint as a dequantized ``.weight``."""
+    """Present each quantized Linear of a compressed-tensors checkpoint as a dequantized ``.weight``.
+
+    Config groups may use different formats (``mixed-precision``): each module is decoded by the layout
+    of its group's codec. Activation quantization parameters (``input_scale``...) are hidden: lowbit
+    evaluates the quantized weights, with float activations.
+    """
     codecs = ct.codecs_from_config(qcfg)
-    groups = qcfg.get("config_groups") or {}
+    groups: Mapping[str, Any] = qcfg.get("config_groups") or {}
     default = next((n for n, g in groups.items() if "Linear" in g.get("targets", [])), next(iter(codecs)))
+    raw_names = src.raw_names()
+    stored = set(raw_names)
+    # A quantized Linear stores weight_packed (pack-quantized) or weight_scale (every format).
+    modules = dict.fromkeys(
+        name.rpartition(".")[0] for name in raw_names if name.endswith((f".{ct.PACKED}", f".{ct.SCALE}"))
+    )
+    activations_hidden = False
     total_bits = 0
     total_params = 0
-    for raw in src.raw_names():
-        if not raw.endswith("." + ct.PACKED):
-            continue
-        module = raw[: -len(ct.PACKED) - 1]
+    for module in modules:
         group = next((n for n, g in groups.items() if _targets_match(g.get("targets", []), module)), default)
         codec = codecs[group]
-        parts = [f"{module}.{s}" for s in (ct.PACKED, ct.SCALE, ct.ZERO_POINT, ct.SHAPE, ct.G_IDX)]
-        parts = [p for p in parts if p in src.raw_names()]
+        layout = layout_for(codec)
+        parts = {s: f"{module}.{s}" for s in layout.suffixes if f"{module}.{s}" in stored}
+        first = layout.suffixes[0]
+        if first not in parts:
+            raise InputFileError(
+                f"{module} has {sorted(s for s in (ct.PACKED, ct.WEIGHT, ct.SCALE) if f'{module}.{s}' in stored)} "
+                f"but config group {group!r} is {layout.format}, which stores '{first}'; the file and its "
+                "quantization_config disagree"
+            )
 
-        def decode(module: str = module, codec: AffineCodec = codec, parts: list[str] = parts) -> torch.Tensor:
-            q = ct.read_linear({p.rpartition(".")[2]: src.raw(p) for p in parts}, codec)
-            return q.codec.dequantize(q)
+        def decode(
+            layout: Layout = layout, codec: Codec = codec, parts: dict[str, str] = parts
+        ) -> torch.Tensor:
+            return layout.decode({s: src.raw(p) for s, p in parts.items()}, codec)
 
-        shape = tuple(int(v) for v in src.raw(f"{module}.{ct.SHAPE}").tolist())
-        if len(shape) != 2:
-            raise InputFileError(f"{module}.weight_shape is {shape}; expected 2 values")
-        total_bits += sum(src.raw_info(p).nbytes * 8 for p in parts if not p.endswith(ct.SHAPE))
-        total_params += shape[0] * shape[1]
-        src.add_virtual(f"{module}.weight", decode, replaces=parts, at=raw)
+        out_f, in_f = layout.shape(src, module)
+        total_bits += sum(src.raw_info(p).nbytes * 8 for s, p in parts.items() if layout.payload(s))
+        total_params += out_f * in_f
+        weight = f"{module}.{ct.WEIGHT}"
+        hidden = [p for p in parts.values() if p != weight]
+        acts = [f"{module}.{s}" for s in _ACTIVATION_SUFFIXES if f"{module}.{s}" in stored]
+        activations_hidden = activations_hidden or bool(acts)
+        src.add_virtual(weight, decode, replaces=hidden + acts, at=parts[first])
+    if activations_hidden:
+        log.warning(
+            "%s quantizes activations too; lowbit reads its weights and runs activations in float", src.path
+        )
     src.linear_bits_per_weight = total_bits / total_params if total_params else None

@@ -45,6 +45,8 @@ class CheckpointFormat(ABC):
     """How quantized linears are stored in one Hugging Face checkpoint format."""
 
     name: ClassVar[str]
+    # Stored tensors that describe a linear (e.g. its shape) rather than encode it: not counted as bits.
+    metadata_suffixes: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -90,6 +92,12 @@ def model_dtype(source: ModelSource) -> torch.dtype:
 class WrittenCheckpoint:
     path: Path
     file_bytes: int
+    linear_bits: int  # bits stored for the quantized linears (codes, scales, zeros, padding included)
+    linear_params: int
+
+    @property
+    def linear_bits_per_weight(self) -> float:
+        return self.linear_bits / self.linear_params if self.linear_params else float("nan")
 
 
 def write_checkpoint(
@@ -104,6 +112,7 @@ def write_checkpoint(
     """Stream ``items`` into a checkpoint directory ``out`` (atomic: complete or absent)."""
     ignore = ["lm_head"] + [f"re:.*{k.replace('.', '[.]')}$" for k in source.arch.keep_linears]
     dtype = model_dtype(source)
+    linear_bits = linear_params = 0
     with atomic_dir(out, force) as tmp:
         with StreamingSafetensorsWriter(tmp / "model.safetensors", {"format": "pt"}) as writer:
             for item in items:
@@ -112,8 +121,11 @@ def write_checkpoint(
                     writer.add(item.name, t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t)
                     continue
                 prefix = item.name[: -len(".weight")]
+                linear_params += item.tensor.numel()
                 for suffix, t in fmt.linear_tensors(item.quantized).items():
                     writer.add(f"{prefix}.{suffix}", t)
+                    if suffix not in fmt.metadata_suffixes:
+                        linear_bits += t.numel() * t.element_size() * 8
         config = {k: v for k, v in source.config.items() if not k.startswith("_")}
         config["dtype"] = str(dtype).removeprefix("torch.")
         config.pop("torch_dtype", None)
@@ -126,7 +138,7 @@ def write_checkpoint(
         _write_tokenizer(source, tmp)
     size = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
     log.info("wrote %s (%.2f MB of weights)", out, size / 1e6)
-    return WrittenCheckpoint(out, size)
+    return WrittenCheckpoint(out, size, linear_bits, linear_params)
 
 
 def _causal_lm_class(model_type: str) -> str:

@@ -189,7 +189,7 @@ class NestedAbsmax:
         """The (n_blocks,) float32 absmax values the 4-bit blocks are scaled by."""
         n = self.codes.numel()
         scale = self.absmax.repeat_interleave(NESTED_BLOCKSIZE)[:n]
-        return dynamic_map()[self.codes.long()] * scale + self.offset
+        return dynamic_map().to(self.codes.device)[self.codes.long()] * scale + self.offset
 
 
 @dataclass(frozen=True)
@@ -305,7 +305,7 @@ class Bnb4Codec(Codec):
         if not isinstance(q, Bnb4Quantized):
             raise TypeError(f"Bnb4Codec cannot dequantize {type(q).__name__}")
         n = q.numel
-        values = code_table(self.quant_type)[q.codes().long()]  # (n,)
+        values = code_table(self.quant_type).to(q.packed.device)[q.codes().long()]  # (n,)
         scale = q.block_absmax().repeat_interleave(self.blocksize)[:n]
         return (values * scale).reshape(q.shape)
 

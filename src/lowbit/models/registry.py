@@ -208,7 +208,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     ),
     Architecture(
         name="gemma3",
-        model_types=("gemma3", "gemma3_text"),
+        # The text model (Gemma-3 1B and the language part of the larger ones). The multimodal
+        # "gemma3" checkpoints nest it under language_model.* and are not registered yet.
+        model_types=("gemma3_text",),
         gguf_arch="gemma3",
         linears=_LLAMA_LINEARS,
         norms=(*_GEMMA_NORMS, "self_attn.q_norm", "self_attn.k_norm"),
@@ -321,7 +323,7 @@ REGISTRY: Mapping[str, Architecture] = _index(ARCHITECTURES)
 
 # GGUF general.architecture -> HF model_type, for reading GGUF files (llama covers mistral/mixtral layouts).
 GGUF_TO_MODEL_TYPE: Mapping[str, str] = MappingProxyType(
-    {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3": "gemma3",
+    {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3": "gemma3_text",
      "phi3": "phi3", "qwen2moe": "qwen2_moe"}
 )
 

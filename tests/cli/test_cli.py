@@ -1,0 +1,106 @@
+"""The command line contract: subcommands, --json fields, one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowbit.cli.main import main
+
+ROOT = Path(__file__).resolve().parents[2]
+STORIES = ROOT / "src" / "lowbit" / "assets" / "models" / "stories260K"
+TEXT = ROOT / "src" / "lowbit" / "assets" / "text" / "tinystories-val.txt"
+
+
+def run_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:  # type: ignore[type-arg]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1, "--json prints exactly one line"
+    return json.loads(out[0])
+
+
+def test_eval_json_contract_and_independent_ppl(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """lowbit's perplexity of the unquantized model equals a plain transformers computation on the same
+    windows (llama.cpp's: BOS over each window's first token, the second half scored)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ctx, chunks = 128, 6
+    res = run_json(capsys, ["eval", str(STORIES), "--ref", str(STORIES), "--text", str(TEXT), "--ctx", str(ctx),
+                            "--chunks", str(chunks), "--cache-dir", str(tmp_path), "--json"])
+    for key in ("ppl", "ref_ppl", "kld_mean", "kld_p99", "top1", "tokens", "bpw"):
+        assert key in res
+    assert res["bpw"] is None and res["tokens"] == chunks * (ctx - 1 - ctx // 2)
+    assert res["kld_mean"] == pytest.approx(0.0, abs=1e-9) and res["top1"] == 1.0
+
+    tok = AutoTokenizer.from_pretrained(str(STORIES))
+    model = AutoModelForCausalLM.from_pretrained(str(STORIES), dtype=torch.float32).eval()
+    ids = [1] + tok.encode(TEXT.read_text(), add_special_tokens=False)
+    nll = []
+    for i in range(chunks):
+        window = torch.tensor(ids[i * ctx : (i + 1) * ctx])
+        window[0] = 1
+        with torch.no_grad():
+            logits = model(window[None]).logits[0].double()
+        first = ctx // 2
+        nll.append(F.cross_entropy(logits[first : ctx - 1], window[first + 1 :], reduction="none"))
+    expected = math.exp(torch.cat(nll).mean().item())
+    assert res["ppl"] == pytest.approx(expected, rel=1e-6)
+    assert res["ref_ppl"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_quantize_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "w4"
+    q = run_json(capsys, ["quantize", str(STORIES), "--scheme", "w4-asym", "-o", str(out), "--json"])
+    assert q["quantized_layers"] == 35 and 4.0 < q["bpw"] < 5.0 and q["file_bytes"] > 0
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    res = run_json(capsys, ["eval", str(out), "--ref", str(STORIES), "--text", str(TEXT), "--ctx", "128",
+                            "--chunks", "4", "--cache-dir", str(tmp_path / "c"), "--json"])
+    assert res["bpw"] == pytest.approx(q["bpw"])
+    assert 0.0 < res["kld_mean"] < 1.0 and 0.5 < res["top1"] < 1.0 and res["ppl"] > res["ref_ppl"]
+    info = run_json(capsys, ["inspect", str(out), "--json"])
+    assert info["quantization_config"]["format"] == "pack-quantized"
+    assert info["n_params"] == sum(p.numel() for p in _stories_params())
+    assert 8 < info["bits_per_weight"] < 32  # fp32 embeddings dominate this tiny model
+
+
+def _stories_params() -> list[torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return list(load_file(str(STORIES / "model.safetensors")).values())
+
+
+@pytest.mark.parametrize(
+    ("argv", "pattern"),
+    [
+        (["quantize", "nope/dir", "--scheme", "w4", "-o", "{tmp}/o"], "does not exist"),
+        (["quantize", str(STORIES), "--scheme", "w11", "-o", "{tmp}/o"], "unknown scheme"),
+        (["quantize", str(STORIES), "--scheme", "w4g32", "-o", "{tmp}/o"], "ragged last group"),
+        (["quantize", str(STORIES), "--scheme", "w4", "--method", "magic", "-o", "{tmp}/o"], "unknown method"),
+        (["quantize", str(STORIES), "--scheme", "w4", "-o", "{tmp}"], "exists; pass --force"),
+        (["eval", str(STORIES), "--ref", str(STORIES), "--text", "{tmp}/missing.txt"], "does not exist"),
+        (["eval", str(STORIES), "--ref", str(STORIES), "--text", str(TEXT), "--ctx", "2"], "context"),
+        (["inspect", "{tmp}/nothing.gguf"], "does not exist"),
+    ],
+)
+def test_errors_are_one_line_exit_2(
+    argv: list[str], pattern: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and pattern in err[0], err
+    assert not list(tmp_path.glob(".*lowbit-tmp*")) and not (tmp_path / "o").exists()
+
+
+def test_demo_json(capsys: pytest.CaptureFixture[str]) -> None:
+    res = run_json(capsys, ["demo", "--schemes", "w8,w4g32,nf4", "--chunks", "4", "--ctx", "128", "--json"])
+    rows = {r["scheme"]: r for r in res["rows"]}
+    assert rows["w8"]["written_as"] == "compressed-tensors"
+    assert rows["w4g32"]["written_as"].startswith("simulated")  # 172 columns: ragged group
+    assert rows["w8"]["kld_mean"] < rows["nf4"]["kld_mean"]
+    assert rows["w8"]["top1"] > 0.95
