@@ -68,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
     memory = parse_memory(args.memory) if args.memory is not None else _machine_memory()
     context = args.context if args.context is not None else min(DEFAULT_CONTEXT, model.config.max_context)
     schemes = (
-        [s for item in args.schemes for s in item.split(",") if s.strip()] if args.schemes else DEFAULT_SCHEMES
+        [s for item in args.schemes for s in item.split(",") if s.strip()]
+        if args.schemes
+        else DEFAULT_SCHEMES
     )
     report = fit(model, memory, context, batch=args.batch, kv=args.kv_type, schemes=schemes)
     if args.json:

@@ -93,6 +93,14 @@ def parse_memory(text: str) -> int:
     return value
 
 
+def format_count(n: int) -> str:
+    """``8030261248`` -> ``8.03 B``; ``4982528`` -> ``4.98 M``."""
+    for value, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= value:
+            return f"{n / value:.2f} {suffix}"
+    return str(n)
+
+
 def format_bytes(n: int) -> str:
     """``n`` bytes in GiB (or MiB below 1 GiB), e.g. ``4.58 GiB``."""
     if n >= GiB:
@@ -651,7 +659,7 @@ def fit(
 def format_table(report: FitReport) -> str:
     """A plain aligned text table of ``report``."""
     head = (
-        f"{report.model}: {report.n_params / 1e9:.2f} B parameters; memory {format_bytes(report.memory_bytes)}, "
+        f"{report.model}: {format_count(report.n_params)} parameters; memory {format_bytes(report.memory_bytes)}, "
         f"context {report.context} × batch {report.batch}, KV cache {report.kv_type} "
         f"(model max context {report.model_max_context})"
     )

@@ -146,9 +146,10 @@ class CompressedTensorsFormat(CheckpointFormat):
         layout_for(codec).check(codec, shapes)
 
     def linear_tensors(self, q: QuantizedTensor) -> dict[str, torch.Tensor]:
-        if not isinstance(q, AffineQuantized | Fp8Quantized):
-            raise SchemeError(f"compressed-tensors cannot store a {type(q).__name__}")
-        return layout_for(q.codec).tensors(q)
+        codec = getattr(q, "codec", None)
+        if not isinstance(codec, Codec):
+            raise SchemeError(f"compressed-tensors cannot store a {type(q).__name__}: it names no codec")
+        return layout_for(codec).tensors(q)
 
     def quantization_config(self, codec: Codec, ignore: list[str]) -> dict[str, Any]:
         layout_for(codec)  # the one-line SchemeError for codecs compressed-tensors cannot hold

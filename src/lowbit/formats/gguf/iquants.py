@@ -1,0 +1,202 @@
+"""ggml's 4-bit non-linear types IQ4_NL and IQ4_XS (and MXFP4), bit-exact with ggml.
+
+IQ4_NL and IQ4_XS store, per block of 32, indices into the 16-entry non-uniform codebook
+``kvalues_iq4nl`` (denser near zero, asymmetric). Both come from ggml's ``quantize_row_iq4_nl_impl``
+(with ``ntry = 7``, the path ``ggml_quantize_chunk`` takes with and without an importance vector):
+
+1. weights per element: ``imatrix[j] * sqrt(sigma2 + x[j]^2)`` with ``sigma2 = 2 * mean(x^2)`` over the
+   super-block (32 values for IQ4_NL, 256 for IQ4_XS), or ``x[j]^2`` without an imatrix;
+2. per block of 32, a weighted least-squares scale: start from ``max / 127`` (``max`` = the element
+   of largest magnitude, signed), then try the 15 inverse scales ``(itry - 127) / max``,
+   ``itry = -7..7``, each time snapping ``x / d`` to the nearest codebook entry and keeping the
+   scale with the best ``sumqx^2 / sumq2``;
+3. IQ4_NL stores that scale as fp16 and re-snaps every value with it. IQ4_XS stores one fp16 ``d =
+   -max_scale / 32`` per super-block of 256 and a 6-bit signed multiplier ``l`` per block of 32
+   (``scale = d * l``), then re-snaps with ``d * l`` (the float32 value, not the fp16 one).
+
+Everything runs in float32 in ggml's order of operations, vectorized across blocks.
+
+Byte layouts (little-endian):
+
+    IQ4_NL (32 values, 18 bytes)   d:f16 | qs[16]                      qs[j] = L[j] | L[j+16] << 4
+    IQ4_XS (256 values, 136 bytes) d:f16 | scales_h:u16 | scales_l[4] | qs[128]
+        block ib (of 32): ls = (scales_l[ib/2] >> 4*(ib%2)) & 15 | ((scales_h >> 2*ib) & 3) << 4;
+        x = d * (ls - 32) * kvalues_iq4nl[L]; qs as IQ4_NL, 16 bytes per block of 32.
+    MXFP4 (32 values, 17 bytes)    e:u8 (E8M0) | qs[16]  — the importance vector is ignored.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import quants as gguf_quants
+
+from lowbit.formats.gguf.block import (
+    GGMLBlockCodec,
+    fp16_bytes,
+    nearest_int,
+    pack_nibbles,
+    seq_sum,
+)
+from lowbit.formats.gguf.types import GGMLType
+
+_F32 = np.float32
+
+KVALUES_IQ4NL: tuple[int, ...] = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+"""ggml's ``kvalues_iq4nl`` (ggml-common.h); gguf-py's ``IQ4_NL.kvalues`` is the same table."""
+
+GROUP_MAX_EPS = _F32(1e-15)
+NTRY = 7
+QK = 32
+_CHUNK = 8192  # blocks of 32 per numpy pass
+
+
+class _Codebook:
+    """ggml's ``best_index_int8`` for a sorted int8 codebook, as a table lookup.
+
+    ggml picks level ``i`` once ``2x >= val[i-1] + val[i]`` (ties go up). The midpoint sums are
+    integers, so the decision only needs ``floor(2x)``: a table indexed by it gives the level.
+    """
+
+    def __init__(self, values: tuple[int, ...]) -> None:
+        v = np.asarray(values, dtype=np.int32)
+        assert np.all(np.diff(v) > 0) and (len(v) & (len(v) - 1)) == 0
+        self.values = v.astype(np.float32)
+        mids = v[:-1] + v[1:]  # (n-1,) integer thresholds on 2x
+        self.lo = int(mids[0]) - 1
+        hi = int(mids[-1])
+        ks = np.arange(self.lo, hi + 1)
+        self.table = np.searchsorted(mids, ks, side="right").astype(np.uint8)  # levels with mid <= k
+        self.f_lo = _F32(self.lo)
+        self.f_hi = _F32(hi)
+
+    def index(self, two_x: np.ndarray) -> np.ndarray:
+        """Level uint8 of each value of ``2x`` (float32). NaN maps to level 0, as ggml's branch-free search."""
+        # fmax/fmin drop NaN (-> lo -> level 0); beyond the table every value takes an end level
+        k = np.floor(np.fmin(np.fmax(two_x, self.f_lo), self.f_hi))
+        return self.table[k.astype(np.int32) - self.lo]
+
+
+_IQ4NL = _Codebook(KVALUES_IQ4NL)
+
+
+def _block_scales(
+    xt: np.ndarray, wt: np.ndarray, cb: _Codebook, ntry: int = NTRY
+) -> np.ndarray:
+    """Step 2 of the module docstring for blocks xt, wt float32 (32, B) -> scale float32 (B,)."""
+    ax = np.abs(xt)
+    imax = np.argmax(ax, axis=0)
+    cols = np.arange(xt.shape[1])
+    amax = ax[imax, cols]
+    zero = amax < GROUP_MAX_EPS
+    mx = np.where(zero, _F32(1), xt[imax, cols])
+    v0 = cb.values[0]
+
+    def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        q = cb.values[cb.index((iscale + iscale) * xt)]
+        # the C's association: sumqx += (w*q)*x, sumq2 += (w*q)*q
+        wq = wt * q
+        return seq_sum(wq * xt, axis=0), seq_sum(wq * q, axis=0)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        d = (-mx) / v0 if ntry > 0 else mx / v0
+        sumqx, sumq2 = trial(_F32(1) / d)
+        d = np.where(sumq2 > 0, sumqx / sumq2, _F32(0))
+        best = d * sumqx
+        for itry in range(-ntry, ntry + 1):
+            sumqx, sumq2 = trial(_F32(itry + int(v0)) / mx)
+            upd = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+            if upd.any():
+                d = np.where(upd, sumqx / sumq2, d)
+                best = np.where(upd, d * sumqx, best)
+    return np.where(zero, _F32(0), d).astype(np.float32)
+
+
+def _weights(xs: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+    """Step 1: xs float32 (S, sbs) super-blocks, imatrix (sbs,) tiled per super-block or None -> (S, sbs)."""
+    if imatrix is None:
+        return xs * xs
+    sbs = xs.shape[1]
+    sigma2 = seq_sum(xs * xs, axis=1) * _F32(2.0 / sbs)
+    return imatrix * np.sqrt(sigma2[:, None] + xs * xs)
+
+
+def _safe_inv(v: np.ndarray) -> np.ndarray:
+    """``v ? 1/v : 0`` in float32."""
+    with np.errstate(divide="ignore"):
+        return np.where(v != 0, _F32(1) / v, _F32(0)).astype(np.float32)
+
+
+class _IQ4(GGMLBlockCodec):
+    super_block: int = QK
+
+    def _quantize(self, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+        rows, n = x.shape
+        sbs = self.super_block
+        xs = x.reshape(-1, sbs)  # (S, sbs), super-blocks in row order
+        qw_sb = None if imatrix is None else imatrix.reshape(-1, sbs)  # (n/sbs, sbs)
+        n_super = xs.shape[0]
+        step = max(1, _CHUNK * QK // sbs)
+        out = np.empty((n_super, self.type_size), dtype=np.uint8)
+        for s in range(0, n_super, step):
+            e = min(s + step, n_super)
+            xc = xs[s:e]
+            qc = None if qw_sb is None else qw_sb[np.arange(s, e) % qw_sb.shape[0]]
+            out[s:e] = self._super_blocks(xc, _weights(xc, qc))
+        return out.reshape(rows, self.row_bytes(n))
+
+    def _super_blocks(self, xs: np.ndarray, ws: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class IQ4_NL(_IQ4):
+    ggml_type = GGMLType.IQ4_NL
+    super_block = QK
+
+    def _super_blocks(self, xs: np.ndarray, ws: np.ndarray) -> np.ndarray:
+        xt = np.ascontiguousarray(xs.T)  # (32, B)
+        d = _block_scales(xt, np.ascontiguousarray(ws.T), _IQ4NL)
+        idd = _safe_inv(d)
+        L = _IQ4NL.index((idd + idd)[:, None] * xs)  # (B, 32)
+        return np.concatenate([fp16_bytes(d), pack_nibbles(L)], axis=1)
+
+
+class IQ4_XS(_IQ4):
+    ggml_type = GGMLType.IQ4_XS
+    super_block = 256
+
+    def _super_blocks(self, xs: np.ndarray, ws: np.ndarray) -> np.ndarray:
+        S = xs.shape[0]
+        nb = self.super_block // QK
+        xb = xs.reshape(-1, QK)  # (S*8, 32)
+        scales = _block_scales(np.ascontiguousarray(xb.T), np.ascontiguousarray(ws.reshape(-1, QK).T), _IQ4NL)
+        scales = scales.reshape(S, nb)
+        # max_scale: the first scale of largest magnitude (C: strict '>' from 0, so all-zero -> +0)
+        a = np.abs(scales)
+        pick = np.argmax(a, axis=1)
+        rows = np.arange(S)
+        max_scale = np.where(a[rows, pick] > 0, scales[rows, pick], _F32(0))
+        d = -max_scale / _F32(32)
+        idd = _safe_inv(d)
+        ls = np.clip(nearest_int(idd[:, None] * scales), -32, 31)  # (S, 8)
+        dl = d[:, None] * ls.astype(np.float32)
+        idl = _safe_inv(dl)
+        L = _IQ4NL.index((idl + idl).reshape(-1, 1) * xb)  # (S*8, 32)
+        qs = pack_nibbles(L).reshape(S, nb * QK // 2)
+        u = (ls + 32).astype(np.uint16)  # 6-bit codes
+        lo = (u & 0xF).astype(np.uint8)
+        scales_l = lo[:, 0::2] | (lo[:, 1::2] << 4)  # (S, 4)
+        scales_h = np.bitwise_or.reduce((u >> 4) << (2 * np.arange(nb, dtype=np.uint16)), axis=1)
+        scales_h_bytes = scales_h.astype("<u2")[:, None].view(np.uint8)
+        return np.concatenate([fp16_bytes(d), scales_h_bytes, scales_l, qs], axis=1)
+
+
+class MXFP4(GGMLBlockCodec):
+    """OCP MXFP4 (E2M1 values, one E8M0 exponent per 32). ggml ignores the importance vector, and
+    gguf-py's quantizer reproduces ggml's ``quantize_row_mxfp4_ref`` byte for byte."""
+
+    ggml_type = GGMLType.MXFP4
+    uses_imatrix = False
+
+    def _quantize(self, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+        out = gguf_quants.quantize(x, self.ggml_type)
+        return np.asarray(out, dtype=np.uint8).reshape(x.shape[0], self.row_bytes(x.shape[1]))

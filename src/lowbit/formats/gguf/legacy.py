@@ -1,0 +1,217 @@
+"""ggml's legacy block types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (blocks of 32), bit-exact with ggml.
+
+Without an importance vector ggml rounds each block to its absmax (``quantize_row_q4_0_ref`` ...), and
+gguf-py's ``quantize`` reproduces those bytes exactly, so that path is delegated to it. With one,
+``ggml_quantize_chunk`` takes the ``quantize_row_q*_impl`` path: a weighted least-squares scale search
+per block, with weights ``imatrix[j] * sqrt(sigma2 + x[j]^2)`` (``sigma2`` = mean of ``x^2`` over the
+whole row). Symmetric types search 19 scales around ``nmax/max`` (``make_qx_quants``); types with a
+minimum search 37 (scale, min) pairs (``make_qkx3_quants``). Both are reproduced here in float32, in
+ggml's order of operations, vectorized across blocks (the candidate loop is the only Python loop).
+Q8_0 ignores the importance vector, as ggml does.
+
+Byte layouts (little-endian, one block of 32):
+
+    Q4_0  d:f16 | qs[16]            qs[j] = L[j] | L[j+16] << 4; x = d * (L - 8)
+    Q4_1  d:f16 m:f16 | qs[16]      x = d * L + m
+    Q5_0  d:f16 | qh:u32 | qs[16]   bit j of qh = bit 4 of L[j]; x = d * (L - 16)
+    Q5_1  d:f16 m:f16 | qh | qs     x = d * L + m
+    Q8_0  d:f16 | qs:i8[32]         x = d * qs
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import quants as gguf_quants
+
+from lowbit.formats.gguf.block import (
+    GGMLBlockCodec,
+    fp16_bytes,
+    nearest_int,
+    pack_high_bits,
+    pack_nibbles,
+    seq_sum,
+)
+from lowbit.formats.gguf.types import GGMLType
+
+QK = 32
+GROUP_MAX_EPS = np.float32(1e-15)
+# Blocks handled per numpy pass: keeps the (32, chunk) float32 temporaries in cache.
+_CHUNK = 8192
+
+_F32 = np.float32
+
+
+def _row_weights(x: np.ndarray, imatrix: np.ndarray) -> np.ndarray:
+    """ggml's ``weight[j] = qw[j] * sqrtf(sigma2 + x[j]*x[j])``, sigma2 = sum(x^2)/n_per_row per row.
+
+    x float32 (rows, n), imatrix float32 (n,) -> float32 (rows, n).
+    """
+    n = x.shape[1]
+    sigma2 = seq_sum(x * x, axis=1) / _F32(n)  # (rows,)
+    return imatrix[None, :] * np.sqrt(sigma2[:, None] + x * x)
+
+
+def _to_blocks_t(a: np.ndarray) -> np.ndarray:
+    """(rows, n) -> (32, n_blocks): element index first, so that sums over a block are sequential adds."""
+    return np.ascontiguousarray(a.reshape(-1, QK).T)
+
+
+def make_qx_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's ``make_qx_quants(n, nmax, x, L, rmse_type=1, qw)`` for many blocks at once.
+
+    x, w float32 (n, B) (element, block). Returns scale float32 (B,) and L uint8 (n, B) in [0, 2*nmax).
+    """
+    ax = np.abs(x)
+    imax = np.argmax(ax, axis=0)  # first index of the largest |x|, as the C's strict '>'
+    cols = np.arange(x.shape[1])
+    amax = ax[imax, cols]
+    mx = x[imax, cols]
+    zero = amax < GROUP_MAX_EPS
+    mx = np.where(zero, _F32(1), mx)
+
+    wx = w * x
+
+    def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        l_ = np.clip(nearest_int(iscale * x), -nmax, nmax - 1).astype(np.float32)
+        # the C's association: sumlx += (w*x)*l, suml2 += (w*l)*l
+        return l_, seq_sum(wx * l_, axis=0), seq_sum(w * l_ * l_, axis=0)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        lq, sumlx, suml2 = trial(_F32(-nmax) / mx)
+        scale = np.where(suml2 != 0, sumlx / suml2, _F32(0))
+        best = scale * sumlx
+        for i in range(-9, 10):
+            if i == 0:
+                continue
+            iscale = -(_F32(nmax) + _F32(0.1) * _F32(i)) / mx
+            l_, sumlx, suml2 = trial(iscale)
+            upd = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            if upd.any():
+                lq = np.where(upd, l_, lq)
+                scale = np.where(upd, sumlx / suml2, scale)
+                best = np.where(upd, scale * sumlx, best)
+    L = np.where(zero, 0, lq.astype(np.int32) + nmax).astype(np.uint8)
+    scale = np.where(zero, _F32(0), scale).astype(np.float32)
+    return scale, L
+
+
+def make_qkx3_quants(
+    x: np.ndarray,
+    w: np.ndarray,
+    nmax: int,
+    rmin: float = -0.9,
+    rdelta: float = 0.05,
+    nstep: int = 36,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ggml's ``make_qkx3_quants(n, nmax, x, weights, L, &the_min, Laux, rmin, rdelta, nstep, false)``.
+
+    x, w float32 (n, B). Returns scale (B,), the_min (B,) (so that x ~ scale * L - the_min) and
+    L uint8 (n, B) in [0, nmax]. The search moves ``min`` as it improves, exactly as the C does.
+    """
+    n = x.shape[0]
+    mn = x.min(axis=0)
+    mx = x.max(axis=0)
+    sum_w = seq_sum(w, axis=0)
+    sum_x = seq_sum(w * x, axis=0)
+    mn = np.where(mn > 0, _F32(0), mn)
+    flat = mx <= mn
+    nm = _F32(nmax)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = nm / (mx - mn)
+        scale = _F32(1) / iscale
+        L = np.clip(nearest_int(iscale * (x - mn)), 0, nmax).astype(np.float32)
+        diff = scale * L + mn - x
+        best_mad = seq_sum(w * (diff * diff), axis=0)
+        for i in range(nstep + 1):
+            iscale = (_F32(rmin) + _F32(rdelta) * _F32(i) + nm) / (mx - mn)
+            v = iscale * (x - mn)
+            # v can be inf/nan once min has moved next to max; the C maps those to 0 / nmax this way
+            la = np.where(v > 0, nearest_int(np.minimum(v, nm)), 0).astype(np.float32)
+            wl = w * la
+            sum_l = seq_sum(wl, axis=0)
+            sum_l2 = seq_sum(wl * la, axis=0)
+            sum_xl = seq_sum(wl * x, axis=0)
+            D = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            pos = this_min > 0
+            this_min = np.where(pos, _F32(0), this_min)
+            this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
+            diff = this_scale * la + this_min - x
+            mad = seq_sum(w * (diff * diff), axis=0)
+            upd = (D > 0) & (mad < best_mad) & ~flat
+            if upd.any():
+                L = np.where(upd, la, L)
+                best_mad = np.where(upd, mad, best_mad)
+                scale = np.where(upd, this_scale, scale)
+                mn = np.where(upd, this_min, mn)
+    L = np.where(flat, _F32(0), L)
+    scale = np.where(flat, _F32(0), scale).astype(np.float32)
+    assert L.shape[0] == n
+    return scale, (-mn).astype(np.float32), L.astype(np.uint8)
+
+
+class _Legacy(GGMLBlockCodec):
+    """No imatrix: gguf-py (bit-exact with ggml's ``_ref`` path). With one: :meth:`_weighted_blocks`."""
+
+    def _quantize(self, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+        rows, n = x.shape
+        if imatrix is None:
+            out = gguf_quants.quantize(x, self.ggml_type)
+            return np.asarray(out, dtype=np.uint8).reshape(rows, self.row_bytes(n))
+        w = _row_weights(x, imatrix)
+        xb = x.reshape(-1, QK)
+        wb = w.reshape(-1, QK)
+        nblocks = xb.shape[0]
+        out = np.empty((nblocks, self.type_size), dtype=np.uint8)
+        for s in range(0, nblocks, _CHUNK):
+            e = min(s + _CHUNK, nblocks)
+            out[s:e] = self._weighted_blocks(_to_blocks_t(xb[s:e]), _to_blocks_t(wb[s:e]))
+        return out.reshape(rows, self.row_bytes(n))
+
+    def _weighted_blocks(self, xt: np.ndarray, wt: np.ndarray) -> np.ndarray:
+        """xt, wt float32 (32, B) -> uint8 (B, type_size) (ggml's ``quantize_row_*_impl``)."""
+        raise NotImplementedError
+
+
+class Q4_0(_Legacy):
+    ggml_type = GGMLType.Q4_0
+
+    def _weighted_blocks(self, xt: np.ndarray, wt: np.ndarray) -> np.ndarray:
+        d, L = make_qx_quants(xt, wt, 8)
+        return np.concatenate([fp16_bytes(d), pack_nibbles(L.T)], axis=1)
+
+
+class Q5_0(_Legacy):
+    ggml_type = GGMLType.Q5_0
+
+    def _weighted_blocks(self, xt: np.ndarray, wt: np.ndarray) -> np.ndarray:
+        d, L = make_qx_quants(xt, wt, 16)
+        Lb = L.T
+        return np.concatenate([fp16_bytes(d), pack_high_bits(Lb), pack_nibbles(Lb)], axis=1)
+
+
+class Q4_1(_Legacy):
+    ggml_type = GGMLType.Q4_1
+
+    def _weighted_blocks(self, xt: np.ndarray, wt: np.ndarray) -> np.ndarray:
+        d, the_min, L = make_qkx3_quants(xt, wt, 15)
+        return np.concatenate([fp16_bytes(d), fp16_bytes(-the_min), pack_nibbles(L.T)], axis=1)
+
+
+class Q5_1(_Legacy):
+    ggml_type = GGMLType.Q5_1
+
+    def _weighted_blocks(self, xt: np.ndarray, wt: np.ndarray) -> np.ndarray:
+        d, the_min, L = make_qkx3_quants(xt, wt, 31)
+        Lb = L.T
+        return np.concatenate(
+            [fp16_bytes(d), fp16_bytes(-the_min), pack_high_bits(Lb), pack_nibbles(Lb)], axis=1
+        )
+
+
+class Q8_0(_Legacy):
+    """ggml's Q8_0 quantizer ignores the importance vector."""
+
+    ggml_type = GGMLType.Q8_0
+    uses_imatrix = False

@@ -1,0 +1,340 @@
+"""GPTQ: quantize a linear layer column by column, folding each column's error into the columns not yet
+quantized so that the layer's *output* error ``Σ_t ‖(W - Q) x_t‖²`` stays small.
+
+Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers" (ICLR 2023), Algorithm 1. With ``H = (2/N) Σ_t x_t x_tᵀ`` (see
+:mod:`lowbit.calib.hessian`) the loss of a weight matrix is ``tr((W - Q) H (W - Q)ᵀ)`` (up to ``N/2``).
+Quantizing column ``j`` to ``q`` and updating the remaining columns by ``-(w_j - q) / U_jj · U_j,j:``,
+where ``U`` is the upper Cholesky factor of ``H⁻¹`` (``H⁻¹ = UᵀU``), is the optimal (OBS) compensation.
+
+What this implementation does, step by step (``W`` (out, in), ``H`` (in, in)):
+
+1. optional ``diag_blend`` β: ``H ← (1-β) H + β diag(H)`` (a pull towards round-to-nearest, which is what
+   a diagonal ``H`` gives; against over-fitting a narrow calibration domain);
+2. dead inputs (``H_ii == 0``: the channel was always zero during calibration) get ``H_ii = 1`` and
+   ``W[:, i] = 0``: their weights never reach the output, and zeroing them keeps them out of the ranges;
+3. act-order (``desc_act``): columns are processed by descending ``H_ii`` (the largest inputs first,
+   while the most columns are left to absorb their error);
+4. damping: ``H + λ mean(diag H) I`` with ``λ = damp``; if a Cholesky factorization fails (``H`` not
+   positive definite: too few tokens, or a corrupt statistic), ``λ`` is multiplied by ``damp_growth`` and
+   retried up to ``max_damp_retries`` times; after that the layer falls back to ``diag(H)``, which makes
+   GPTQ round-to-nearest, with a warning. The factorizations run in float64, the column loop in float32;
+5. the column loop in blocks of ``block_size`` columns with lazy batch updates of the columns after the
+   block (the result does not depend on ``block_size`` beyond float rounding);
+6. quantization parameters (the codec's :meth:`~lowbit.formats.affine.AffineCodec.choose_qparams`):
+   per-channel / per-tensor codecs: once, from the (dead-zeroed) weights; groups of ``g`` columns: when
+   the loop enters a group, from the *current, error-updated* weights of the group's columns (exactly
+   current: where the group reaches past the current block, the block's pending updates are applied to
+   those columns first; the reference applies them only at block ends, so it chooses groups that start
+   inside a block from slightly stale weights); with ``static_groups``: for every group up front, from the
+   un-permuted weights before any update. A width that ``g`` does not divide gets a shorter last group.
+
+With act-order and dynamic groups, group ``k`` is the ``k``-th run of ``g`` columns *in processing
+order*: its columns are scattered in the original order. Checkpoints that support act-order (GPTQ
+``desc_act``, compressed-tensors ``actorder="group"``) store this as ``g_idx``: the group of each input
+column. :class:`GPTQQuantized` carries ``g_idx`` and the group-ordered parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.errors import ArgumentError, NonFiniteWeightError, SchemeError, ShapeError
+from lowbit.formats.affine import AffineCodec, AffineQuantized
+from lowbit.formats.base import Codec
+from lowbit.methods.base import Method
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """GPTQ's knobs. The defaults are the paper's / reference implementation's.
+
+    ``damp``: damping as a fraction of the mean diagonal of ``H``.
+    ``block_size``: columns per lazy-batch block (speed only; results equal up to float rounding).
+    ``act_order``: process columns by descending ``diag(H)`` (``desc_act``).
+    ``static_groups``: choose every group's parameters up front from the original weights (contiguous
+    groups even with act-order: no ``g_idx`` needed at inference).
+    ``max_damp_retries``, ``damp_growth``: on a failed Cholesky, retry with ``damp *= damp_growth``.
+    ``diag_blend``: β in ``H ← (1-β) H + β diag(H)``; 0 is GPTQ, 1 is round-to-nearest.
+    """
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+    max_damp_retries: int = 3
+    damp_growth: float = 10.0
+    diag_blend: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.damp) and self.damp >= 0):
+            raise SchemeError(f"GPTQ damp must be a non-negative fraction of mean(diag H), not {self.damp}")
+        if self.block_size < 1:
+            raise SchemeError(f"GPTQ block_size must be positive, not {self.block_size}")
+        if self.max_damp_retries < 0:
+            raise SchemeError(f"GPTQ max_damp_retries must be >= 0, not {self.max_damp_retries}")
+        if not (math.isfinite(self.damp_growth) and self.damp_growth > 1):
+            raise SchemeError(f"GPTQ damp_growth must be > 1, not {self.damp_growth}")
+        if not 0.0 <= self.diag_blend <= 1.0:
+            raise SchemeError(f"GPTQ diag_blend must lie in [0, 1], not {self.diag_blend}")
+
+
+@dataclass(frozen=True)
+class GPTQReport:
+    """What happened to one layer.
+
+    ``loss`` / ``rtn_loss``: ``tr((W - Q) H (W - Q)ᵀ)`` with the ``H`` given (before blending and damping)
+    for GPTQ's result and for round-to-nearest with the same codec. ``damp``: the damping fraction that
+    factorized; ``retries``: failed factorizations before it; ``diagonal_fallback``: every retry failed
+    and the layer was quantized with ``diag(H)`` (= round-to-nearest).
+    """
+
+    loss: float
+    rtn_loss: float
+    damp: float
+    retries: int
+    diagonal_fallback: bool
+
+    @property
+    def ratio(self) -> float:
+        """``loss / rtn_loss`` (< 1: GPTQ helped); 0 when both are 0."""
+        if self.rtn_loss == 0.0:
+            return 0.0 if self.loss == 0.0 else math.inf
+        return self.loss / self.rtn_loss
+
+
+@dataclass(frozen=True)
+class GPTQQuantized(AffineQuantized):
+    """:class:`AffineQuantized` plus the group layout act-order produces.
+
+    ``codes``: ``(out, in)`` in the original column order; ``codec.dequantize(q)`` is GPTQ's result.
+    ``g_idx``: ``(in,)`` int32, the group of each input column: column ``c`` uses
+    ``group_scales[:, g_idx[c]]`` (and ``group_zeros``). ``arange(in) // g`` unless act-order with
+    dynamic groups. Per-channel: all 0.
+    ``group_scales`` / ``group_zeros``: ``(row blocks, groups)``, indexed by ``g_idx``.
+    ``scales`` / ``zeros``: the codec's grid (the same tensors as ``group_*``) when the groups are
+    contiguous; otherwise expanded to ``(out, in)``, so that the codec dequantizes them correctly
+    (an exporter that stores ``g_idx`` must read ``group_scales`` instead).
+    ``perm``: ``(in,)`` int64, the order in which columns were quantized (act-order), else ``None``.
+    """
+
+    g_idx: torch.Tensor
+    group_scales: torch.Tensor
+    group_zeros: torch.Tensor | None
+    perm: torch.Tensor | None
+    report: GPTQReport
+
+    @property
+    def contiguous_groups(self) -> bool:
+        """True when column ``c`` is in group ``c // g`` (no ``g_idx`` needed to load it)."""
+        g = self.codec.block.resolve((self.shape[0], self.shape[1]))[1]
+        return torch.equal(self.g_idx, (torch.arange(self.shape[1]) // g).to(torch.int32))
+
+
+# --------------------------------------------------------------------- linear algebra
+def hessian_loss(delta: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``tr(Δ H Δᵀ)`` for ``Δ`` (out, in) and ``H`` (in, in), in float64: ``(2/N) Σ_t ‖Δ x_t‖²``."""
+    d = delta.to(torch.float64)
+    return float(((d @ hessian.to(torch.float64)) * d).sum())
+
+
+def _inverse_cholesky(h: torch.Tensor, config: GPTQConfig) -> tuple[torch.Tensor, float, int, bool]:
+    """Upper ``U`` with ``(H + λ mean(diag H) I)⁻¹ = UᵀU`` for ``h`` (in, in) float64, retrying with more
+    damping when ``H + λ·I`` is not positive definite. Returns ``(U, λ, retries, diagonal_fallback)``."""
+    mean_diag = float(h.diagonal().mean())
+    base = mean_diag if math.isfinite(mean_diag) and mean_diag > 0 else 1.0
+    lam = config.damp
+    for attempt in range(config.max_damp_retries + 1):
+        hd = h.clone()
+        hd.diagonal().add_(lam * base)
+        chol, info = torch.linalg.cholesky_ex(hd)
+        if int(info) == 0:
+            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(u).all()):
+                if attempt:
+                    log.warning("GPTQ: Hessian factorized after %d retries with damp %.3g", attempt, lam)
+                return u, lam, attempt, False
+        log.warning(
+            "GPTQ: Hessian + %.3g·mean(diag) is not positive definite (attempt %d of %d); more damping",
+            lam,
+            attempt + 1,
+            config.max_damp_retries + 1,
+        )
+        lam = lam * config.damp_growth if lam > 0 else 0.01
+    # Every factorization failed: keep only the diagonal. No column then updates another, so the
+    # result is round-to-nearest (in the processing order's groups), which is always well defined.
+    log.warning(
+        "GPTQ: the Hessian could not be factorized with up to %.3g damping; this layer falls back to "
+        "round-to-nearest (check the calibration statistics)",
+        lam / config.damp_growth,
+    )
+    d = h.diagonal().abs()
+    d = torch.where(d > 0, d, torch.ones_like(d)) + lam / config.damp_growth * base
+    return torch.diag(d.rsqrt()), lam / config.damp_growth, config.max_damp_retries + 1, True
+
+
+# --------------------------------------------------------------------- the algorithm
+def gptq_quantize(
+    weight: torch.Tensor, hessian: torch.Tensor, codec: AffineCodec, config: GPTQConfig | None = None
+) -> GPTQQuantized:
+    """GPTQ-quantize ``weight`` (out, in), any float dtype, given ``hessian`` (in, in) (see
+    :class:`lowbit.calib.hessian.HessianAccumulator`), with an integer ``codec`` whose blocks are
+    per-tensor, per-channel or groups of input columns (``Block(r, g)``)."""
+    config = config or GPTQConfig()
+    if not isinstance(codec, AffineCodec):
+        raise SchemeError(f"GPTQ needs an integer (affine) codec, not {codec.name}")
+    if weight.ndim != 2 or not weight.is_floating_point():
+        raise ShapeError(f"GPTQ quantizes 2-D float linear weights, not {weight.dtype} {tuple(weight.shape)}")
+    out_f, in_f = weight.shape
+    if tuple(hessian.shape) != (in_f, in_f):
+        raise ShapeError(
+            f"Hessian of shape {tuple(hessian.shape)} does not fit a weight {tuple(weight.shape)}"
+        )
+    w_orig = weight.detach().float()
+    if not torch.isfinite(w_orig).all():
+        raise NonFiniteWeightError("weight holds NaN or Inf values; fix or exclude the tensor")
+    h_orig = hessian.detach().to(torch.float64)
+    if not torch.isfinite(h_orig).all():
+        raise ArgumentError("the Hessian holds NaN or Inf values; recompute the calibration statistics")
+
+    h = (h_orig + h_orig.T) / 2  # (in, in); x.T @ x is not always bitwise symmetric
+    if config.diag_blend:
+        h = (1.0 - config.diag_blend) * h + config.diag_blend * torch.diag(h.diagonal())
+    w = w_orig.clone()  # (out, in) float32
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    rows_per_block, g = codec.block.resolve((out_f, in_f))  # g = in_f for per-channel / per-tensor
+    n_groups = math.ceil(in_f / g)
+
+    if config.act_order:
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)  # (in,)
+        w_p = w[:, perm]
+        h_p = h[perm][:, perm]
+    else:
+        perm = torch.arange(in_f)
+        w_p, h_p = w, h
+
+    u64, damp, retries, fallback = _inverse_cholesky(h_p, config)
+    u = u64.float()  # (in, in) upper triangular
+
+    def rows(grid: torch.Tensor) -> torch.Tensor:  # (row blocks, m) -> (out, m)
+        return grid.repeat_interleave(rows_per_block, dim=0)[:out_f]
+
+    static = config.static_groups or g == in_f
+    if static:
+        # One grid for the un-permuted weights (per-channel: "entering" the single group at column 0
+        # sees the un-updated weights, so this is also the dynamic choice).
+        group_scales, group_zeros = codec.choose_qparams(w)  # (row blocks, n_groups)
+        col_group = perm // g  # (in,) group of the j-th processed column
+        scales_rows = rows(group_scales)  # (out, n_groups)
+        zeros_rows = None if group_zeros is None else rows(group_zeros)
+    else:
+        grid_rows = math.ceil(out_f / rows_per_block)
+        group_scales = torch.empty(grid_rows, n_groups, dtype=codec.scale_dtype)
+        group_zeros = None if codec.symmetric else torch.empty(grid_rows, n_groups, dtype=torch.int16)
+
+    codes_p = torch.empty(out_f, in_f, dtype=torch.int16)  # in processing order
+    s_col = z_col = None
+    for i1 in range(0, in_f, config.block_size):
+        i2 = min(i1 + config.block_size, in_f)
+        w1 = w_p[:, i1:i2].clone()  # (out, B) current weights of the block
+        err1 = torch.zeros_like(w1)  # (out, B) scaled errors, for the lazy update
+        for i in range(i2 - i1):
+            j = i1 + i
+            if static:
+                k = int(col_group[j])
+                s_col = scales_rows[:, k : k + 1]
+                z_col = None if zeros_rows is None else zeros_rows[:, k : k + 1]
+            elif j % g == 0:
+                end = min(j + g, in_f)
+                cur = w1[:, i : min(end, i2) - i1]
+                if end > i2:  # the group reaches past this block: apply the block's pending updates
+                    ahead = w_p[:, i2:end] - err1[:, :i] @ u[i1:j, i2:end]
+                    cur = torch.cat([cur, ahead], dim=1)
+                s_grid, z_grid = codec.choose_qparams(cur)  # (row blocks, 1)
+                group_scales[:, j // g] = s_grid[:, 0]
+                s_col = rows(s_grid)
+                if z_grid is not None:
+                    assert group_zeros is not None
+                    group_zeros[:, j // g] = z_grid[:, 0]
+                    z_col = rows(z_grid)
+            assert s_col is not None
+            col = w1[:, i : i + 1]  # (out, 1)
+            c = codec.quantize_with(col, s_col, z_col)  # (out, 1) int16
+            codes_p[:, j : j + 1] = c
+            e = (col - codec.dequantize_codes(c, s_col, z_col)) / u[j, j]  # (out, 1)
+            w1[:, i:] -= e * u[j : j + 1, j:i2]
+            err1[:, i : i + 1] = e
+        w_p[:, i2:] -= err1 @ u[i1:i2, i2:]
+
+    inv = torch.argsort(perm)
+    codes = codes_p[:, inv]
+    if static:
+        g_idx = (torch.arange(in_f) // g).to(torch.int32)
+    else:
+        g_idx = (torch.arange(in_f) // g)[inv].to(torch.int32)  # column perm[j] is in group j // g
+    contiguous = torch.equal(g_idx, (torch.arange(in_f) // g).to(torch.int32))
+    if contiguous:
+        scales, zeros = group_scales, group_zeros
+    else:
+        gi = g_idx.long()
+        scales = rows(group_scales)[:, gi]  # (out, in)
+        zeros = None if group_zeros is None else rows(group_zeros)[:, gi]
+
+    q_hat = codec.dequantize_codes(codes, scales, zeros)  # (out, in)
+    loss = hessian_loss(w_orig - q_hat, h_orig)
+    rtn_loss = hessian_loss(w_orig - codec.dequantize(codec.quantize(w_orig)), h_orig)
+    report = GPTQReport(loss=loss, rtn_loss=rtn_loss, damp=damp, retries=retries, diagonal_fallback=fallback)
+    log.info(
+        "GPTQ %s %dx%d: tr(ΔHΔᵀ) %.4g vs RTN %.4g (ratio %.3f), damp %.3g%s",
+        codec.name,
+        out_f,
+        in_f,
+        loss,
+        rtn_loss,
+        report.ratio,
+        damp,
+        " (diagonal fallback)" if fallback else "",
+    )
+    return GPTQQuantized(
+        shape=(out_f, in_f),
+        codes=codes,
+        scales=scales,
+        zeros=zeros,
+        codec=codec,
+        g_idx=g_idx,
+        group_scales=group_scales,
+        group_zeros=group_zeros,
+        perm=perm if config.act_order else None,
+        report=report,
+    )
+
+
+class GPTQ(Method):
+    """GPTQ as a :class:`~lowbit.methods.base.Method`: reads ``stats["hessian"]`` (in, in)."""
+
+    name = "gptq"
+    needs = ("hessian",)
+
+    def __init__(self, config: GPTQConfig | None = None) -> None:
+        self.config = config or GPTQConfig()
+
+    def quantize_linear(
+        self, weight: torch.Tensor, codec: Codec, stats: dict[str, torch.Tensor] | None = None
+    ) -> GPTQQuantized:
+        if stats is None or "hessian" not in stats:
+            raise ArgumentError(
+                "GPTQ needs the layer's Hessian (stats['hessian'], from calibration); "
+                "run with calibration text, or use --method rtn"
+            )
+        if not isinstance(codec, AffineCodec):
+            raise SchemeError(f"GPTQ needs an integer (affine) codec, not {codec.name}")
+        return gptq_quantize(weight, stats["hessian"], codec, self.config)
