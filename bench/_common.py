@@ -44,7 +44,9 @@ def run_measured(argv: list[str], env: dict[str, str] | None = None) -> Measured
     """Run ``argv`` as a child: wall time and the child's own peak RSS (reaped with ``os.wait4``)."""
     t0 = time.perf_counter()
     with open(os.devnull, "wb") as devnull:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=devnull, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=devnull, env={**os.environ, **(env or {})}
+        )
         assert proc.stdout is not None
         out = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)
@@ -79,8 +81,10 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
 
 def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
     """``columns``: (key, header, format spec)."""
-    widths = [max(len(h), *(len(format(r.get(k, ""), f) if r.get(k) is not None else "-") for r in rows))
-              for k, h, f in columns]
+    widths = [
+        max(len(h), *(len(format(r.get(k, ""), f) if r.get(k) is not None else "-") for r in rows))
+        for k, h, f in columns
+    ]
     print("  ".join(h.rjust(w) for (_, h, _), w in zip(columns, widths, strict=True)))
     for r in rows:
         cells = [format(r[k], f) if r.get(k) is not None else "-" for k, _, f in columns]

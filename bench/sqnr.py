@@ -16,8 +16,23 @@ from lowbit.formats.base import sqnr_db
 from lowbit.schemes import parse_scheme
 from lowbit.walk.sources import open_model
 
-SCHEMES = ("w8", "w8g128", "w4", "w4g128", "w4g64", "w4g32", "w4g64-asym", "w3g64", "w3g64-asym", "w2g64-asym",
-           "nf4", "nf4-dq", "fp4", "fp8", "fp8-e5m2")
+SCHEMES = (
+    "w8",
+    "w8g128",
+    "w4",
+    "w4g128",
+    "w4g64",
+    "w4g32",
+    "w4g64-asym",
+    "w3g64",
+    "w3g64-asym",
+    "w2g64-asym",
+    "nf4",
+    "nf4-dq",
+    "fp4",
+    "fp8",
+    "fp8-e5m2",
+)
 
 
 def main() -> None:
@@ -34,11 +49,28 @@ def main() -> None:
         num = sum(float((w - codec.fake_quantize(w)).double().pow(2).sum()) for w in real.values())
         den = sum(float(w.double().pow(2).sum()) for w in real.values())
         r = 10 * math.log10(den / num)
-        rows.append({"scheme": name, "bpw": bpw, "bound_db": 6.02 * bpw, "gauss_db": g, "gap_db": 6.02 * bpw - g,
-                     "smollm2_db": r})
+        rows.append(
+            {
+                "scheme": name,
+                "bpw": bpw,
+                "bound_db": 6.02 * bpw,
+                "gauss_db": g,
+                "gap_db": 6.02 * bpw - g,
+                "smollm2_db": r,
+            }
+        )
     print("SQNR in dB; bound = 6.02 dB x bits/weight (Gaussian rate-distortion); SmolLM2: blocks 1 and 10-19")
-    print_table(rows, [("scheme", "scheme", "s"), ("bpw", "bits/w", ".3f"), ("bound_db", "bound", ".2f"),
-                       ("gauss_db", "Gaussian", ".2f"), ("gap_db", "gap", ".2f"), ("smollm2_db", "SmolLM2", ".2f")])
+    print_table(
+        rows,
+        [
+            ("scheme", "scheme", "s"),
+            ("bpw", "bits/w", ".3f"),
+            ("bound_db", "bound", ".2f"),
+            ("gauss_db", "Gaussian", ".2f"),
+            ("gap_db", "gap", ".2f"),
+            ("smollm2_db", "SmolLM2", ".2f"),
+        ],
+    )
     print(f"wrote {write_results('sqnr', {'rows': rows, 'smollm2_tensors': names})}")
 
 

@@ -79,7 +79,9 @@ def quantize(
     sch = parse_scheme(scheme)
     fmt_name = fmt or sch.default_format
     if fmt_name not in sch.formats:
-        raise SchemeError(f"scheme {sch.name} cannot be written as {fmt_name}; it is written as {', '.join(sch.formats)}")
+        raise SchemeError(
+            f"scheme {sch.name} cannot be written as {fmt_name}; it is written as {', '.join(sch.formats)}"
+        )
     exporter = get_format(fmt_name)
     meth = get_method(method)
     t0 = time.perf_counter()

@@ -22,7 +22,9 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
     return _inspect_safetensors(p)
 
 
-def _summary(path: Path, kind: str, tensors: list[dict[str, Any]], params: int, **extra: Any) -> dict[str, Any]:
+def _summary(
+    path: Path, kind: str, tensors: list[dict[str, Any]], params: int, **extra: Any
+) -> dict[str, Any]:
     n_bytes = sum(int(t["nbytes"]) for t in tensors)
     return {
         "path": str(path),
@@ -60,9 +62,23 @@ def _inspect_gguf(path: Path) -> dict[str, Any]:
         shape = [int(s) for s in reversed(t.shape.tolist())]
         n = int(np.prod(shape))
         params += n
-        tensors.append({"name": t.name, "type": t.tensor_type.name, "shape": shape, "nbytes": int(t.n_bytes),
-                        "bits_per_weight": 8 * int(t.n_bytes) / n if n else 0.0})
-    return _summary(path, "gguf", tensors, params, metadata=meta, gguf_version=int(reader.fields["GGUF.version"].contents()))
+        tensors.append(
+            {
+                "name": t.name,
+                "type": t.tensor_type.name,
+                "shape": shape,
+                "nbytes": int(t.n_bytes),
+                "bits_per_weight": 8 * int(t.n_bytes) / n if n else 0.0,
+            }
+        )
+    return _summary(
+        path,
+        "gguf",
+        tensors,
+        params,
+        metadata=meta,
+        gguf_version=int(reader.fields["GGUF.version"].contents()),
+    )
 
 
 def _inspect_safetensors(path: Path) -> dict[str, Any]:
@@ -93,8 +109,9 @@ def _inspect_safetensors(path: Path) -> dict[str, Any]:
             if k.endswith(".weight_shape"):
                 logical[k.rpartition(".")[0]] = int(np.prod(h.get_tensor(k).tolist()))
     params = _logical_params(tensors, logical)
-    return _summary(path, "safetensors", tensors, params, quantization_config=qcfg,
-                    model_type=config.get("model_type"))
+    return _summary(
+        path, "safetensors", tensors, params, quantization_config=qcfg, model_type=config.get("model_type")
+    )
 
 
 def _logical_params(tensors: list[dict[str, Any]], logical: dict[str, int]) -> int:

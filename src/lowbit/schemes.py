@@ -51,9 +51,9 @@ _AFFINE = re.compile(r"^w([2-8])(?:g(\d+))?(?:-(sym|asym))?$")
 _NAMED: dict[str, tuple[str, Callable[[torch.dtype], Codec], tuple[str, ...]]] = {}
 
 
-def _register(name: str, description: str, formats: tuple[str, ...]) -> Callable[
-    [Callable[[torch.dtype], Codec]], Callable[[torch.dtype], Codec]
-]:
+def _register(
+    name: str, description: str, formats: tuple[str, ...]
+) -> Callable[[Callable[[torch.dtype], Codec]], Callable[[torch.dtype], Codec]]:
     def deco(fn: Callable[[torch.dtype], Codec]) -> Callable[[torch.dtype], Codec]:
         _NAMED[name] = (description, fn, formats)
         return fn
@@ -101,7 +101,17 @@ GGUF_MIXES: tuple[str, ...] = (
     "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0",
 )  # fmt: skip
 
-EXAMPLE_AFFINE: tuple[str, ...] = ("w8", "w4", "w4g128", "w4g64", "w4g32", "w3g128", "w3g64", "w2g64", "w4g128-asym")
+EXAMPLE_AFFINE: tuple[str, ...] = (
+    "w8",
+    "w4",
+    "w4g128",
+    "w4g64",
+    "w4g32",
+    "w3g128",
+    "w3g64",
+    "w2g64",
+    "w4g128-asym",
+)
 
 
 def _affine(bits: int, symmetric: bool, block: Block, scale_dtype: torch.dtype) -> Codec:
@@ -131,7 +141,9 @@ def parse_scheme(name: str) -> Scheme:
             f"{key.upper()} is a GGUF mix: lowbit does not write GGUF yet; `lowbit fit` sizes it, "
             "and llama-quantize makes it meanwhile"
         )
-    raise SchemeError(f"unknown scheme {name!r}; use wN, wNgG (2<=N<=8), with -sym/-asym, or one of: {', '.join(_NAMED)}")
+    raise SchemeError(
+        f"unknown scheme {name!r}; use wN, wNgG (2<=N<=8), with -sym/-asym, or one of: {', '.join(_NAMED)}"
+    )
 
 
 def scheme_help() -> str:

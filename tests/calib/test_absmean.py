@@ -11,7 +11,9 @@ from lowbit.errors import ArgumentError, ShapeError
 
 def _batches() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(*s, generator=g, dtype=torch.float64) for s in [(2, 9, 16), (5, 16), (1, 3, 16), (30, 16)]]
+    xs = [
+        torch.randn(*s, generator=g, dtype=torch.float64) for s in [(2, 9, 16), (5, 16), (1, 3, 16), (30, 16)]
+    ]
     xs[2][0, 1, 7] = -400.0  # an outlier in a small batch: the max must come from it
     return xs
 

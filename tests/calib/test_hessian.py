@@ -3,12 +3,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
 from lowbit.calib.hessian import HessianAccumulator
 from lowbit.errors import ArgumentError, ShapeError
 from lowbit.methods.gptq import hessian_loss
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """These matrices are tiny: on a busy machine, intra-op threads only add synchronisation
+    (measured 10x slower with 2 threads on 2 loaded cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _activations(seed: int = 0) -> list[torch.Tensor]:
@@ -55,7 +67,9 @@ def test_merge_equals_one_stream() -> None:
         b.add(x)
     merged = a.merge(b)
     assert merged is a and merged.count == one.count
-    torch.testing.assert_close(merged.result(torch.float64), one.result(torch.float64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        merged.result(torch.float64), one.result(torch.float64), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_low_precision_inputs_and_float32_result() -> None:

@@ -30,8 +30,24 @@ def test_eval_json_contract_and_independent_ppl(tmp_path: Path, capsys: pytest.C
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ctx, chunks = 128, 6
-    res = run_json(capsys, ["eval", str(STORIES), "--ref", str(STORIES), "--text", str(TEXT), "--ctx", str(ctx),
-                            "--chunks", str(chunks), "--cache-dir", str(tmp_path), "--json"])
+    res = run_json(
+        capsys,
+        [
+            "eval",
+            str(STORIES),
+            "--ref",
+            str(STORIES),
+            "--text",
+            str(TEXT),
+            "--ctx",
+            str(ctx),
+            "--chunks",
+            str(chunks),
+            "--cache-dir",
+            str(tmp_path),
+            "--json",
+        ],
+    )
     for key in ("ppl", "ref_ppl", "kld_mean", "kld_p99", "top1", "tokens", "bpw"):
         assert key in res
     assert res["bpw"] is None and res["tokens"] == chunks * (ctx - 1 - ctx // 2)
@@ -58,8 +74,24 @@ def test_quantize_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     q = run_json(capsys, ["quantize", str(STORIES), "--scheme", "w4-asym", "-o", str(out), "--json"])
     assert q["quantized_layers"] == 35 and 4.0 < q["bpw"] < 5.0 and q["file_bytes"] > 0
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
-    res = run_json(capsys, ["eval", str(out), "--ref", str(STORIES), "--text", str(TEXT), "--ctx", "128",
-                            "--chunks", "4", "--cache-dir", str(tmp_path / "c"), "--json"])
+    res = run_json(
+        capsys,
+        [
+            "eval",
+            str(out),
+            "--ref",
+            str(STORIES),
+            "--text",
+            str(TEXT),
+            "--ctx",
+            "128",
+            "--chunks",
+            "4",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--json",
+        ],
+    )
     assert res["bpw"] == pytest.approx(q["bpw"])
     assert 0.0 < res["kld_mean"] < 1.0 and 0.5 < res["top1"] < 1.0 and res["ppl"] > res["ref_ppl"]
     info = run_json(capsys, ["inspect", str(out), "--json"])
@@ -80,7 +112,10 @@ def _stories_params() -> list[torch.Tensor]:
         (["quantize", "nope/dir", "--scheme", "w4", "-o", "{tmp}/o"], "does not exist"),
         (["quantize", str(STORIES), "--scheme", "w11", "-o", "{tmp}/o"], "unknown scheme"),
         (["quantize", str(STORIES), "--scheme", "w4g32", "-o", "{tmp}/o"], "ragged last group"),
-        (["quantize", str(STORIES), "--scheme", "w4", "--method", "magic", "-o", "{tmp}/o"], "unknown method"),
+        (
+            ["quantize", str(STORIES), "--scheme", "w4", "--method", "magic", "-o", "{tmp}/o"],
+            "unknown method",
+        ),
         (["quantize", str(STORIES), "--scheme", "w4", "-o", "{tmp}"], "exists; pass --force"),
         (["eval", str(STORIES), "--ref", str(STORIES), "--text", "{tmp}/missing.txt"], "does not exist"),
         (["eval", str(STORIES), "--ref", str(STORIES), "--text", str(TEXT), "--ctx", "2"], "context"),

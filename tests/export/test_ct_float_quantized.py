@@ -281,3 +281,35 @@ def test_quantization_config_disagreeing_with_file_is_an_input_error(tmp_path: P
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(InputFileError, match="disagree"):
         open_model(out)
+
+
+def test_bf16_model_loads_within_scale_rounding(tmp_path: Path) -> None:
+    """fp32 scales in a bf16 model: transformers rounds them to bf16 before multiplying, lowbit does not;
+    the weights agree to a bf16 ulp or two (the bound the module docstring states)."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.api import quantize
+
+    model = tmp_path / "bf16"
+    shutil.copytree(MODEL_DIR, model)
+    state = {k: v.to(torch.bfloat16) for k, v in load_file(MODEL_DIR / "model.safetensors").items()}
+    save_file(state, model / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((MODEL_DIR / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16", "torch_dtype": "bfloat16"}))
+    out = tmp_path / "out"
+    quantize(model, "fp8", out, progress=False)
+    stored = load_file(out / "model.safetensors")
+    assert stored["model.layers.0.mlp.up_proj.weight_scale"].dtype == torch.float32
+    assert stored["model.norm.weight"].dtype == torch.bfloat16
+
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert loaded.dtype == torch.bfloat16
+    with torch.no_grad():
+        loaded(input_ids=torch.tensor([[1, 20, 30, 40]]))
+    src = open_model(out)
+    worst = 0.0
+    for name in (n for n in src.names() if src.arch.is_quantizable(n)):
+        mine = src.read(name).to(torch.bfloat16).float()
+        theirs = loaded.get_parameter(name).float()
+        worst = max(worst, ((theirs - mine).abs() / mine.abs().clamp_min(1e-30)).max().item())
+    assert worst <= 2**-7

@@ -15,11 +15,24 @@ from lowbit.errors import UnsupportedArchitectureError
 from lowbit.models.registry import ARCHITECTURES, REGISTRY, get_architecture
 
 SMALL = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=128, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    head_dim=16,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
 )
-MOE = dict(num_local_experts=2, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
-           shared_expert_intermediate_size=32)
+MOE = dict(
+    num_local_experts=2,
+    num_experts=2,
+    num_experts_per_tok=1,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+)
 
 
 def _block0_state(model_type: str) -> set[str]:
@@ -50,8 +63,11 @@ def test_registry_matches_transformers_modules(model_type: str) -> None:
         linears=tuple(_on_disk_to_module(model_type, x) for x in arch.linears),
         keep_linears=tuple(_on_disk_to_module(model_type, x) for x in arch.keep_linears),
         mappings=tuple(
-            dataclasses.replace(m, source=_on_disk_to_module(model_type, m.source),
-                                targets=tuple(_on_disk_to_module(model_type, t) for t in m.targets))
+            dataclasses.replace(
+                m,
+                source=_on_disk_to_module(model_type, m.source),
+                targets=tuple(_on_disk_to_module(model_type, t) for t in m.targets),
+            )
             for m in arch.mappings
         ),
     )
@@ -62,7 +78,9 @@ def test_registry_matches_transformers_modules(model_type: str) -> None:
         assert f"{norm}.weight" in state, f"{model_type}: norm {norm} missing"
     weights = {n for n in state if n.endswith(".weight") and "norm" not in n and "experts" not in n}
     listed = {f"{lin}.weight" for lin in (*dense, *arch.keep_linears)}
-    assert weights == listed, f"{model_type}: transformers has linears the registry does not list: {weights - listed}"
+    assert weights == listed, (
+        f"{model_type}: transformers has linears the registry does not list: {weights - listed}"
+    )
     for m in arch.mappings:
         for name in (m.source, *m.targets):
             if "{e}" in name:

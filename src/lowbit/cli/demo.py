@@ -59,14 +59,22 @@ def run_scheme(setup: Any, name: str, workdir: Path) -> dict[str, Any]:
             reason = str(e).split(";")[0]
         else:
             result = evaluate_source(setup, open_model(report.output), progress=False)
-            return {"scheme": scheme.name, **result_dict(result, report.linear_bits_per_weight),
-                    "file_bytes": report.file_bytes, "written_as": scheme.default_format,
-                    "seconds": round(time.perf_counter() - t0, 2)}
+            return {
+                "scheme": scheme.name,
+                **result_dict(result, report.linear_bits_per_weight),
+                "file_bytes": report.file_bytes,
+                "written_as": scheme.default_format,
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
     weights, stats = simulate_scheme(original, scheme.name)
     result = evaluate_source(setup, original, weights=weights, progress=False)
-    return {"scheme": scheme.name, **result_dict(result, stats.linear_bits_per_weight),
-            "file_bytes": (stats.quantized_bits + stats.other_bits) // 8, "written_as": f"simulated: {reason}",
-            "seconds": round(time.perf_counter() - t0, 2)}
+    return {
+        "scheme": scheme.name,
+        **result_dict(result, stats.linear_bits_per_weight),
+        "file_bytes": (stats.quantized_bits + stats.other_bits) // 8,
+        "written_as": f"simulated: {reason}",
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
     get_format("compressed-tensors")  # registers the built-in formats
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lowbit-demo-") as tmp:
-        setup = prepare_reference(model, text, args.ctx, args.chunks, cache_dir=Path(tmp) / "cache", progress=False)
+        setup = prepare_reference(
+            model, text, args.ctx, args.chunks, cache_dir=Path(tmp) / "cache", progress=False
+        )
         rows = [run_scheme(setup, s.strip(), Path(tmp)) for s in args.schemes.split(",") if s.strip()]
     if args.json:
         print(json.dumps({"model": str(model), "text": str(text), "ctx": args.ctx, "rows": rows}))
@@ -86,8 +96,10 @@ def run(args: argparse.Namespace) -> int:
     if not rows:
         print("no schemes given")
         return 0
-    print(f"lowbit demo: {model.name} on {text.name}, ctx {args.ctx}, {rows[0]['tokens']} tokens scored, "
-          f"reference PPL {rows[0]['ref_ppl']:.4f}")
+    print(
+        f"lowbit demo: {model.name} on {text.name}, ctx {args.ctx}, {rows[0]['tokens']} tokens scored, "
+        f"reference PPL {rows[0]['ref_ppl']:.4f}"
+    )
     header = f"{'scheme':<12} {'bits/w':>7} {'size KB':>9} {'PPL':>8} {'ΔPPL':>8} {'KLD':>9} {'top-1':>7}  written as"
     print(header)
     print("-" * len(header))
@@ -96,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
             f"{r['scheme']:<12} {r['bpw']:>7.3f} {r['file_bytes'] / 1024:>9.1f} {r['ppl']:>8.4f} "
             f"{r['delta_ppl']:>+8.4f} {r['kld_mean']:>9.5f} {100 * r['top1']:>6.2f}%  {r['written_as']}"
         )
-    print(f"({time.perf_counter() - t_start:.1f} s; bits/w: codes + scales + zeros of the quantized linears; "
-          "size: the checkpoint's weights file)", file=sys.stderr)
+    print(
+        f"({time.perf_counter() - t_start:.1f} s; bits/w: codes + scales + zeros of the quantized linears; "
+        "size: the checkpoint's weights file)",
+        file=sys.stderr,
+    )
     return 0

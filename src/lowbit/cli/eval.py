@@ -15,12 +15,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "(as llama-perplexity does), KL-divergence of the model's next-token distribution from the reference's, "
         "top-1 agreement. The reference's predictions are cached, so a sweep runs the reference once.",
     )
-    p.add_argument("model", help="model directory, lowbit output, compressed-tensors checkpoint or .gguf file")
+    p.add_argument(
+        "model", help="model directory, lowbit output, compressed-tensors checkpoint or .gguf file"
+    )
     p.add_argument("--ref", required=True, help="the unquantized original (directory or .gguf)")
     p.add_argument("--text", required=True, help="UTF-8 text file to evaluate on")
     p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--chunks", type=int, default=None, help="at most this many windows (default: all)")
-    p.add_argument("--cache-dir", default=None, help="where reference logits are cached (default ~/.cache/lowbit)")
+    p.add_argument(
+        "--cache-dir", default=None, help="where reference logits are cached (default ~/.cache/lowbit)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 

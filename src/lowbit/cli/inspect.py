@@ -12,7 +12,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("inspect", help="list a GGUF file's or a checkpoint's tensors, types and metadata")
     p.add_argument("path", help=".gguf file, model directory, or .safetensors file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--all", action="store_true", help="list every tensor (default: a summary and the first 40)")
+    p.add_argument(
+        "--all", action="store_true", help="list every tensor (default: a summary and the first 40)"
+    )
     p.set_defaults(func=run)
 
 
@@ -22,8 +24,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, default=str))
         return 0
     print(f"{report['path']}  ({report['kind']})")
-    print(f"  tensors: {report['n_tensors']}, parameters: {report['n_params']:,}, bytes: {report['n_bytes']:,}, "
-          f"bits/weight: {report['bits_per_weight']:.3f}")
+    print(
+        f"  tensors: {report['n_tensors']}, parameters: {report['n_params']:,}, bytes: {report['n_bytes']:,}, "
+        f"bits/weight: {report['bits_per_weight']:.3f}"
+    )
     if report.get("quantization_config"):
         print(f"  quantization_config: {json.dumps(report['quantization_config'])[:400]}")
     for k, v in list(report.get("metadata", {}).items())[:40]:

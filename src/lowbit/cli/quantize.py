@@ -22,7 +22,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("model", help="Hugging Face model directory (safetensors) or .gguf file")
     p.add_argument("--scheme", required=True, help="quantization scheme (see above), e.g. w4g128")
     p.add_argument("--method", default="rtn", help="rtn (default); more methods land with calibration")
-    p.add_argument("--format", dest="fmt", default=None, help="output format (default: the scheme's: compressed-tensors)")
+    p.add_argument(
+        "--format", dest="fmt", default=None, help="output format (default: the scheme's: compressed-tensors)"
+    )
     p.add_argument("--calib", default=None, help="calibration text file (methods that need one)")
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
@@ -36,9 +38,16 @@ def run(args: argparse.Namespace) -> int:
 
     method = get_method(args.method)
     if args.calib is not None and not method.needs:
-        raise ArgumentError(f"--calib is not used by method {args.method!r}; drop it (methods: {', '.join(sorted(METHODS))})")
+        raise ArgumentError(
+            f"--calib is not used by method {args.method!r}; drop it (methods: {', '.join(sorted(METHODS))})"
+        )
     report = quantize(
-        args.model, args.scheme, args.output, method=args.method, fmt=args.fmt, force=args.force,
+        args.model,
+        args.scheme,
+        args.output,
+        method=args.method,
+        fmt=args.fmt,
+        force=args.force,
         progress=sys.stderr.isatty(),
     )
     if args.json:

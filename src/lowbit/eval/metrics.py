@@ -3,23 +3,38 @@
 All arithmetic is float64 on CPU. Rows are processed in blocks of :data:`ROW_BLOCK` positions so a large
 vocabulary (150 K) never needs more than ``ROW_BLOCK * V * 8`` bytes of scratch at once.
 
-Top-k KL-divergence
--------------------
-The reference distribution ``P`` is stored only as its top-k log-probs ``log p_i`` (float32, ids ``S``),
-plus the exact mass of the rest, ``p_rest = sum_{j not in S} p_j`` (float64, computed from the full
-reference logits). For a model ``Q`` with full log-probs ``log q``::
+Top-k KL-divergence with a sampled tail
+---------------------------------------
+The reference distribution ``P`` is stored as its top-k log-probs ``log p_i`` (float32, ids ``S``), the
+exact mass of the rest ``p_rest = sum_{j not in S} p_j`` (float64), and ``s`` tokens ``x_1..x_s`` drawn
+from the renormalized tail ``P_tail = P / p_rest`` on the complement of ``S`` (stratified: one draw per
+``1/s`` slice of the tail's CDF, tokens sorted by probability) with their ``log p``. For a model ``Q``
+with full log-probs ``log q`` and ``q_rest = sum_{j not in S} q_j`` (clamped to >= float64 tiny):
 
-    KL_k(P || Q) = sum_{i in S} p_i (log p_i - log q_i) + p_rest (log p_rest - log q_rest),
-    q_rest = sum_{j not in S} q_j   (clamped to >= float64 tiny)
+1. **Bucket bound** (what the project brief specified)::
 
-This is the KL-divergence between ``P`` and ``Q`` after both are coarsened to ``k + 1`` outcomes (the
-top-k tokens and one "rest" bucket). By the chain rule / log-sum inequality,
-``KL(P||Q) = KL_k(P||Q) + p_rest * KL(P_tail || Q_tail) >= KL_k(P||Q)``, where ``P_tail``, ``Q_tail`` are
-the distributions renormalized on the tail. So ``KL_k`` is a lower bound, exact when ``k = V`` and off
-by at most ``p_rest * KL(P_tail||Q_tail)`` otherwise, which is tiny because ``p_rest`` is.
+       KL_k = sum_{i in S} p_i (log p_i - log q_i) + p_rest (log p_rest - log q_rest)
 
-``Q``'s top-k log-probs are rounded to float32 exactly as the stored ``P`` values were, and both rest
-masses come from the same function, so ``KL_k(P || P) = 0`` bit-exactly for a deterministic model.
+   the KL-divergence after coarsening both distributions to ``k + 1`` outcomes (top-k + one "rest"
+   bucket). By the chain rule ``KL(P||Q) = KL_k + p_rest * KL(P_tail || Q_tail) >= KL_k``: a lower bound,
+   exact when ``k = V``. It is *not* tight on large vocabularies: measured on SmolLM2-135M (V = 49152,
+   WikiText-2, ctx 512) the top-128 tail holds 10% of the mass on average and ``KL_k`` is 16% below the
+   full KL, at every perturbation size tried (KLD 5e-4 .. 5e-2).
+
+2. **Estimate** (what :class:`ModelRows` ``kld`` reports): ``KL_k`` plus an unbiased, non-negative estimate
+   of the missing term, with ``r_j = (q(x_j) / q_rest) / (p(x_j) / p_rest) = Q_tail(x_j) / P_tail(x_j)``::
+
+       KL_hat = KL_k + p_rest * mean_j (r_j - 1 - log r_j)
+
+   ``E_{P_tail}[r - 1 - log r] = KL(P_tail || Q_tail)`` because ``E_{P_tail}[r] = 1``, and each term is
+   >= 0, so ``KL_hat >= KL_k >= 0`` per position. Unlike the plain Monte-Carlo average of
+   ``log p - log q`` (whose noise is ``O(sigma)`` while the KL is ``O(sigma^2)``), this estimator's
+   relative noise does not grow as the models get closer. Measured on SmolLM2 as above with s = 32: the
+   mean KLD within 0.15% of the full-vocabulary value and p99 / p99.9 within a few %, at KLD 5e-4 and 5e-2
+   alike. With ``s = 0`` the estimate is the bucket bound.
+
+``Q``'s log-probs at stored ids are rounded to float32 exactly as the stored ``P`` values were, and both
+rest masses come from the same function, so ``KL_hat(P || P) = 0`` bit-exactly for a deterministic model.
 
 llama.cpp's own ``--kl-divergence`` is approximate in a different way: it stores every log-prob as
 uint16 on ``[max - 16, max]`` (steps of 2.4e-4 nats) and drops reference tokens with ``log p < -16``.
@@ -28,7 +43,7 @@ uint16 on ``[max - 16, max]`` (steps of 2.4e-4 nats) and drops reference tokens 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -56,16 +71,54 @@ def tail_mass(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return p.sum(dim=-1)
 
 
+def sample_tail(
+    logp: torch.Tensor, ids: torch.Tensor, n_samples: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Stratified draws from the distribution renormalized outside ``ids``.
+
+    Tail tokens are sorted by probability; draw ``j`` takes the token whose CDF interval contains
+    ``(j + u_j) / n_samples``, ``u_j ~ U[0, 1)``. Rows whose tail is empty (or underflows to 0) get the
+    top-1 id; their weight ``p_rest`` is 0 so the choice never matters.
+
+    Args:
+        logp: ``(n, V)`` float64 log-probs. ids: ``(n, k)`` int64 excluded ids.
+        n_samples: draws per row (>= 1). generator: CPU generator (makes the draws reproducible).
+
+    Returns:
+        ``(n, n_samples)`` int64 token ids.
+    """
+    p = logp.exp()
+    p.scatter_(-1, ids, 0.0)
+    ps, order = torch.sort(p, dim=-1, descending=True)  # (n, V), tail first
+    cdf = ps.cumsum(dim=-1)  # (n, V)
+    total = cdf[:, -1:]  # (n, 1)
+    n = logp.shape[0]
+    u = (
+        torch.arange(n_samples, dtype=torch.float64)
+        + torch.rand(n, n_samples, generator=generator, dtype=torch.float64)
+    ) / n_samples
+    pos = torch.searchsorted(cdf, u * total, right=True)  # (n, s): first index with cdf > target
+    last = ((ps > 0).sum(dim=-1, keepdim=True) - 1).clamp_min(0)  # last token with p > 0
+    pos = torch.minimum(pos, last)
+    out = order.gather(-1, pos)
+    empty = total[:, 0] <= 0
+    if bool(empty.any()):
+        out[empty] = ids[empty, :1]
+    return out
+
+
 @dataclass(frozen=True)
 class RefRows:
-    """Reference data for one block of scored positions.
+    """Reference data for a run of scored positions.
 
     Attributes:
         nll: ``(n,)`` float64 reference NLL of the true next token.
         argmax: ``(n,)`` int64 reference argmax (first maximal logit).
-        topk_ids: ``(n, k)`` int64 top-k token ids.
-        topk_logp: ``(n, k)`` float32 top-k log-probs.
+        topk_ids: ``(n, k)`` int64 top-k token ids, by descending probability.
+        topk_logp: ``(n, k)`` float32 their log-probs.
         tail: ``(n,)`` float64 reference mass outside the top-k.
+        tail_ids: ``(n, s)`` int64 stratified draws from the renormalized tail (``s`` may be 0).
+        tail_logp: ``(n, s)`` float32 their reference log-probs.
     """
 
     nll: torch.Tensor
@@ -73,10 +126,36 @@ class RefRows:
     topk_ids: torch.Tensor
     topk_logp: torch.Tensor
     tail: torch.Tensor
+    tail_ids: torch.Tensor
+    tail_logp: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.nll.shape[0])
+
+    def slice(self, start: int, stop: int) -> RefRows:
+        """Rows ``start:stop``."""
+        return RefRows(**{f.name: getattr(self, f.name)[start:stop] for f in fields(self)})
+
+    @staticmethod
+    def concat(parts: list[RefRows]) -> RefRows:
+        """Rows of ``parts`` one after the other."""
+        return RefRows(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(RefRows)})
 
 
-def reference_rows(logits: torch.Tensor, targets: torch.Tensor, topk: int) -> RefRows:
-    """Summarize reference logits: ``(n, V)`` logits, ``(n,)`` int64 targets -> :class:`RefRows`."""
+def reference_rows(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    topk: int,
+    tail_samples: int,
+    generator: torch.Generator,
+) -> RefRows:
+    """Summarize reference logits of scored positions.
+
+    Args:
+        logits: ``(n, V)`` reference logits (any float dtype). targets: ``(n,)`` int64 next tokens.
+        topk: log-probs kept per row (clipped to V). tail_samples: tail draws per row (>= 0).
+        generator: CPU generator for the tail draws.
+    """
     parts: list[RefRows] = []
     k = min(topk, logits.shape[-1])
     for s in range(0, logits.shape[0], ROW_BLOCK):
@@ -84,6 +163,10 @@ def reference_rows(logits: torch.Tensor, targets: torch.Tensor, topk: int) -> Re
         tgt = targets[s : s + ROW_BLOCK].to(device="cpu", dtype=torch.int64)
         lp = log_softmax64(blk)  # (b, V) float64
         vals, ids = torch.topk(lp, k, dim=-1)  # (b, k)
+        if tail_samples > 0:
+            t_ids = sample_tail(lp, ids, tail_samples, generator)
+        else:
+            t_ids = torch.zeros(lp.shape[0], 0, dtype=torch.int64)
         parts.append(
             RefRows(
                 nll=-lp.gather(-1, tgt[:, None])[:, 0],
@@ -91,15 +174,11 @@ def reference_rows(logits: torch.Tensor, targets: torch.Tensor, topk: int) -> Re
                 topk_ids=ids,
                 topk_logp=vals.to(torch.float32),
                 tail=tail_mass(lp, ids),
+                tail_ids=t_ids,
+                tail_logp=lp.gather(-1, t_ids).to(torch.float32),
             )
         )
-    return RefRows(
-        nll=torch.cat([p.nll for p in parts]),
-        argmax=torch.cat([p.argmax for p in parts]),
-        topk_ids=torch.cat([p.topk_ids for p in parts]),
-        topk_logp=torch.cat([p.topk_logp for p in parts]),
-        tail=torch.cat([p.tail for p in parts]),
-    )
+    return RefRows.concat(parts)
 
 
 @dataclass(frozen=True)
@@ -108,12 +187,14 @@ class ModelRows:
 
     Attributes:
         nll: float64 NLL of the true next token under the model.
-        kld: float64 top-k KL(P_ref || Q_model).
+        kld: float64 KL(P_ref || Q_model) estimate ``KL_hat`` (see the module docstring).
+        kld_bound: float64 top-k + rest-bucket lower bound ``KL_k``.
         same_top: bool, model argmax == reference argmax.
     """
 
     nll: torch.Tensor
     kld: torch.Tensor
+    kld_bound: torch.Tensor
     same_top: torch.Tensor
 
 
@@ -127,9 +208,14 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
+def _rounded(lq: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``lq`` at ``ids``, rounded through float32 like the stored reference values."""
+    return lq.gather(-1, ids).to(torch.float32).to(torch.float64)
+
+
 def model_rows(logits: torch.Tensor, targets: torch.Tensor, ref: RefRows) -> ModelRows:
-    """Compare model logits ``(n, V)`` with the reference rows of the same positions."""
-    nll, kld, same = [], [], []
+    """Compare model logits ``(n, V)`` with the reference rows ``ref`` of the same ``n`` positions."""
+    nll, kld, bound, same = [], [], [], []
     tiny = torch.finfo(torch.float64).tiny
     for s in range(0, logits.shape[0], ROW_BLOCK):
         e = s + ROW_BLOCK
@@ -138,16 +224,30 @@ def model_rows(logits: torch.Tensor, targets: torch.Tensor, ref: RefRows) -> Mod
         tgt = targets[s:e].to(device="cpu", dtype=torch.int64)
         ids = ref.topk_ids[s:e]
         lp_top = ref.topk_logp[s:e].to(torch.float64)  # (b, k)
-        lq_top = lq.gather(-1, ids).to(torch.float32).to(torch.float64)  # same rounding as lp_top
-        kl = (lp_top.exp() * (lp_top - lq_top)).sum(dim=-1)
+        kl_top = (lp_top.exp() * (lp_top - _rounded(lq, ids))).sum(dim=-1)
         p_rest = ref.tail[s:e]
-        q_rest = tail_mass(lq, ids).clamp_min(tiny)
-        safe_p = p_rest.clamp_min(tiny)
-        rest = torch.where(p_rest > 0, p_rest * (safe_p.log() - q_rest.log()), torch.zeros_like(p_rest))
+        has_tail = p_rest > 0
+        log_p_rest = p_rest.clamp_min(tiny).log()
+        log_q_rest = tail_mass(lq, ids).clamp_min(tiny).log()
+        kl_k = kl_top + torch.where(has_tail, p_rest * (log_p_rest - log_q_rest), torch.zeros_like(p_rest))
+        t_ids = ref.tail_ids[s:e]
+        if t_ids.shape[1] > 0:
+            # log r = log Q_tail(x) - log P_tail(x); clamped so a broken model gives a huge, not NaN, KLD
+            log_r = (_rounded(lq, t_ids) - log_q_rest[:, None]) - (
+                ref.tail_logp[s:e].to(torch.float64) - log_p_rest[:, None]
+            )
+            log_r = torch.where(has_tail[:, None], log_r, torch.zeros_like(log_r)).clamp(max=700.0)
+            resid = (log_r.exp() - 1.0 - log_r).mean(dim=-1)
+            kl_hat = kl_k + p_rest * resid
+        else:
+            kl_hat = kl_k
         nll.append(-lq.gather(-1, tgt[:, None])[:, 0])
-        kld.append(kl + rest)
+        kld.append(kl_hat)
+        bound.append(kl_k)
         same.append(torch.argmax(blk.detach().cpu(), dim=-1).to(torch.int64) == ref.argmax[s:e])
-    return ModelRows(nll=torch.cat(nll), kld=torch.cat(kld), same_top=torch.cat(same))
+    return ModelRows(
+        nll=torch.cat(nll), kld=torch.cat(kld), kld_bound=torch.cat(bound), same_top=torch.cat(same)
+    )
 
 
 def mean_and_stderr(values: np.ndarray) -> tuple[float, float]:

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from lowbit.eval.metrics import (
-    RefRows,
     mean_and_stderr,
     model_rows,
     percentile,
@@ -36,6 +35,7 @@ from lowbit.eval.metrics import (
     token_nll,
 )
 from lowbit.eval.refcache import (
+    DEFAULT_TAIL_SAMPLES,
     DEFAULT_TOPK,
     Reference,
     ReferenceMeta,
@@ -61,6 +61,7 @@ from lowbit.eval.windows import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_TAIL_SAMPLES",
     "DEFAULT_TOPK",
     "EvalResult",
     "LogitsFn",
@@ -135,11 +136,13 @@ class EvalResult:
         ppl, ppl_stderr: the model's perplexity and llama.cpp's uncertainty of it.
         ref_ppl, ref_ppl_stderr: the reference's.
         delta_ppl, delta_ppl_stderr: ``ppl - ref_ppl`` and its uncertainty (llama.cpp's paired formula).
-        kld_mean, kld_stderr: mean top-k KL(P_ref || Q) in nats per token and its standard error.
+        kld_mean, kld_stderr: mean KL(P_ref || Q) in nats per token (top-k exact + sampled-tail estimate,
+            see :mod:`lowbit.eval.metrics`) and its standard error.
         kld_median, kld_p99, kld_p999, kld_max: distribution of the per-token KLD (llama.cpp percentiles).
+        kld_bound_mean: mean of the deterministic top-k + rest-bucket lower bound (<= kld_mean).
         top1: fraction of scored positions where the model's argmax equals the reference argmax.
         tokens: scored tokens; chunks, ctx: the windows.
-        topk: reference log-probs kept per position.
+        topk: reference log-probs kept per position. tail_samples: reference tail draws per position.
         ref_tail_mass: mean reference probability outside the top-k (what the "rest" bucket holds).
     """
 
@@ -155,11 +158,13 @@ class EvalResult:
     kld_p99: float
     kld_p999: float
     kld_max: float
+    kld_bound_mean: float
     top1: float
     tokens: int
     chunks: int
     ctx: int
     topk: int
+    tail_samples: int
     ref_tail_mass: float
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -189,22 +194,25 @@ def compute_perplexity(
     """
     toks = check_tokens(tokens)
     plan = plan_windows(toks.numel(), ctx, max_chunks, bos_id)
-    parts = [token_nll(logits, targets) for _, logits, targets in run_windows(logits_fn, toks, plan, progress=progress, desc="perplexity")]
+    parts = [
+        token_nll(logits, targets)
+        for _, logits, targets in run_windows(logits_fn, toks, plan, progress=progress, desc="perplexity")
+    ]
     nll = torch.cat(parts).numpy()
     assert nll.size == plan.n_scored
     ppl, err = ppl_and_stderr(nll)
     res = PerplexityResult(
-        ppl=ppl, ppl_stderr=err, nll_mean=float(nll.mean()), tokens=int(nll.size), chunks=plan.n_chunks, ctx=ctx
+        ppl=ppl,
+        ppl_stderr=err,
+        nll_mean=float(nll.mean()),
+        tokens=int(nll.size),
+        chunks=plan.n_chunks,
+        ctx=ctx,
     )
-    logger.info("PPL %.4f +/- %.5f over %d chunks x %d ctx (%d tokens)", ppl, err, plan.n_chunks, ctx, res.tokens)
+    logger.info(
+        "PPL %.4f +/- %.5f over %d chunks x %d ctx (%d tokens)", ppl, err, plan.n_chunks, ctx, res.tokens
+    )
     return res
-
-
-def _ref_slice(rows: RefRows, s: int, e: int) -> RefRows:
-    return RefRows(
-        nll=rows.nll[s:e], argmax=rows.argmax[s:e], topk_ids=rows.topk_ids[s:e],
-        topk_logp=rows.topk_logp[s:e], tail=rows.tail[s:e],
-    )
 
 
 def evaluate(
@@ -228,12 +236,13 @@ def evaluate(
     reference.check_matches(tokens, ctx, max_chunks)
     plan = reference.meta.plan
     per = plan.scored_per_chunk
-    nll_parts, kld_parts, same_parts = [], [], []
+    nll_parts, kld_parts, bound_parts, same_parts = [], [], [], []
     for i, logits, targets in run_windows(logits_fn, reference.tokens, plan, progress=progress, desc="kld"):
         reference.check_vocab(int(logits.shape[-1]))
-        m = model_rows(logits, targets, _ref_slice(reference.rows, i * per, (i + 1) * per))
+        m = model_rows(logits, targets, reference.rows.slice(i * per, (i + 1) * per))
         nll_parts.append(m.nll)
         kld_parts.append(m.kld)
+        bound_parts.append(m.kld_bound)
         same_parts.append(m.same_top)
     nll = torch.cat(nll_parts).numpy()
     kld = torch.cat(kld_parts).numpy()
@@ -255,17 +264,25 @@ def evaluate(
         kld_p99=percentile(kld, 0.99),
         kld_p999=percentile(kld, 0.999),
         kld_max=float(kld.max()),
+        kld_bound_mean=float(torch.cat(bound_parts).mean()),
         top1=float(same.mean()),
         tokens=int(nll.size),
         chunks=plan.n_chunks,
         ctx=plan.ctx,
         topk=reference.meta.topk,
+        tail_samples=reference.meta.tail_samples,
         ref_tail_mass=reference.mean_tail_mass,
     )
     if not math.isfinite(res.kld_mean):
         logger.warning("KL-divergence is not finite: the model produced NaN/Inf logits")
     logger.info(
         "PPL %.4f (ref %.4f, delta %+.4f), KLD mean %.6f p99 %.6f, top-1 %.4f over %d tokens",
-        res.ppl, res.ref_ppl, res.delta_ppl, res.kld_mean, res.kld_p99, res.top1, res.tokens,
+        res.ppl,
+        res.ref_ppl,
+        res.delta_ppl,
+        res.kld_mean,
+        res.kld_p99,
+        res.top1,
+        res.tokens,
     )
     return res

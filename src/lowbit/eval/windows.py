@@ -205,8 +205,14 @@ def run_windows(
             ids = chunk.clone()
             if plan.bos_id is not None:
                 ids[0] = plan.bos_id
-            with torch.inference_mode():
-                out = logits_fn(ids.unsqueeze(0))  # (1, ctx, V)
+            try:
+                with torch.inference_mode():
+                    out = logits_fn(ids.unsqueeze(0))  # (1, ctx, V)
+            except IndexError as exc:  # an embedding lookup past the vocabulary
+                raise ArgumentError(
+                    f"the model failed on window {i} (largest token id {int(ids.max())}): {exc}; "
+                    "tokenize the text with this model's tokenizer"
+                ) from exc
             if not isinstance(out, torch.Tensor) or out.dim() != 3 or out.shape[:2] != (1, ctx):
                 shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise ArgumentError(

@@ -56,9 +56,9 @@ the args' ``pytorch_dtype()``, which for ``type: float, num_bits: 8`` is always 
 field for e5m2), so :class:`~lowbit.formats.fp8.Fp8Codec` with e5m2 is a :class:`SchemeError`. lowbit
 stores the codec's float32 scales whatever the model dtype: that is the dtype vLLM keeps FP8 scales in,
 and an fp32 model loads in transformers bit for bit. In a bf16/fp16 model transformers' run-compressed path
-casts the scales to the model dtype before multiplying (llm-compressor stores them in that dtype to begin
-with), so its weights differ from lowbit's by that one rounding of the scale (<= 2**-9 relative in bf16).
-``naive-quantized`` stores the same two tensors and is read as well.
+casts the scales to the model dtype and multiplies there (llm-compressor stores them in that dtype to begin
+with): two roundings where lowbit has one, so some weights differ from lowbit's by a bf16 ulp or two
+(<= 2**-7 relative on stories260K in bf16). ``naive-quantized`` stores the same two tensors and is read too.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ class StreamingSafetensorsWriter:
         self.metadata = dict(metadata or {})
         self._header: dict[str, Any] = {}
         self._offset = 0
-        self._data = tempfile.TemporaryFile(dir=path.parent)
+        self._data = tempfile.TemporaryFile(dir=path.parent)  # noqa: SIM115 - closed by close()/abort()
 
     @property
     def nbytes(self) -> int:

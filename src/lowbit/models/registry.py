@@ -254,9 +254,15 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             *_ATTN_MAPPINGS,
             FeedMapping(
                 "post_attention_layernorm",
-                ("block_sparse_moe.gate", "block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3"),
+                (
+                    "block_sparse_moe.gate",
+                    "block_sparse_moe.experts.{e}.w1",
+                    "block_sparse_moe.experts.{e}.w3",
+                ),
             ),
-            FeedMapping("block_sparse_moe.experts.{e}.w3", ("block_sparse_moe.experts.{e}.w2",), kind="linear"),
+            FeedMapping(
+                "block_sparse_moe.experts.{e}.w3", ("block_sparse_moe.experts.{e}.w2",), kind="linear"
+            ),
         ),
         gguf_block_names={
             **{k: v for k, v in _LLAMA_GGUF.items() if not k.startswith("mlp.")},
@@ -323,8 +329,15 @@ REGISTRY: Mapping[str, Architecture] = _index(ARCHITECTURES)
 
 # GGUF general.architecture -> HF model_type, for reading GGUF files (llama covers mistral/mixtral layouts).
 GGUF_TO_MODEL_TYPE: Mapping[str, str] = MappingProxyType(
-    {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3": "gemma3_text",
-     "phi3": "phi3", "qwen2moe": "qwen2_moe"}
+    {
+        "llama": "llama",
+        "qwen2": "qwen2",
+        "qwen3": "qwen3",
+        "gemma2": "gemma2",
+        "gemma3": "gemma3_text",
+        "phi3": "phi3",
+        "qwen2moe": "qwen2_moe",
+    }
 )
 
 

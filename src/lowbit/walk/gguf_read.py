@@ -27,5 +27,7 @@ def open_gguf(path: Path) -> Any:
     size = path.stat().st_size
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
-            raise InputFileError(f"{path}: tensor {t.name} runs past the end of the file; the file is truncated")
+            raise InputFileError(
+                f"{path}: tensor {t.name} runs past the end of the file; the file is truncated"
+            )
     return reader

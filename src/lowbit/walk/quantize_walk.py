@@ -68,7 +68,9 @@ class WalkStats:
 def check_finite(name: str, w: torch.Tensor) -> None:
     if w.is_floating_point() and not torch.isfinite(w).all():
         bad = int((~torch.isfinite(w)).sum())
-        raise NonFiniteWeightError(f"tensor {name} holds {bad} NaN/Inf values; fix the checkpoint before quantizing")
+        raise NonFiniteWeightError(
+            f"tensor {name} holds {bad} NaN/Inf values; fix the checkpoint before quantizing"
+        )
 
 
 def walk_quantize(

@@ -116,7 +116,9 @@ class SafetensorsSource(ModelSource):
         self.path = path
         cfg_path = path / "config.json"
         if not cfg_path.is_file():
-            raise InputFileError(f"{path} has no config.json; give a Hugging Face model directory or a .gguf file")
+            raise InputFileError(
+                f"{path} has no config.json; give a Hugging Face model directory or a .gguf file"
+            )
         try:
             self.config = json.loads(cfg_path.read_text())
         except (OSError, json.JSONDecodeError) as e:
@@ -129,7 +131,9 @@ class SafetensorsSource(ModelSource):
             try:
                 h = safe_open(str(f), framework="pt")
             except (SafetensorError, OSError, ValueError) as e:
-                raise InputFileError(f"{f} is not a readable safetensors file ({e}); re-download or re-export it") from e
+                raise InputFileError(
+                    f"{f} is not a readable safetensors file ({e}); re-download or re-export it"
+                ) from e
             self._handles[f] = h
             for k in h.keys():  # noqa: SIM118 - safe_open handles are not mappings
                 self._where[k] = f
@@ -153,7 +157,9 @@ class SafetensorsSource(ModelSource):
         try:
             return self._handles[self._where[name]].get_tensor(name)
         except Exception as e:  # safetensors raises several types for a truncated buffer
-            raise InputFileError(f"cannot read tensor {name!r} from {self._where[name]} ({e}); the file is damaged") from e
+            raise InputFileError(
+                f"cannot read tensor {name!r} from {self._where[name]} ({e}); the file is damaged"
+            ) from e
 
     def raw_info(self, name: str) -> TensorInfo:
         h = self._handles[self._where[name]]
@@ -163,7 +169,9 @@ class SafetensorsSource(ModelSource):
         nbytes = int(np.prod(shape, dtype=np.int64)) * _SAFETENSORS_DTYPE_BYTES.get(dtype, 4)
         return TensorInfo(name, shape, dtype, nbytes)
 
-    def add_virtual(self, name: str, decode: Callable[[], torch.Tensor], replaces: list[str], at: str) -> None:
+    def add_virtual(
+        self, name: str, decode: Callable[[], torch.Tensor], replaces: list[str], at: str
+    ) -> None:
         """Present ``name`` (read through ``decode``) in place of the stored tensors ``replaces``."""
         self._decoders[name] = decode
         self._hidden.update(replaces)
@@ -191,8 +199,18 @@ class SafetensorsSource(ModelSource):
 
 
 _SAFETENSORS_DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
 }
 
 
@@ -206,7 +224,9 @@ def _safetensors_files(path: Path) -> list[Path]:
         files = sorted({path / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise InputFileError(f"{path} lacks shard(s) {', '.join(missing)} named in its index; download them")
+            raise InputFileError(
+                f"{path} lacks shard(s) {', '.join(missing)} named in its index; download them"
+            )
         return files
     single = path / "model.safetensors"
     if single.is_file():
@@ -257,7 +277,11 @@ class GGUFSource(ModelSource):
                 i, gname, suffix = int(m.group(1)), m.group(2), m.group(3)
                 rel = inv_block.get(gname)
                 if rel is None:
-                    log.warning("GGUF tensor %s has no Hugging Face name in the %s registry; skipped", t.name, self.arch.name)
+                    log.warning(
+                        "GGUF tensor %s has no Hugging Face name in the %s registry; skipped",
+                        t.name,
+                        self.arch.name,
+                    )
                     continue
                 prefix = self.arch.block_prefix.format(i=i)
                 if "{e}" in rel:
@@ -286,7 +310,9 @@ class GGUFSource(ModelSource):
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))
         if e is not None:
             shape = shape[1:]
-        return TensorInfo(name, shape, t.tensor_type.name, int(t.n_bytes) // (1 if e is None else int(t.shape[-1])))
+        return TensorInfo(
+            name, shape, t.tensor_type.name, int(t.n_bytes) // (1 if e is None else int(t.shape[-1]))
+        )
 
     def _lookup(self, name: str) -> tuple[Any, int | None]:
         if name not in self._map:
@@ -307,9 +333,13 @@ class GGUFSource(ModelSource):
                 arr = np.asarray(data).reshape(shape)
                 w = torch.from_numpy(arr.copy())
             else:
-                w = torch.from_numpy(np.ascontiguousarray(dequantize(np.asarray(data), t.tensor_type)).reshape(shape))
+                w = torch.from_numpy(
+                    np.ascontiguousarray(dequantize(np.asarray(data), t.tensor_type)).reshape(shape)
+                )
         except (ValueError, NotImplementedError) as e2:
-            raise InputFileError(f"cannot dequantize {t.name} ({t.tensor_type.name}) from {self.path}: {e2}") from e2
+            raise InputFileError(
+                f"cannot dequantize {t.name} ({t.tensor_type.name}) from {self.path}: {e2}"
+            ) from e2
         if self.arch.gguf_permute_qk and name.endswith("self_attn.q_proj.weight"):
             w = unpermute_qk(w, self._n_head)
         elif self.arch.gguf_permute_qk and name.endswith("self_attn.k_proj.weight"):
@@ -349,7 +379,9 @@ def open_model(path: str | Path) -> ModelSource:
     if p.suffix.lower() == ".gguf" or _has_gguf_magic(p):
         return GGUFSource(p)
     if p.suffix in (".bin", ".pt", ".pth", ".pkl"):
-        raise InputFileError(f"{p} is a pickle checkpoint, which can run code when loaded; convert it to safetensors")
+        raise InputFileError(
+            f"{p} is a pickle checkpoint, which can run code when loaded; convert it to safetensors"
+        )
     raise InputFileError(f"{p} is neither a model directory nor a GGUF file")
 
 

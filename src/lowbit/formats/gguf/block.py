@@ -164,11 +164,46 @@ def nearest_int(v: np.ndarray) -> np.ndarray:
     return (s.view(np.int32) & np.int32(0x007FFFFF)) - np.int32(0x00400000)
 
 
-def seq_sum(a: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Sum float32 ``a`` along ``axis`` strictly in order (a C accumulation loop), axis removed."""
+def seq_sum(a: np.ndarray, axis: int = -1, out: np.ndarray | None = None) -> np.ndarray:
+    """Sum float32 ``a`` along ``axis`` strictly in order (a C accumulation loop), axis removed.
+
+    Along axis 0 it is a loop of vector adds (fast when the other axes are wide: keep blocks as
+    ``(block_len, n_blocks)``); along any other axis it is ``np.add.accumulate`` (also sequential).
+    """
     a = np.asarray(a, dtype=np.float32)
-    acc = np.add.accumulate(a, axis=axis, dtype=np.float32)
-    return np.take(acc, -1, axis=axis)
+    ax = axis % a.ndim
+    if ax != 0:
+        acc = np.add.accumulate(a, axis=ax, dtype=np.float32)
+        res = np.take(acc, -1, axis=ax)
+        if out is None:
+            return res
+        np.copyto(out, res)
+        return out
+    if out is None:
+        out = np.empty(a.shape[1:], dtype=np.float32)
+    np.copyto(out, a[0])
+    for i in range(1, a.shape[0]):
+        np.add(out, a[i], out=out)
+    return out
+
+
+def absmax_first(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks x float32 (n, B) -> (amax, max) (B,): the largest |x| and the signed element holding it.
+
+    On a tie between ``+a`` and ``-a`` the first in the block wins, as ggml's ``if (ax > amax)`` scan.
+    (``np.argmax`` gives that too, but is several times slower than two reductions.)
+    """
+    hi = x.max(axis=0)
+    lo = x.min(axis=0)
+    neg = -lo
+    amax = np.maximum(hi, neg)
+    mx = np.where(hi >= neg, hi, lo)
+    tie = np.nonzero(hi == neg)[0]
+    if tie.size:
+        sub = x[:, tie]
+        first = np.argmax(np.abs(sub), axis=0)
+        mx[tie] = sub[first, np.arange(tie.size)]
+    return amax, mx
 
 
 def fp16_bytes(v: np.ndarray) -> np.ndarray:

@@ -32,6 +32,7 @@ from gguf import quants as gguf_quants
 
 from lowbit.formats.gguf.block import (
     GGMLBlockCodec,
+    absmax_first,
     fp16_bytes,
     nearest_int,
     pack_nibbles,
@@ -54,56 +55,78 @@ class _Codebook:
     """ggml's ``best_index_int8`` for a sorted int8 codebook, as a table lookup.
 
     ggml picks level ``i`` once ``2x >= val[i-1] + val[i]`` (ties go up). The midpoint sums are
-    integers, so the decision only needs ``floor(2x)``: a table indexed by it gives the level.
+    integers, so the decision only needs ``floor(2x)``: a table indexed by it gives the level (and a
+    second one the level's value). NaN gives level 0, as ggml's branch-free search.
     """
 
     def __init__(self, values: tuple[int, ...]) -> None:
         v = np.asarray(values, dtype=np.int32)
-        assert np.all(np.diff(v) > 0) and (len(v) & (len(v) - 1)) == 0
-        self.values = v.astype(np.float32)
+        assert np.all(np.diff(v) > 0)
         mids = v[:-1] + v[1:]  # (n-1,) integer thresholds on 2x
-        self.lo = int(mids[0]) - 1
+        lo = int(mids[0]) - 1
         hi = int(mids[-1])
-        ks = np.arange(self.lo, hi + 1)
-        self.table = np.searchsorted(mids, ks, side="right").astype(np.uint8)  # levels with mid <= k
-        self.f_lo = _F32(self.lo)
+        ks = np.arange(lo, hi + 1)
+        self.level_table = np.searchsorted(mids, ks, side="right").astype(np.uint8)  # levels with mid <= k
+        self.value_table = v[self.level_table].astype(np.float32)
+        self.values = v.astype(np.float32)
+        self.f_lo = _F32(lo)
         self.f_hi = _F32(hi)
 
-    def index(self, two_x: np.ndarray) -> np.ndarray:
-        """Level uint8 of each value of ``2x`` (float32). NaN maps to level 0, as ggml's branch-free search."""
-        # fmax/fmin drop NaN (-> lo -> level 0); beyond the table every value takes an end level
-        k = np.floor(np.fmin(np.fmax(two_x, self.f_lo), self.f_hi))
-        return self.table[k.astype(np.int32) - self.lo]
+    def _slots(self, two_x: np.ndarray, tmp: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """floor(clip(2x)) - lo as intp, in ``idx`` (tmp, idx: buffers shaped like two_x)."""
+        np.clip(two_x, self.f_lo, self.f_hi, out=tmp)
+        np.floor(tmp, out=tmp)
+        tmp -= self.f_lo  # exact: small integers
+        with np.errstate(invalid="ignore"):
+            np.copyto(idx, tmp, casting="unsafe")  # NaN -> INT_MIN, clipped to slot 0 below
+        return idx
+
+    def values_of(self, two_x: np.ndarray, out: np.ndarray, tmp: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """The codebook value (float32) nearest to each x, given 2x; written to ``out``."""
+        return np.take(self.value_table, self._slots(two_x, tmp, idx), mode="clip", out=out)
+
+    def levels_of(self, two_x: np.ndarray) -> np.ndarray:
+        """The codebook level (uint8) nearest to each x, given 2x."""
+        tmp = np.empty(two_x.shape, dtype=np.float32)
+        idx = np.empty(two_x.shape, dtype=np.intp)
+        return np.take(self.level_table, self._slots(two_x, tmp, idx), mode="clip")
 
 
 _IQ4NL = _Codebook(KVALUES_IQ4NL)
 
 
-def _block_scales(
-    xt: np.ndarray, wt: np.ndarray, cb: _Codebook, ntry: int = NTRY
-) -> np.ndarray:
+def _block_scales(xt: np.ndarray, wt: np.ndarray, cb: _Codebook, ntry: int = NTRY) -> np.ndarray:
     """Step 2 of the module docstring for blocks xt, wt float32 (32, B) -> scale float32 (B,)."""
-    ax = np.abs(xt)
-    imax = np.argmax(ax, axis=0)
-    cols = np.arange(xt.shape[1])
-    amax = ax[imax, cols]
+    B = xt.shape[1]
+    amax, mx = absmax_first(xt)
     zero = amax < GROUP_MAX_EPS
-    mx = np.where(zero, _F32(1), xt[imax, cols])
+    mx = np.where(zero, _F32(1), mx)
     v0 = cb.values[0]
+    v = np.empty_like(xt)
+    q = np.empty_like(xt)
+    t = np.empty_like(xt)
+    idx = np.empty(xt.shape, dtype=np.intp)
+    sumqx = np.empty(B, dtype=np.float32)
+    sumq2 = np.empty(B, dtype=np.float32)
 
-    def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        q = cb.values[cb.index((iscale + iscale) * xt)]
+    def trial(iscale: np.ndarray) -> None:
+        # C: al = id*x; l = best_index_int8(al) (which compares al+al); 2*(id*x) == (2*id)*x exactly
+        np.multiply(xt, iscale + iscale, out=v)
+        cb.values_of(v, q, t, idx)
         # the C's association: sumqx += (w*q)*x, sumq2 += (w*q)*q
-        wq = wt * q
-        return seq_sum(wq * xt, axis=0), seq_sum(wq * q, axis=0)
+        np.multiply(wt, q, out=t)
+        np.multiply(t, xt, out=v)
+        seq_sum(v, axis=0, out=sumqx)
+        np.multiply(t, q, out=v)
+        seq_sum(v, axis=0, out=sumq2)
 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         d = (-mx) / v0 if ntry > 0 else mx / v0
-        sumqx, sumq2 = trial(_F32(1) / d)
+        trial(_F32(1) / d)
         d = np.where(sumq2 > 0, sumqx / sumq2, _F32(0))
         best = d * sumqx
         for itry in range(-ntry, ntry + 1):
-            sumqx, sumq2 = trial(_F32(itry + int(v0)) / mx)
+            trial(_F32(itry + int(v0)) / mx)
             upd = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
             if upd.any():
                 d = np.where(upd, sumqx / sumq2, d)
@@ -156,7 +179,7 @@ class IQ4_NL(_IQ4):
         xt = np.ascontiguousarray(xs.T)  # (32, B)
         d = _block_scales(xt, np.ascontiguousarray(ws.T), _IQ4NL)
         idd = _safe_inv(d)
-        L = _IQ4NL.index((idd + idd)[:, None] * xs)  # (B, 32)
+        L = _IQ4NL.levels_of((idd + idd)[:, None] * xs)  # (B, 32)
         return np.concatenate([fp16_bytes(d), pack_nibbles(L)], axis=1)
 
 
@@ -180,7 +203,7 @@ class IQ4_XS(_IQ4):
         ls = np.clip(nearest_int(idd[:, None] * scales), -32, 31)  # (S, 8)
         dl = d[:, None] * ls.astype(np.float32)
         idl = _safe_inv(dl)
-        L = _IQ4NL.index((idl + idl).reshape(-1, 1) * xb)  # (S*8, 32)
+        L = _IQ4NL.levels_of((idl + idl).reshape(-1, 1) * xb)  # (S*8, 32)
         qs = pack_nibbles(L).reshape(S, nb * QK // 2)
         u = (ls + 32).astype(np.uint16)  # 6-bit codes
         lo = (u & 0xF).astype(np.uint8)

@@ -50,6 +50,7 @@ from lowbit.formats.gguf.kquants_common import (
     make_qkx_quants,
     make_qp_quants,
     make_qx_quants,
+    max_from_zero,
     nearest_int,
     pack_scale_min_k4,
     seqsum,
@@ -60,7 +61,7 @@ from lowbit.formats.gguf.types import GGMLType
 
 QK_K = 256
 # Super-blocks per numpy pass: the (32, 8*chunk) float32 temporaries stay within a few MB.
-_CHUNK = 1024
+_CHUNK = 512
 
 
 def _sub_t(a: np.ndarray, n: int) -> np.ndarray:
@@ -216,8 +217,8 @@ class Q2_K(_KQuant):
         scales = scales.reshape(B, 16)
         mins = mins.reshape(B, 16)
         L = _from_sub_t(Lt)
-        max_scale = np.maximum(scales.max(axis=1), F32(0.0))
-        max_min = np.maximum(mins.max(axis=1), F32(0.0))
+        max_scale = max_from_zero(scales, axis=1)
+        max_min = max_from_zero(mins, axis=1)
         has_s = max_scale > 0
         has_m = max_min > 0
         ls = np.where(has_s[:, None], nearest_int((F32(15.0) / max_scale)[:, None] * scales), 0)
@@ -331,8 +332,8 @@ class _Q45K(_KQuant):
         scales, mins, Lt = make_qkx_quants(X, W, self.nmax, rmin, rdelta, nstep, False, version=2)
         scales = scales.reshape(B, 8)
         mins = mins.reshape(B, 8)
-        max_scale = np.maximum(scales.max(axis=1), F32(0.0))
-        max_min = np.maximum(mins.max(axis=1), F32(0.0))
+        max_scale = max_from_zero(scales, axis=1)
+        max_min = max_from_zero(mins, axis=1)
         inv_scale = np.where(max_scale > 0, F32(63.0) / max_scale, F32(0.0))
         inv_min = np.where(max_min > 0, F32(63.0) / max_min, F32(0.0))
         ls = np.minimum(nearest_int(inv_scale[:, None] * scales) & 0xFF, 63)

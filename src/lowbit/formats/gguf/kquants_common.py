@@ -62,13 +62,22 @@ def seqsum_from_first(a: F32Array) -> F32Array:
 
 
 def first_absmax(x: F32Array) -> tuple[F32Array, F32Array]:
-    """``(amax, max)`` of ggml's ``if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }``
-    over axis 0 of ``x (n, S)``: the signed value of the first element of largest magnitude."""
+    """``(amax, max)`` of ggml's ``float amax = 0, max = 0; ... if (fabsf(x[i]) > amax) { amax =
+    fabsf(x[i]); max = x[i]; }`` over axis 0 of ``x (n, S)``: the signed value of the first element of
+    largest magnitude; NaNs never win a comparison, and ``(0, 0)`` when nothing beats 0."""
     ax = np.abs(x)
+    ax = np.where(np.isnan(ax), F32(-1.0), ax)
     idx = np.argmax(ax, axis=0)
     cols = np.arange(x.shape[1])
-    amax = np.maximum(ax[idx, cols], F32(0.0))
-    return amax, x[idx, cols]
+    best = ax[idx, cols]
+    found = best > 0
+    return np.where(found, best, F32(0.0)), np.where(found, x[idx, cols], F32(0.0))
+
+
+def max_from_zero(a: F32Array, axis: int) -> F32Array:
+    """ggml's ``float m = 0; for (...) if (a[i] > m) m = a[i];`` (NaNs are skipped, the result is >= +0)."""
+    m = np.fmax.reduce(a, axis=axis)
+    return np.where(m > 0, m, F32(0.0))
 
 
 def fp16_round(v: F32Array) -> tuple[npt.NDArray[np.uint16], F32Array]:
@@ -182,51 +191,99 @@ def make_qkx_quants(
 
     ``x, w (n, S)``. Returns ``(scale (S,), the_min (S,), L (n, S))``: the sub-block dequantizes as
     ``scale * L - the_min``. The running ``min`` of the search is the best fit so far: later candidate
-    scales are measured from it, as in ggml.
+    scales are measured from it, as in ggml. This is the hot loop of Q2_K/Q4_K/Q5_K: buffers are reused
+    and codes stay float32.
     """
-    mn0 = np.minimum(np.min(x, axis=0), F32(0.0))
-    mn = mn0
+    xmin = np.min(x, axis=0)
     mx = np.max(x, axis=0)
+    mn0 = np.minimum(xmin, F32(0.0))
+    mn = mn0
     sum_w = seqsum_from_first(w)
     sum_x = seqsum_from_first(w * x)
     degenerate = (mx <= mn) if version == 3 else (mx == mn)
+    fmax = F32(nmax)
 
-    def err(d: F32Array) -> F32Array:
-        return seqsum(w * (np.abs(d) if use_mad else d * d))
+    v = np.empty_like(x)
+    buf = np.empty_like(x)
 
-    iscale = F32(nmax) / (mx - mn)
+    def err(lf: F32Array, scale: F32Array, the_min: F32Array) -> F32Array:
+        """seqsum(w * diff^2) (or w*|diff|), diff = scale*L + min - x, in ggml's order."""
+        d = np.multiply(scale, lf, out=buf)
+        d += the_min
+        d -= x
+        if use_mad:
+            np.abs(d, out=d)
+        else:
+            d *= d
+        d *= w
+        return seqsum(d)
+
+    iscale = fmax / (mx - mn)
     scale = F32(1.0) / iscale
-    L = np.clip(nearest_int(iscale * (x - mn)), 0, nmax)
-    best = err(scale * to_f32(L) + mn - x)
+    L = rounded_codes(x, mn, iscale, xmin, mx, 0, nmax)
+    best = err(L, scale, mn)
     if nstep >= 1:
         for step in range(nstep + 1):
-            isc = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (mx - mn)
-            v = isc * (x - mn)
+            isc = (F32(rmin) + F32(rdelta) * F32(step) + fmax) / (mx - mn)
             if version == 3:
-                laux = np.where(v > 0, nearest_int(np.where(v < nmax, v, F32(nmax))), 0)
+                # v > 0 ? nearest_int(MIN(v, nmax)) : 0 -- in range by construction; NaN/-inf -> 0
+                np.subtract(x, mn, out=v)
+                v *= isc
+                np.minimum(v, fmax, out=v)
+                np.fmax(v, F32(0.0), out=v)
+                lf = np.rint(v, out=v)
             else:
-                laux = np.clip(nearest_int(v), 0, nmax)
-            lf = to_f32(laux)
-            wl = w * lf
+                lf = rounded_codes(x, mn, isc, xmin, mx, 0, nmax, out=v)
+            wl = np.multiply(w, lf, out=buf)
             sum_l = seqsum(wl)
-            sum_l2 = seqsum(wl * lf)
             sum_xl = seqsum(wl * x)
+            wl *= lf
+            sum_l2 = seqsum(wl)
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
             clipped = this_min > 0
             this_min = np.where(clipped, F32(0.0), this_min)
             this_scale = np.where(clipped, sum_xl / sum_l2, this_scale)
-            cur = err(this_scale * lf + this_min - x)
+            cur = err(lf, this_scale, this_min)
             better = (D > 0) & (cur < best)
-            L = np.where(better, laux, L)
-            best = np.where(better, cur, best)
-            scale = np.where(better, this_scale, scale)
-            mn = np.where(better, this_min, mn)
+            if better.any():
+                np.copyto(L, lf, where=better)
+                best = np.where(better, cur, best)
+                scale = np.where(better, this_scale, scale)
+                mn = np.where(better, this_min, mn)
     scale = np.where(degenerate, F32(0.0), scale)
     mn = np.where(degenerate, mn0, mn)
-    L = np.where(degenerate, 0, L)
+    L[:, degenerate] = 0
     return scale.astype(F32), (-mn).astype(F32), L.astype(np.int32)
+
+
+def rounded_codes(
+    x: F32Array,
+    mn: F32Array,
+    iscale: F32Array,
+    xmin: F32Array,
+    xmax: F32Array,
+    lo: int,
+    hi: int,
+    out: F32Array | None = None,
+) -> F32Array:
+    """``MAX(lo, MIN(hi, nearest_int(iscale*(x - mn))))`` as float32 ``(n, S)``.
+
+    ``np.rint`` equals ``nearest_int`` wherever ``|v| <= 4194303``; the bound is checked per column
+    from the column's extremes (``v`` is monotonic in ``x``), and columns beyond it (huge or non-finite
+    scales) take the exact bit-trick path.
+    """
+    v = np.subtract(x, mn, out=out)
+    v *= iscale
+    reach = np.maximum(np.abs(iscale * (xmax - mn)), np.abs(iscale * (xmin - mn)))
+    in_range = reach <= F32(4194303.0)
+    exact = None if in_range.all() else np.clip(nearest_int(v), lo, hi).astype(F32)
+    np.clip(v, F32(lo), F32(hi), out=v)
+    np.rint(v, out=v)
+    if exact is not None:
+        np.copyto(v, exact, where=~in_range)
+    return v
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -238,7 +295,9 @@ def make_qp_quants(x: F32Array, nmax: int, qw: F32Array) -> tuple[F32Array, I32A
     Returns ``(scale (S,), L (n, S))``; ``L`` holds the ``uint8`` values ggml stores (0..255).
     """
     n = x.shape[0]
-    mx = np.maximum(np.max(x, axis=0), F32(0.0))
+    mx = np.zeros(x.shape[1], dtype=F32)
+    for i in range(n):  # MAX(max, x[i]) = max > x[i] ? max : x[i], a NaN included as the C does
+        mx = np.where(mx > x[i], mx, x[i])
     iscale = F32(nmax) / mx
     scale0 = F32(1.0) / iscale
     l0 = nearest_int(iscale * x) & 0xFF

@@ -25,6 +25,7 @@ from gguf import quants as gguf_quants
 
 from lowbit.formats.gguf.block import (
     GGMLBlockCodec,
+    absmax_first,
     fp16_bytes,
     nearest_int,
     pack_high_bits,
@@ -60,39 +61,54 @@ def make_qx_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray,
     """ggml's ``make_qx_quants(n, nmax, x, L, rmse_type=1, qw)`` for many blocks at once.
 
     x, w float32 (n, B) (element, block). Returns scale float32 (B,) and L uint8 (n, B) in [0, 2*nmax).
+    Rounding: ``clamp(nearest_int(v))`` equals ``rint(clip(v))`` (monotone, integer bounds, |v| small).
+    L is a function of the winning inverse scale, so only that is tracked and L is rebuilt at the end.
     """
-    ax = np.abs(x)
-    imax = np.argmax(ax, axis=0)  # first index of the largest |x|, as the C's strict '>'
-    cols = np.arange(x.shape[1])
-    amax = ax[imax, cols]
-    mx = x[imax, cols]
+    B = x.shape[1]
+    amax, mx = absmax_first(x)
     zero = amax < GROUP_MAX_EPS
     mx = np.where(zero, _F32(1), mx)
-
     wx = w * x
+    v = np.empty_like(x)
+    t = np.empty_like(x)
+    sumlx = np.empty(B, dtype=np.float32)
+    suml2 = np.empty(B, dtype=np.float32)
+    lo, hi = _F32(-nmax), _F32(nmax - 1)
 
-    def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        l_ = np.clip(nearest_int(iscale * x), -nmax, nmax - 1).astype(np.float32)
+    def levels(iscale: np.ndarray) -> None:
+        np.multiply(x, iscale, out=v)
+        np.clip(v, lo, hi, out=v)
+        np.rint(v, out=v)
+
+    def trial(iscale: np.ndarray) -> None:
+        levels(iscale)
         # the C's association: sumlx += (w*x)*l, suml2 += (w*l)*l
-        return l_, seq_sum(wx * l_, axis=0), seq_sum(w * l_ * l_, axis=0)
+        np.multiply(wx, v, out=t)
+        seq_sum(t, axis=0, out=sumlx)
+        np.multiply(w, v, out=t)
+        np.multiply(t, v, out=t)
+        seq_sum(t, axis=0, out=suml2)
 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        lq, sumlx, suml2 = trial(_F32(-nmax) / mx)
+        best_is = _F32(-nmax) / mx
+        trial(best_is)
         scale = np.where(suml2 != 0, sumlx / suml2, _F32(0))
         best = scale * sumlx
         for i in range(-9, 10):
             if i == 0:
                 continue
             iscale = -(_F32(nmax) + _F32(0.1) * _F32(i)) / mx
-            l_, sumlx, suml2 = trial(iscale)
+            trial(iscale)
             upd = (suml2 > 0) & (sumlx * sumlx > best * suml2)
             if upd.any():
-                lq = np.where(upd, l_, lq)
+                best_is = np.where(upd, iscale, best_is)
                 scale = np.where(upd, sumlx / suml2, scale)
                 best = np.where(upd, scale * sumlx, best)
-    L = np.where(zero, 0, lq.astype(np.int32) + nmax).astype(np.uint8)
+    levels(best_is)
+    v += _F32(nmax)
+    v *= ~zero  # all-zero blocks: L = 0
     scale = np.where(zero, _F32(0), scale).astype(np.float32)
-    return scale, L
+    return scale, v.astype(np.uint8)
 
 
 def make_qkx3_quants(
@@ -108,7 +124,7 @@ def make_qkx3_quants(
     x, w float32 (n, B). Returns scale (B,), the_min (B,) (so that x ~ scale * L - the_min) and
     L uint8 (n, B) in [0, nmax]. The search moves ``min`` as it improves, exactly as the C does.
     """
-    n = x.shape[0]
+    B = x.shape[1]
     mn = x.min(axis=0)
     mx = x.max(axis=0)
     sum_w = seq_sum(w, axis=0)
@@ -116,39 +132,67 @@ def make_qkx3_quants(
     mn = np.where(mn > 0, _F32(0), mn)
     flat = mx <= mn
     nm = _F32(nmax)
+    zero = _F32(0)
+    v = np.empty_like(x)
+    t = np.empty_like(x)
+    u = np.empty_like(x)
+    sum_l = np.empty(B, dtype=np.float32)
+    sum_l2 = np.empty(B, dtype=np.float32)
+    sum_xl = np.empty(B, dtype=np.float32)
+    mad = np.empty(B, dtype=np.float32)
+
+    def levels(iscale: np.ndarray, mn: np.ndarray) -> None:
+        # C: v = iscale*(x - min); l = v > 0 ? nearest_int(MIN(v, nmax)) : 0  (NaN -> 0, inf -> nmax)
+        np.subtract(x, mn, out=v)
+        np.multiply(v, iscale, out=v)
+        np.fmax(v, zero, out=v)
+        np.fmin(v, nm, out=v)
+        np.rint(v, out=v)
+
+    def weighted_sq_err(scale: np.ndarray, mn: np.ndarray, L: np.ndarray, out: np.ndarray) -> None:
+        # C: diff = scale*L + min - x; err += w * (diff*diff)
+        np.multiply(L, scale, out=u)
+        np.add(u, mn, out=u)
+        np.subtract(u, x, out=u)
+        np.multiply(u, u, out=u)
+        np.multiply(u, w, out=u)
+        seq_sum(u, axis=0, out=out)
+
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         iscale = nm / (mx - mn)
         scale = _F32(1) / iscale
-        L = np.clip(nearest_int(iscale * (x - mn)), 0, nmax).astype(np.float32)
-        diff = scale * L + mn - x
-        best_mad = seq_sum(w * (diff * diff), axis=0)
+        levels(iscale, mn)
+        # L is a function of (iscale, min) at the time it was made: track those, rebuild L at the end
+        best_is, best_mn = iscale, mn
+        best_mad = np.empty(B, dtype=np.float32)
+        weighted_sq_err(scale, mn, v, best_mad)
         for i in range(nstep + 1):
             iscale = (_F32(rmin) + _F32(rdelta) * _F32(i) + nm) / (mx - mn)
-            v = iscale * (x - mn)
-            # v can be inf/nan once min has moved next to max; the C maps those to 0 / nmax this way
-            la = np.where(v > 0, nearest_int(np.minimum(v, nm)), 0).astype(np.float32)
-            wl = w * la
-            sum_l = seq_sum(wl, axis=0)
-            sum_l2 = seq_sum(wl * la, axis=0)
-            sum_xl = seq_sum(wl * x, axis=0)
+            levels(iscale, mn)
+            np.multiply(w, v, out=t)
+            seq_sum(t, axis=0, out=sum_l)
+            np.multiply(t, v, out=u)
+            seq_sum(u, axis=0, out=sum_l2)
+            np.multiply(t, x, out=u)
+            seq_sum(u, axis=0, out=sum_xl)
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
             pos = this_min > 0
-            this_min = np.where(pos, _F32(0), this_min)
+            this_min = np.where(pos, zero, this_min)
             this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
-            diff = this_scale * la + this_min - x
-            mad = seq_sum(w * (diff * diff), axis=0)
+            weighted_sq_err(this_scale, this_min, v, mad)
             upd = (D > 0) & (mad < best_mad) & ~flat
             if upd.any():
-                L = np.where(upd, la, L)
+                best_is = np.where(upd, iscale, best_is)
+                best_mn = np.where(upd, mn, best_mn)
                 best_mad = np.where(upd, mad, best_mad)
                 scale = np.where(upd, this_scale, scale)
                 mn = np.where(upd, this_min, mn)
-    L = np.where(flat, _F32(0), L)
-    scale = np.where(flat, _F32(0), scale).astype(np.float32)
-    assert L.shape[0] == n
-    return scale, (-mn).astype(np.float32), L.astype(np.uint8)
+        levels(best_is, best_mn)
+    v *= ~flat  # flat blocks: L = 0
+    scale = np.where(flat, zero, scale).astype(np.float32)
+    return scale, (-mn).astype(np.float32), v.astype(np.uint8)
 
 
 class _Legacy(GGMLBlockCodec):

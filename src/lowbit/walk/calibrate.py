@@ -1,0 +1,177 @@
+"""The calibration walk: block by block, statistics through hooks, quantize, feed the next block.
+
+1. The calibration text becomes ``samples`` windows of ``seqlen`` tokens (consecutive, non-overlapping,
+   the first token of each replaced by BOS when the tokenizer adds one — as llama-perplexity and
+   llama-imatrix treat their chunks).
+2. Block 0's inputs are the embeddings of those windows.
+3. For each block: materialize only that block, hook its linears' inputs into the accumulators the
+   method needs (linears fed by the same norm share one accumulator: the registry says which), run the
+   block, quantize each linear with its statistics, and produce the next block's inputs by running the
+   *quantized* block (``sequential=True``, the GPTQ paper's and llm-compressor's mode) or the original
+   block (``sequential=False``: faster to reason about, errors do not propagate into the statistics).
+
+Peak memory: one block's weights + the calibration activations (2 x samples x seqlen x hidden floats)
++ the statistics of one block.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lowbit.calib.absmean import AbsMaxAccumulator, AbsMeanAccumulator
+from lowbit.calib.hessian import HessianAccumulator
+from lowbit.errors import ArgumentError, InputFileError
+from lowbit.formats.base import Codec, sqnr_db
+from lowbit.methods.base import Method
+from lowbit.walk.blocks import BlockRunner
+from lowbit.walk.quantize_walk import LayerStat, WalkItem, WalkStats, check_finite
+from lowbit.walk.sources import ModelSource
+
+log = logging.getLogger(__name__)
+
+ACCUMULATORS: dict[str, Callable[[int], Any]] = {
+    cls.name: cls for cls in (HessianAccumulator, AbsMeanAccumulator, AbsMaxAccumulator)
+}
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration data and walk mode. Defaults follow GPTQ/llm-compressor: 128 windows of 512 tokens."""
+
+    text: Path
+    samples: int = 128
+    seqlen: int = 512
+    batch: int = 8
+    sequential: bool = True
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.seqlen < 8 or self.batch < 1:
+            raise ArgumentError(
+                f"calibration needs samples >= 1, seqlen >= 8 and batch >= 1 (got {self.samples}, "
+                f"{self.seqlen}, {self.batch})"
+            )
+
+
+def calibration_tokens(source: ModelSource, config: CalibConfig) -> torch.Tensor:
+    """``(samples, seqlen)`` int64 windows of the calibration text (fewer if the text is short)."""
+    from lowbit.eval.windows import encode_text, tokenizer_bos_id
+
+    if not config.text.is_file():
+        raise InputFileError(f"calibration text {config.text} does not exist")
+    tok = source.tokenizer()
+    ids = encode_text(tok, config.text.read_text(encoding="utf-8"))
+    n = min(config.samples, ids.numel() // config.seqlen)
+    if n < 1:
+        raise InputFileError(
+            f"calibration text {config.text} has {ids.numel()} tokens, fewer than one window of {config.seqlen}"
+        )
+    if n < config.samples:
+        log.warning("calibration text gives only %d windows of %d tokens (asked for %d)", n, config.seqlen, config.samples)
+    windows = ids[: n * config.seqlen].reshape(n, config.seqlen).clone()
+    bos = tokenizer_bos_id(tok)
+    if bos is not None:
+        windows[:, 0] = bos
+    return windows
+
+
+def _input_keys(source: ModelSource, rel_linears: list[str]) -> dict[str, str]:
+    """Relative linear name -> the name of its input (linears fed by the same norm share one)."""
+    keys = {lin: lin for lin in rel_linears}
+    for m in source.arch.mappings:
+        if m.kind == "norm":
+            for t in m.targets:
+                if t in keys:
+                    keys[t] = m.source
+    return keys
+
+
+def calibrate_walk(
+    source: ModelSource,
+    codec: Codec,
+    method: Method,
+    config: CalibConfig,
+    stats: WalkStats | None = None,
+    progress: bool = True,
+) -> Iterator[WalkItem]:
+    """Yield every tensor of ``source`` in block order, block linears quantized with calibration
+    statistics (the same stream as :func:`lowbit.walk.quantize_walk.walk_quantize`)."""
+    runner = BlockRunner(source)
+    arch = source.arch
+    ids = calibration_tokens(source, config)
+    log.info("calibrating on %d windows x %d tokens of %s", ids.shape[0], ids.shape[1], config.text)
+    hidden = torch.cat([runner.embed(ids[i : i + config.batch]) for i in range(0, ids.shape[0], config.batch)])
+    pos = runner.position_embeddings(hidden[: config.batch])
+    groups = source.blocks()
+    bar = tqdm(total=len(groups), desc=f"{method.name}", unit="block", disable=not progress, leave=False)
+    for grp in groups:
+        if grp.index is None:
+            for name in grp.names:
+                t = source.read(name)
+                if stats is not None:
+                    stats.other_params += t.numel()
+                    stats.other_bits += t.numel() * t.element_size() * 8
+                yield WalkItem(name, t)
+            bar.update()
+            continue
+        i = grp.index
+        prefix = arch.block_prefix.format(i=i)
+        weights = {n[len(prefix) :]: source.read(n) for n in grp.names}
+        layer = runner.layer(i, weights)
+        rel_linears = [n[: -len(".weight")] for n in weights if arch.is_quantizable(prefix + n)]
+        keys = _input_keys(source, rel_linears)
+        accs: dict[str, dict[str, Any]] = {}
+        modules = dict(layer.named_modules())
+        handles = []
+        for lin in rel_linears:
+            key = keys[lin]
+            if key in accs:
+                continue
+            in_f = weights[lin + ".weight"].shape[1]
+            accs[key] = {need: ACCUMULATORS[need](in_f) for need in method.needs}
+
+            def hook(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], key: str = key) -> None:
+                for acc in accs[key].values():
+                    acc.add(args[0])
+
+            handles.append(modules[lin].register_forward_pre_hook(hook))
+        outputs = []
+        for b in range(0, hidden.shape[0], config.batch):
+            outputs.append(runner.run_layer(layer, hidden[b : b + config.batch], pos))
+        for h in handles:
+            h.remove()
+        quantized: dict[str, torch.Tensor] = {}
+        for rel, w in weights.items():
+            name = prefix + rel
+            if rel[: -len(".weight")] in keys and rel.endswith(".weight"):
+                lin = rel[: -len(".weight")]
+                check_finite(name, w)
+                lin_stats = {need: acc.result() for need, acc in accs[keys[lin]].items()}
+                q = method.quantize_linear(w, codec, lin_stats)
+                deq = codec.dequantize(q)
+                quantized[rel] = deq
+                if stats is not None:
+                    bits = codec.storage_bits(tuple(w.shape))
+                    stats.layers.append(LayerStat(name, tuple(w.shape), bits, sqnr_db(w, deq)))
+                    stats.quantized_params += w.numel()
+                    stats.quantized_bits += bits
+                yield WalkItem(name, w, q)
+            else:
+                if stats is not None:
+                    stats.other_params += w.numel()
+                    stats.other_bits += w.numel() * w.element_size() * 8
+                yield WalkItem(name, w)
+        if config.sequential:
+            layer = runner.layer(i, {**weights, **quantized})
+            outputs = [runner.run_layer(layer, hidden[b : b + config.batch], pos)
+                       for b in range(0, hidden.shape[0], config.batch)]
+        hidden = torch.cat(outputs)
+        del layer, accs, weights, quantized
+        bar.update()
+    bar.close()
