@@ -10,11 +10,12 @@ from pathlib import Path
 
 import torch
 
-from lowbit.errors import SchemeError
+from lowbit.errors import ArgumentError, SchemeError
 from lowbit.export.atomic import check_output
 from lowbit.export.hf_checkpoint import get_format, model_dtype, write_checkpoint
 from lowbit.methods.base import get_method
 from lowbit.schemes import parse_scheme
+from lowbit.walk.calibrate import CalibConfig, calibrate_walk
 from lowbit.walk.quantize_walk import WalkStats, simulate, walk_quantize
 from lowbit.walk.sources import ModelSource, open_model
 
@@ -69,10 +70,12 @@ def quantize(
     fmt: str | None = None,
     force: bool = False,
     progress: bool = True,
+    calib: CalibConfig | None = None,
 ) -> QuantizeReport:
     """Quantize every block linear of ``model`` with ``scheme`` and write ``out`` in ``fmt``.
 
-    The model is read one block at a time; ``out`` appears only when complete.
+    The model is read one block at a time; ``out`` appears only when complete. Methods that need
+    calibration statistics (GPTQ, AWQ) take them from ``calib``, block by block.
     """
     out_path = Path(out)
     check_output(out_path, force)
@@ -84,13 +87,19 @@ def quantize(
         )
     exporter = get_format(fmt_name)
     meth = get_method(method)
+    if meth.needs and calib is None:
+        raise ArgumentError(f"method {meth.name} needs calibration text; pass --calib TEXTFILE")
     t0 = time.perf_counter()
     source = model if isinstance(model, ModelSource) else open_model(model)
     codec = sch.codec(exporter.scale_dtype(model_dtype(source)))
     shapes = [source.info(n).shape for n in source.names() if source.arch.is_quantizable(n)]
     exporter.check(codec, shapes)
     stats = WalkStats()
-    items = walk_quantize(source, codec, meth, stats, progress=progress)
+    if meth.needs:
+        assert calib is not None
+        items = calibrate_walk(source, codec, meth, calib, stats, progress=progress)
+    else:
+        items = walk_quantize(source, codec, meth, stats, progress=progress)
     written = write_checkpoint(items, source, exporter, codec, out_path, force=force)
     return QuantizeReport(
         output=out_path,

@@ -4,10 +4,9 @@ survives indefinite Hessians, zeroes dead inputs, and stores act-order groups co
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.resources import files
-
-from collections.abc import Iterator
 
 import pytest
 import torch

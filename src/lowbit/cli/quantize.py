@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from lowbit.errors import ArgumentError
 from lowbit.methods.base import METHODS
 from lowbit.schemes import scheme_help
+from lowbit.walk.calibrate import CalibConfig
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -21,11 +23,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("model", help="Hugging Face model directory (safetensors) or .gguf file")
     p.add_argument("--scheme", required=True, help="quantization scheme (see above), e.g. w4g128")
-    p.add_argument("--method", default="rtn", help="rtn (default); more methods land with calibration")
+    p.add_argument("--method", default="rtn", help="rtn (default, no calibration) or gptq (needs --calib)")
     p.add_argument(
         "--format", dest="fmt", default=None, help="output format (default: the scheme's: compressed-tensors)"
     )
     p.add_argument("--calib", default=None, help="calibration text file (methods that need one)")
+    p.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument(
+        "--non-sequential",
+        action="store_true",
+        help="feed each block the original (not the quantized) previous block's outputs",
+    )
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object with the run's numbers")
@@ -41,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
         raise ArgumentError(
             f"--calib is not used by method {args.method!r}; drop it (methods: {', '.join(sorted(METHODS))})"
         )
+    calib = None
+    if args.calib is not None:
+        calib = CalibConfig(Path(args.calib), args.samples, args.seqlen, sequential=not args.non_sequential)
     report = quantize(
         args.model,
         args.scheme,
@@ -49,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         fmt=args.fmt,
         force=args.force,
         progress=sys.stderr.isatty(),
+        calib=calib,
     )
     if args.json:
         print(json.dumps(report.to_json_dict()))

@@ -264,7 +264,7 @@ def evaluate(
         kld_p99=percentile(kld, 0.99),
         kld_p999=percentile(kld, 0.999),
         kld_max=float(kld.max()),
-        kld_bound_mean=float(torch.cat(bound_parts).mean()),
+        kld_bound_mean=mean_and_stderr(torch.cat(bound_parts).numpy())[0],
         top1=float(same.mean()),
         tokens=int(nll.size),
         chunks=plan.n_chunks,

@@ -40,7 +40,9 @@ class BlockRunner:
         self._layer_cls = type(base.layers[0])
         self._rotary = type(base.rotary_emb)(config=self.config) if hasattr(base, "rotary_emb") else None
         self._embed_scale = (
-            math.sqrt(self.config.hidden_size) if source.config.get("model_type") in _SQRT_HIDDEN_EMBED_SCALE else 1.0
+            math.sqrt(self.config.hidden_size)
+            if source.config.get("model_type") in _SQRT_HIDDEN_EMBED_SCALE
+            else 1.0
         )
         self.num_layers = int(self.config.num_hidden_layers)
 

@@ -73,7 +73,12 @@ def calibration_tokens(source: ModelSource, config: CalibConfig) -> torch.Tensor
             f"calibration text {config.text} has {ids.numel()} tokens, fewer than one window of {config.seqlen}"
         )
     if n < config.samples:
-        log.warning("calibration text gives only %d windows of %d tokens (asked for %d)", n, config.seqlen, config.samples)
+        log.warning(
+            "calibration text gives only %d windows of %d tokens (asked for %d)",
+            n,
+            config.seqlen,
+            config.samples,
+        )
     windows = ids[: n * config.seqlen].reshape(n, config.seqlen).clone()
     bos = tokenizer_bos_id(tok)
     if bos is not None:
@@ -106,7 +111,9 @@ def calibrate_walk(
     arch = source.arch
     ids = calibration_tokens(source, config)
     log.info("calibrating on %d windows x %d tokens of %s", ids.shape[0], ids.shape[1], config.text)
-    hidden = torch.cat([runner.embed(ids[i : i + config.batch]) for i in range(0, ids.shape[0], config.batch)])
+    hidden = torch.cat(
+        [runner.embed(ids[i : i + config.batch]) for i in range(0, ids.shape[0], config.batch)]
+    )
     pos = runner.position_embeddings(hidden[: config.batch])
     groups = source.blocks()
     bar = tqdm(total=len(groups), desc=f"{method.name}", unit="block", disable=not progress, leave=False)
@@ -169,8 +176,10 @@ def calibrate_walk(
                 yield WalkItem(name, w)
         if config.sequential:
             layer = runner.layer(i, {**weights, **quantized})
-            outputs = [runner.run_layer(layer, hidden[b : b + config.batch], pos)
-                       for b in range(0, hidden.shape[0], config.batch)]
+            outputs = [
+                runner.run_layer(layer, hidden[b : b + config.batch], pos)
+                for b in range(0, hidden.shape[0], config.batch)
+            ]
         hidden = torch.cat(outputs)
         del layer, accs, weights, quantized
         bar.update()

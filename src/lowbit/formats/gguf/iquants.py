@@ -48,7 +48,7 @@ KVALUES_IQ4NL: tuple[int, ...] = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 1
 GROUP_MAX_EPS = _F32(1e-15)
 NTRY = 7
 QK = 32
-_CHUNK = 8192  # blocks of 32 per numpy pass
+_CHUNK = 2048  # blocks of 32 per numpy pass: keeps the (32, chunk) float32 temporaries in L2
 
 
 class _Codebook:

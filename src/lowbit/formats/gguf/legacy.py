@@ -37,7 +37,7 @@ from lowbit.formats.gguf.types import GGMLType
 QK = 32
 GROUP_MAX_EPS = np.float32(1e-15)
 # Blocks handled per numpy pass: keeps the (32, chunk) float32 temporaries in cache.
-_CHUNK = 8192
+_CHUNK = 2048
 
 _F32 = np.float32
 
