@@ -84,7 +84,7 @@ def perturbed(model: torch.nn.Module) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def tokens(tokenizer: Any, text: str) -> torch.Tensor:
-    return encode_text(tokenizer: Any, text)
+    return encode_text(tokenizer, text)
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +100,14 @@ def ref_default(model: torch.nn.Module, tokens: torch.Tensor, bos: int | None) -
 @pytest.fixture(scope="module")
 def full_kl(
     model: torch.nn.Module, perturbed: torch.nn.Module, tokens: torch.Tensor, bos: int | None
-):
+) -> tuple[np.ndarray, np.ndarray]:
     """Independent per-position full-vocabulary KL(P_ref || Q_perturbed) and argmax agreement."""
     return _full_kl(model, perturbed, tokens, CTX, CHUNKS, bos)
 
 
 @pytest.fixture(scope="module")
 def eval_full(ref_full: Reference, perturbed: torch.nn.Module) -> EvalResult:
-    return evaluate(logits_fn_from_hf(perturbed), ref_full: Reference, progress=False)
+    return evaluate(logits_fn_from_hf(perturbed), ref_full, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +252,7 @@ def test_bos_replacement_matters(model: torch.nn.Module, tokens: torch.Tensor, b
 
 
 def test_reference_alone_gives_ppl(
-    ref_default: Reference, model: torch.nn.Module, tokens: torch.Tensor, bos: int | None
+    ref_default, model: torch.nn.Module, tokens: torch.Tensor, bos: int | None
 ) -> None:
     ppl, err = ref_default.perplexity()
     res = compute_perplexity(logits_fn_from_hf(model), tokens, CTX, CHUNKS, bos, progress=False)
@@ -264,7 +264,7 @@ def test_reference_alone_gives_ppl(
 
 
 def test_self_kld_is_zero_and_top1_is_one(ref_default: Reference, model: torch.nn.Module) -> None:
-    res = evaluate(logits_fn_from_hf(model), ref_default: Reference, progress=False)
+    res = evaluate(logits_fn_from_hf(model), ref_default, progress=False)
     assert res.kld_mean == 0.0
     assert res.kld_max == 0.0
     assert res.kld_bound_mean == 0.0
@@ -299,10 +299,10 @@ def test_perturbed_kld_equals_full_vocab_kl(
 
 
 def test_default_topk_is_close_to_full_kl(
-    ref_default: Reference, eval_full: EvalResult, perturbed: torch.nn.Module
+    ref_default, eval_full: EvalResult, perturbed: torch.nn.Module
 ) -> None:
     full = eval_full
-    res = evaluate(logits_fn_from_hf(perturbed), ref_default: Reference, progress=False)
+    res = evaluate(logits_fn_from_hf(perturbed), ref_default, progress=False)
     assert res.topk == 128
     assert res.tail_samples == 32
     assert res.kld_bound_mean <= full.kld_mean + 1e-12  # a lower bound
@@ -372,7 +372,7 @@ def test_tail_sampler_draws_from_the_renormalized_tail() -> None:
 
 
 def test_cache_round_trip(ref_default: Reference, perturbed: torch.nn.Module, tmp_path: Path) -> None:
-    path = save_reference(ref_default: Reference, tmp_path / "ref.npz")
+    path = save_reference(ref_default, tmp_path / "ref.npz")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.npz"]  # no temp file left behind
     loaded = load_reference(path)
     assert loaded.meta == ref_default.meta
@@ -380,7 +380,7 @@ def test_cache_round_trip(ref_default: Reference, perturbed: torch.nn.Module, tm
     for name in ("nll", "argmax", "topk_ids", "topk_logp", "tail", "tail_ids", "tail_logp"):
         assert torch.equal(getattr(loaded.rows, name), getattr(ref_default.rows, name)), name
     fn = logits_fn_from_hf(perturbed)
-    a = evaluate(fn, ref_default: Reference, progress=False)
+    a = evaluate(fn, ref_default, progress=False)
     b = evaluate(fn, loaded, progress=False)
     assert a == b
     assert a.kld_mean > 0
@@ -389,12 +389,12 @@ def test_cache_round_trip(ref_default: Reference, perturbed: torch.nn.Module, tm
 
 
 def test_cache_mismatch_raises(
-    ref_default: Reference,
+    ref_default,
     model: torch.nn.Module,
     tokens: torch.Tensor,
     tmp_path: Path,
 ) -> None:
-    path = save_reference(ref_default: Reference, tmp_path / "ref.npz")
+    path = save_reference(ref_default, tmp_path / "ref.npz")
     ref = load_reference(path)
     fn = logits_fn_from_hf(model)
     with pytest.raises(InputFileError, match="different tokens"):
@@ -423,7 +423,7 @@ def test_bad_cache_files_raise(ref_default: Reference, tmp_path: Path) -> None:
     with pytest.raises(InputFileError, match="not a valid lowbit reference cache"):
         load_reference(garbage)
     # A consistent-looking file whose arrays disagree with its metadata.
-    path = save_reference(ref_default: Reference, tmp_path / "ref.npz")
+    path = save_reference(ref_default, tmp_path / "ref.npz")
     with np.load(path) as z:
         arrays = {k: z[k] for k in z.files}
     arrays["nll"] = arrays["nll"][:-1]
@@ -453,12 +453,17 @@ def test_load_or_build_caches(
 
     monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
     assert default_cache_dir() == tmp_path / "cache" / "refs"
-    kw = {"model_fingerprint": "stories260K-test", "topk": 64, "progress": False}
-    a = load_or_build_reference(counting, tokens, CTX, 2, bos, **kw)
+
+    def build() -> Reference:
+        return load_or_build_reference(
+            counting, tokens, CTX, 2, bos, model_fingerprint="stories260K-test", topk=64, progress=False
+        )
+
+    a = build()
     assert calls == 2
     files = list((tmp_path / "cache" / "refs").glob("ref-*.npz"))
     assert len(files) == 1
-    b = load_or_build_reference(counting, tokens, CTX, 2, bos, **kw)
+    b = build()
     assert calls == 2  # served from the cache
     assert b.meta == a.meta and torch.equal(a.rows.topk_logp, b.rows.topk_logp)
     # Every setting is part of the key.
@@ -476,7 +481,7 @@ def test_load_or_build_caches(
 
 
 def test_result_json(ref_default: Reference, perturbed: torch.nn.Module) -> None:
-    res = evaluate(logits_fn_from_hf(perturbed), ref_default: Reference, progress=False)
+    res = evaluate(logits_fn_from_hf(perturbed), ref_default, progress=False)
     d = json.loads(json.dumps(res.to_json_dict()))
     for key in (
         "ppl",
@@ -556,7 +561,9 @@ def test_ppl_matches_llama_perplexity(
 
 
 @pytest.mark.shared
-def test_tokenization_matches_llama_tokenize(shared_dir: Path, text: str, tokenizer: Any, tmp_path: Path) -> None:
+def test_tokenization_matches_llama_tokenize(
+    shared_dir: Path, text: str, tokenizer: Any, tmp_path: Path
+) -> None:
     text_file = tmp_path / "text.txt"
     text_file.write_text(text, encoding="utf-8")
     ids = _llama_cpp_ids(
@@ -564,4 +571,4 @@ def test_tokenization_matches_llama_tokenize(shared_dir: Path, text: str, tokeni
         shared_dir / "data/golden/stories260K-f32.gguf",
         text_file,
     )
-    assert encode_text(tokenizer: Any, text).tolist() == ids
+    assert encode_text(tokenizer, text).tolist() == ids

@@ -8,14 +8,39 @@ Methods register themselves by name; the CLI's ``--method`` choices come from th
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from lowbit.errors import SchemeError
 from lowbit.formats.base import Codec, QuantizedTensor
 
+if TYPE_CHECKING:
+    from lowbit.models.registry import Architecture
+
 METHODS: dict[str, type[Method]] = {}
+
+
+@dataclass(frozen=True)
+class BlockContext:
+    """What a block-level method (AWQ, SmoothQuant) sees of one transformer block during calibration.
+
+    ``weights``: the block's float tensors by block-relative name (``"mlp.up_proj.weight"``).
+    ``inputs``: sampled input activations ``(tokens, in_features)`` float32 of each linear input, keyed by
+    the registry's feeding op: a norm mapping's ``source`` for the linears it feeds (they share the input),
+    otherwise the linear's own relative name (``"self_attn.o_proj"``).
+    ``run``: runs the block with the given weights on the sampled calibration hidden states and returns
+    its output ``(samples, seq, hidden)``; the block's original output is ``run(weights)``.
+    """
+
+    index: int
+    weights: Mapping[str, torch.Tensor]
+    arch: Architecture
+    codec: Codec
+    inputs: Mapping[str, torch.Tensor]
+    run: Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
 
 class Method(ABC):
@@ -29,6 +54,14 @@ class Method(ABC):
         super().__init_subclass__(**kwargs)
         if getattr(cls, "name", None):
             METHODS[cls.name] = cls
+
+    # Block-level methods edit a whole block's float weights (scales folded into norms, clipping) before
+    # its linears are quantized; the walk then captures sampled inputs and calls transform_block.
+    transforms_block: ClassVar[bool] = False
+
+    def transform_block(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
+        """New float weights for the block (all of ``ctx.weights``' names). Default: unchanged."""
+        return dict(ctx.weights)
 
     @abstractmethod
     def quantize_linear(

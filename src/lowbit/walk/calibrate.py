@@ -17,7 +17,7 @@ Peak memory: one block's weights + the calibration activations (2 x samples x se
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from lowbit.calib.absmean import AbsMaxAccumulator, AbsMeanAccumulator
 from lowbit.calib.hessian import HessianAccumulator
 from lowbit.errors import ArgumentError, InputFileError
 from lowbit.formats.base import Codec, sqnr_db
-from lowbit.methods.base import Method
+from lowbit.methods.base import BlockContext, Method
 from lowbit.walk.blocks import BlockRunner
 from lowbit.walk.quantize_walk import LayerStat, WalkItem, WalkStats, check_finite
 from lowbit.walk.sources import ModelSource
@@ -50,6 +50,11 @@ class CalibConfig:
     seqlen: int = 512
     batch: int = 8
     sequential: bool = True
+    # Block-level methods (AWQ) search on a sample: this many input tokens per linear input, and this
+    # many windows for block-output losses.
+    block_sample_tokens: int = 8192
+    block_sample_windows: int = 16
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.samples < 1 or self.seqlen < 8 or self.batch < 1:
@@ -86,6 +91,15 @@ def calibration_tokens(source: ModelSource, config: CalibConfig) -> torch.Tensor
     return windows
 
 
+def _sample_tokens(x: torch.Tensor, limit: int, gen: torch.Generator) -> torch.Tensor:
+    """Up to ``limit`` random token rows of ``x`` (..., in) as float32 (tokens, in)."""
+    x2 = x.detach().reshape(-1, x.shape[-1]).float()
+    if x2.shape[0] <= limit:
+        return x2.clone()
+    idx = torch.randperm(x2.shape[0], generator=gen)[:limit]
+    return x2[idx]
+
+
 def _input_keys(source: ModelSource, rel_linears: list[str]) -> dict[str, str]:
     """Relative linear name -> the name of its input (linears fed by the same norm share one)."""
     keys = {lin: lin for lin in rel_linears}
@@ -116,6 +130,7 @@ def calibrate_walk(
     )
     pos = runner.position_embeddings(hidden[: config.batch])
     groups = source.blocks()
+    gen = torch.Generator().manual_seed(config.seed)
     bar = tqdm(total=len(groups), desc=f"{method.name}", unit="block", disable=not progress, leave=False)
     for grp in groups:
         if grp.index is None:
@@ -134,6 +149,7 @@ def calibrate_walk(
         rel_linears = [n[: -len(".weight")] for n in weights if arch.is_quantizable(prefix + n)]
         keys = _input_keys(source, rel_linears)
         accs: dict[str, dict[str, Any]] = {}
+        samples: dict[str, list[torch.Tensor]] = {}
         modules = dict(layer.named_modules())
         handles = []
         for lin in rel_linears:
@@ -146,6 +162,10 @@ def calibrate_walk(
             def hook(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], key: str = key) -> None:
                 for acc in accs[key].values():
                     acc.add(args[0])
+                if method.transforms_block:
+                    samples.setdefault(key, []).append(
+                        _sample_tokens(args[0], config.block_sample_tokens, gen)
+                    )
 
             handles.append(modules[lin].register_forward_pre_hook(hook))
         outputs = []
@@ -153,6 +173,24 @@ def calibrate_walk(
             outputs.append(runner.run_layer(layer, hidden[b : b + config.batch], pos))
         for h in handles:
             h.remove()
+        if method.transforms_block:
+            sub = hidden[: config.block_sample_windows]
+
+            def run(w: Mapping[str, torch.Tensor], i: int = i, sub: torch.Tensor = sub) -> torch.Tensor:
+                return runner.run_layer(runner.layer(i, w), sub, runner.position_embeddings(sub))
+
+            ctx = BlockContext(
+                index=i,
+                weights=weights,
+                arch=arch,
+                codec=codec,
+                inputs={k: torch.cat(v)[: config.block_sample_tokens] for k, v in samples.items()},
+                run=run,
+            )
+            # Statistics above were taken on the original block: a block-level method quantizes its
+            # transformed weights without them (AWQ: RTN after scaling and clipping).
+            weights = method.transform_block(ctx)
+        del samples
         quantized: dict[str, torch.Tensor] = {}
         for rel, w in weights.items():
             name = prefix + rel

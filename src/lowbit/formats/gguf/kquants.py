@@ -97,9 +97,7 @@ def _imatrix_weights(xb: F32Array, qw: F32Array, sigma2: F32Array) -> F32Array:
     return qw * np.sqrt(sigma2[:, None] + xb * xb)
 
 
-def _requantize(
-    xb: F32Array, L: I32Array, d: F32Array, dm: F32Array | None, lo: int, hi: int
-) -> I32Array:
+def _requantize(xb: F32Array, L: I32Array, d: F32Array, dm: F32Array | None, lo: int, hi: int) -> I32Array:
     """ggml's final pass: ``l = clamp(nearest_int((x + dm)/d))`` per sub-block; sub-blocks whose
     ``d == 0`` keep the codes of the search. ``xb, L (B, 256)``; ``d, dm (B, nsub)``.
 
@@ -278,9 +276,7 @@ class Q2_K(_KQuant):
         dl = d[:, None] * to_f32(sc & 0xF)
         ml = dmin[:, None] * to_f32(sc >> 4)
         L = _requantize(xb, L, dl, ml, 0, 3)
-        return np.concatenate(
-            [sc.astype(np.uint8), _pack_2bit(L), fp16_bytes(d_h), fp16_bytes(m_h)], axis=1
-        )
+        return np.concatenate([sc.astype(np.uint8), _pack_2bit(L), fp16_bytes(d_h), fp16_bytes(m_h)], axis=1)
 
     def _dequantize_blocks(self, blocks: U8Array) -> F32Array:
         sc = blocks[:, 0:16].astype(np.int32)

@@ -158,12 +158,7 @@ def make_q3_quants(x: F32Array, nmax: int) -> tuple[F32Array, I32Array]:
             nl = to_f32(new_l)
             slx2 = slx + wx[i] * nl
             sl22 = sl2 + w[i] * nl * nl
-            take = (
-                (slx > 0)
-                & (new_l != L[i])
-                & (sl22 > 0)
-                & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            )
+            take = (slx > 0) & (new_l != L[i]) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
             L[i] = np.where(take, new_l, L[i])
             sumlx = np.where(take, slx2, sumlx)
             suml2 = np.where(take, sl22, suml2)
@@ -206,7 +201,7 @@ def make_qkx_quants(
     v = np.empty_like(x)
     buf = np.empty_like(x)
 
-    def err(lf: F32Array, scale: F32Array, the_min: F32Array) -> F32Array:
+    def err(lf: F32Array, scale: np.ndarray, the_min: np.ndarray) -> F32Array:
         """seqsum(w * diff^2) (or w*|diff|), diff = scale*L + min - x, in ggml's order."""
         d = np.multiply(scale, lf, out=buf)
         d += the_min
@@ -329,9 +324,7 @@ def make_qp_quants(x: F32Array, nmax: int, qw: F32Array) -> tuple[F32Array, I32A
             nl = to_f32(new_l)
             slx2 = slx + wx[i] * nl
             sl22 = sl2 + qw[i] * nl * nl
-            take = (
-                (slx > 0) & (sl2 > 0) & (new_l != L[i]) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            )
+            take = (slx > 0) & (sl2 > 0) & (new_l != L[i]) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
             L[i] = np.where(take, new_l & 0xFF, L[i])
             sumlx = np.where(take, slx2, sumlx)
             suml2 = np.where(take, sl22, suml2)
