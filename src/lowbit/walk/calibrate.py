@@ -159,7 +159,13 @@ def calibrate_walk(
             in_f = weights[lin + ".weight"].shape[1]
             accs[key] = {need: ACCUMULATORS[need](in_f) for need in method.needs}
 
-            def hook(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], key: str = key) -> None:
+            def hook(
+                _m: torch.nn.Module,
+                args: tuple[torch.Tensor, ...],
+                key: str = key,
+                accs: dict[str, dict[str, Any]] = accs,
+                samples: dict[str, list[torch.Tensor]] = samples,
+            ) -> None:
                 for acc in accs[key].values():
                     acc.add(args[0])
                 if method.transforms_block:
@@ -190,7 +196,6 @@ def calibrate_walk(
             # Statistics above were taken on the original block: a block-level method quantizes its
             # transformed weights without them (AWQ: RTN after scaling and clipping).
             weights = method.transform_block(ctx)
-        del samples
         quantized: dict[str, torch.Tensor] = {}
         for rel, w in weights.items():
             name = prefix + rel
@@ -219,6 +224,6 @@ def calibrate_walk(
                 for b in range(0, hidden.shape[0], config.batch)
             ]
         hidden = torch.cat(outputs)
-        del layer, accs, weights, quantized
+        del layer, weights, quantized
         bar.update()
     bar.close()
