@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from lowbit.errors import UnsupportedArchitectureError
@@ -151,48 +151,37 @@ _QWEN2MOE_EXPERTS = ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "ml
 _QWEN2MOE_SHARED = ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj")
 
 
+_LLAMA = Architecture(
+    name="llama",
+    model_types=("llama",),
+    gguf_arch="llama",
+    linears=_LLAMA_LINEARS,
+    norms=("input_layernorm", "post_attention_layernorm"),
+    mappings=_LLAMA_MAPPINGS,
+    gguf_block_names=_LLAMA_GGUF,
+    gguf_global_names=_GLOBAL_GGUF,
+)
+
+# Variants of the llama block: (name, model_types, GGUF architecture, rotary permutation, extra norms).
+_LLAMA_LIKE: tuple[tuple[str, tuple[str, ...], str, bool, dict[str, str]], ...] = (
+    ("mistral", ("mistral",), "llama", True, {}),
+    ("qwen2", ("qwen2",), "qwen2", False, {}),
+    ("qwen3", ("qwen3",), "qwen3", False, _QK_NORMS),
+)
+
 ARCHITECTURES: tuple[Architecture, ...] = (
-    Architecture(
-        name="llama",
-        model_types=("llama",),
-        gguf_arch="llama",
-        linears=_LLAMA_LINEARS,
-        norms=("input_layernorm", "post_attention_layernorm"),
-        mappings=_LLAMA_MAPPINGS,
-        gguf_block_names=_LLAMA_GGUF,
-        gguf_global_names=_GLOBAL_GGUF,
-    ),
-    Architecture(
-        name="mistral",
-        model_types=("mistral",),
-        gguf_arch="llama",
-        linears=_LLAMA_LINEARS,
-        norms=("input_layernorm", "post_attention_layernorm"),
-        mappings=_LLAMA_MAPPINGS,
-        gguf_block_names=_LLAMA_GGUF,
-        gguf_global_names=_GLOBAL_GGUF,
-    ),
-    Architecture(
-        name="qwen2",
-        model_types=("qwen2",),
-        gguf_arch="qwen2",
-        linears=_LLAMA_LINEARS,
-        norms=("input_layernorm", "post_attention_layernorm"),
-        mappings=_LLAMA_MAPPINGS,
-        gguf_permute_qk=False,
-        gguf_block_names=_LLAMA_GGUF,
-        gguf_global_names=_GLOBAL_GGUF,
-    ),
-    Architecture(
-        name="qwen3",
-        model_types=("qwen3",),
-        gguf_arch="qwen3",
-        linears=_LLAMA_LINEARS,
-        norms=("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm"),
-        mappings=_LLAMA_MAPPINGS,
-        gguf_permute_qk=False,
-        gguf_block_names={**_LLAMA_GGUF, **_QK_NORMS},
-        gguf_global_names=_GLOBAL_GGUF,
+    _LLAMA,
+    *(
+        replace(
+            _LLAMA,
+            name=name,
+            model_types=types,
+            gguf_arch=garch,
+            gguf_permute_qk=permute,
+            norms=(*_LLAMA.norms, *extra),
+            gguf_block_names={**_LLAMA_GGUF, **extra},
+        )
+        for name, types, garch, permute, extra in _LLAMA_LIKE
     ),
     Architecture(
         name="gemma2",

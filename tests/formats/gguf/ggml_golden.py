@@ -87,11 +87,15 @@ def check_against_golden(
     got = codec.quantize_rows(case.input, case.imatrix)
     assert got.dtype == np.uint8 and got.shape == case.output.shape
     bad = np.nonzero((got != case.output).any(axis=1))[0]
-    assert bad.size == 0, f"{type_name} {input_name} imatrix={with_imatrix}: rows {bad.tolist()} differ from ggml"
+    assert bad.size == 0, (
+        f"{type_name} {input_name} imatrix={with_imatrix}: rows {bad.tolist()} differ from ggml"
+    )
     if case.imatrix is not None and case.imatrix_ignored:
         assert np.array_equal(codec.quantize_rows(case.input, None), case.output)
 
     deq = codec.dequantize_rows(case.output, n)
-    assert same_floats(deq, case.dequant), f"{type_name} {input_name}: dequantize differs from ggml's to_float"
+    assert same_floats(deq, case.dequant), (
+        f"{type_name} {input_name}: dequantize differs from ggml's to_float"
+    )
     ref = np.asarray(gguf_quants.dequantize(case.output, ggml_type(type_name)), dtype=np.float32)
     assert same_floats(deq, ref.reshape(deq.shape))

@@ -29,7 +29,7 @@ MY_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "IQ4_XS", "TQ1_0",
 
 @pytest.mark.parametrize("name", MY_TYPES)
 def test_registry_finds_codec_by_name_enum_and_value(name: str) -> None:
-    t = GGMLType[name]
+    t = GGMLType.__members__[name]
     codec = get_codec(name.lower())
     assert isinstance(codec, GGMLBlockCodec)
     assert get_codec(t) is codec and get_codec(int(t)) is codec and CODECS[name] is codec
@@ -167,7 +167,9 @@ def test_fp16_conversion_is_ggmls_round_to_nearest_even() -> None:
             np.nextafter(mids, F(np.inf)),
             np.nextafter(mids, F(0)),
             np.array([65504, 65519.996, 65520, 1e6, 2.0**-25, 2.0**-26, 3 * 2.0**-26, 1e-8, 1e-30], F),
-            (np.random.default_rng(3).standard_normal(20000) * 10.0 ** np.arange(-10, 10).repeat(1000)).astype(F),
+            (
+                np.random.default_rng(3).standard_normal(20000) * 10.0 ** np.arange(-10, 10).repeat(1000)
+            ).astype(F),
         ]
     )
     probes = np.concatenate([probes, -probes])

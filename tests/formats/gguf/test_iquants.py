@@ -163,7 +163,7 @@ def test_codebook_lookup_is_ggmls_best_index() -> None:
     got = iquants._IQ4NL.levels_of(probes + probes)
     assert got.tolist() == [_best_index_int8(v) for v in probes]
     # away from the midpoints, the nearest codebook value
-    far = probes[: 3000]
+    far = probes[:3000]
     nearest = np.argmin(np.abs(far[:, None] - np.array(KVALUES_IQ4NL, F)[None, :]), axis=1)
     assert np.array_equal(got[:3000], nearest)
 
@@ -209,7 +209,9 @@ def test_mxfp4_ignores_the_imatrix() -> None:
     rng = np.random.default_rng(14)
     x = rng.standard_normal((4, 256)).astype(F)
     codec = get_codec("MXFP4")
-    assert np.array_equal(codec.quantize_rows(x, np.exp(rng.standard_normal(256)).astype(F)), codec.quantize_rows(x))
+    assert np.array_equal(
+        codec.quantize_rows(x, np.exp(rng.standard_normal(256)).astype(F)), codec.quantize_rows(x)
+    )
 
 
 @pytest.mark.parametrize("type_name", ["IQ4_NL", "IQ4_XS"])

@@ -73,7 +73,9 @@ def _ref_make_qx_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.flo
     return scale, L
 
 
-def _ref_make_qkx3_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.float32, np.float32, list[int]]:
+def _ref_make_qkx3_quants(
+    x: np.ndarray, w: np.ndarray, nmax: int
+) -> tuple[np.float32, np.float32, list[int]]:
     """make_qkx3_quants(n, nmax, x, w, L, &the_min, Laux, -0.9f, 0.05f, 36, false), one block."""
     n = len(x)
     mn, mx = x[0], x[0]
@@ -205,7 +207,9 @@ def test_q8_0_ignores_the_imatrix() -> None:
     rng = np.random.default_rng(7)
     x = rng.standard_normal((4, 256)).astype(F)
     codec = get_codec("Q8_0")
-    assert np.array_equal(codec.quantize_rows(x, np.exp(rng.standard_normal(256)).astype(F)), codec.quantize_rows(x))
+    assert np.array_equal(
+        codec.quantize_rows(x, np.exp(rng.standard_normal(256)).astype(F)), codec.quantize_rows(x)
+    )
 
 
 @pytest.mark.parametrize("type_name", WEIGHTED)
@@ -216,7 +220,7 @@ def test_rows_and_chunks_are_independent(type_name: str, monkeypatch: pytest.Mon
     codec = get_codec(type_name)
     whole = codec.quantize_rows(x, im)
     by_row = np.concatenate([codec.quantize_rows(x[i : i + 1], im) for i in range(5)])
-    monkeypatch.setattr(legacy, "_CHUNK", 7)  # chunk borders inside rows
+    monkeypatch.setattr(legacy, "_CHUNK", 7)  # one row per pass
     assert np.array_equal(whole, by_row)
     assert np.array_equal(codec.quantize_rows(x, im), whole)
 

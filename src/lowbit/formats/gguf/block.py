@@ -15,6 +15,8 @@ the pieces every codec needs for that:
   (``np.sum`` sums pairwise and differs in the last bits).
 * :func:`fp16_bytes` is ``GGML_FP32_TO_FP16`` (round to nearest even, subnormals kept: numpy's
   ``astype(float16)``), returned as little-endian bytes.
+* :func:`absmax_first` is the ``if (fabsf(x) > amax)`` scan: the largest magnitude and the signed
+  value holding it, the first one on ties.
 * :func:`pack_nibbles` / :func:`pack_high_bits` are ggml's layout of 4-bit codes (element ``j`` and
   ``j + n/2`` share byte ``j``, low nibble first) and of 5th bits (bit ``j`` of a little-endian word).
 """
@@ -137,13 +139,14 @@ class GGMLBlockCodec(ABC):
 def get_codec(t: GGMLType | str | int) -> GGMLBlockCodec:
     """The registered codec of ggml type ``t`` (enum, value or case-insensitive name)."""
     gt = ggml_type(t)
-    if gt.name not in CODECS:
-        for module in _PROVIDERS:
-            try:
-                importlib.import_module(module)
-            except ModuleNotFoundError as e:
-                if e.name != module:
-                    raise
+    for module in _PROVIDERS:
+        if gt.name in CODECS:
+            break
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
     codec = CODECS.get(gt.name)
     if codec is None:
         have = ", ".join(sorted(CODECS))
@@ -208,7 +211,8 @@ def absmax_first(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def fp16_bytes(v: np.ndarray) -> np.ndarray:
     """``GGML_FP32_TO_FP16`` of float32 (...,) -> uint8 (..., 2), little-endian."""
-    h = np.asarray(v, dtype=np.float32).astype("<f2")
+    with np.errstate(over="ignore"):  # |v| >= 65520 -> inf, as in ggml
+        h = np.asarray(v, dtype=np.float32).astype("<f2")
     return h.view(np.uint8).reshape(*h.shape, 2)
 
 

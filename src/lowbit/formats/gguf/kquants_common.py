@@ -184,6 +184,9 @@ def make_qkx_quants(
 ) -> tuple[F32Array, F32Array, I32Array]:
     """ggml ``make_qkx2_quants`` (``version=2``) / ``make_qkx3_quants`` (``version=3``, with weights).
 
+    The two differ only in the test for a flat sub-block (``max == min`` / ``max <= min``) and in
+    qkx3's ``weights == NULL`` default, which no k-quant uses.
+
     ``x, w (n, S)``. Returns ``(scale (S,), the_min (S,), L (n, S))``: the sub-block dequantizes as
     ``scale * L - the_min``. The running ``min`` of the search is the best fit so far: later candidate
     scales are measured from it, as in ggml. This is the hot loop of Q2_K/Q4_K/Q5_K: buffers are reused
@@ -220,15 +223,10 @@ def make_qkx_quants(
     if nstep >= 1:
         for step in range(nstep + 1):
             isc = (F32(rmin) + F32(rdelta) * F32(step) + fmax) / (mx - mn)
-            if version == 3:
-                # v > 0 ? nearest_int(MIN(v, nmax)) : 0 -- in range by construction; NaN/-inf -> 0
-                np.subtract(x, mn, out=v)
-                v *= isc
-                np.minimum(v, fmax, out=v)
-                np.fmax(v, F32(0.0), out=v)
-                lf = np.rint(v, out=v)
-            else:
-                lf = rounded_codes(x, mn, isc, xmin, mx, 0, nmax, out=v)
+            # Both versions clamp nearest_int(v), garbage included when the running min has moved
+            # next to max (v huge or inf). Newer llama.cpp clamps v before rounding in qkx3; the
+            # reference build (0c1e570) does not, and ggml_quantize_chunk of that build agrees.
+            lf = rounded_codes(x, mn, isc, xmin, mx, 0, nmax, out=v)
             wl = np.multiply(w, lf, out=buf)
             sum_l = seqsum(wl)
             sum_xl = seqsum(wl * x)

@@ -27,7 +27,6 @@ from lowbit.formats.gguf.block import (
     GGMLBlockCodec,
     absmax_first,
     fp16_bytes,
-    nearest_int,
     pack_high_bits,
     pack_nibbles,
     seq_sum,
@@ -203,15 +202,14 @@ class _Legacy(GGMLBlockCodec):
         if imatrix is None:
             out = gguf_quants.quantize(x, self.ggml_type)
             return np.asarray(out, dtype=np.uint8).reshape(rows, self.row_bytes(n))
-        w = _row_weights(x, imatrix)
-        xb = x.reshape(-1, QK)
-        wb = w.reshape(-1, QK)
-        nblocks = xb.shape[0]
-        out = np.empty((nblocks, self.type_size), dtype=np.uint8)
-        for s in range(0, nblocks, _CHUNK):
-            e = min(s + _CHUNK, nblocks)
-            out[s:e] = self._weighted_blocks(_to_blocks_t(xb[s:e]), _to_blocks_t(wb[s:e]))
-        return out.reshape(rows, self.row_bytes(n))
+        out = np.empty((rows, self.row_bytes(n)), dtype=np.uint8)
+        step = max(1, _CHUNK * QK // n)  # whole rows per pass (sigma2 is per row), ~_CHUNK blocks
+        for s in range(0, rows, step):
+            xg = x[s : s + step]
+            wg = _row_weights(xg, imatrix)
+            blocks = self._weighted_blocks(_to_blocks_t(xg), _to_blocks_t(wg))  # (rows*n/32, type_size)
+            out[s : s + step] = blocks.reshape(xg.shape[0], -1)
+        return out
 
     def _weighted_blocks(self, xt: np.ndarray, wt: np.ndarray) -> np.ndarray:
         """xt, wt float32 (32, B) -> uint8 (B, type_size) (ggml's ``quantize_row_*_impl``)."""
