@@ -254,10 +254,9 @@ def test_bos_replacement_matters(model: torch.nn.Module, tokens: torch.Tensor, b
 def test_reference_alone_gives_ppl(
     ref_default, model: torch.nn.Module, tokens: torch.Tensor, bos: int | None
 ) -> None:
-    ppl, err = ref_default.perplexity()
     res = compute_perplexity(logits_fn_from_hf(model), tokens, CTX, CHUNKS, bos, progress=False)
-    assert ppl == pytest.approx(res.ppl, rel=1e-12)
-    assert err == pytest.approx(res.ppl_stderr, rel=1e-12)
+    assert ref_default.perplexity() == res
+    assert json.loads(json.dumps(res.to_json_dict()))["ppl"] == res.ppl
 
 
 # ---------------------------------------------------------------------------------------- KLD and top-1
@@ -277,6 +276,7 @@ def test_self_kld_is_zero_and_top1_is_one(ref_default: Reference, model: torch.n
 def test_perturbed_kld_equals_full_vocab_kl(
     eval_full: EvalResult,
     full_kl: tuple[np.ndarray, np.ndarray],
+    model: torch.nn.Module,
     perturbed: torch.nn.Module,
     tokens: torch.Tensor,
     bos: int | None,
@@ -294,8 +294,17 @@ def test_perturbed_kld_equals_full_vocab_kl(
     assert res.kld_p999 == pytest.approx(np.quantile(kl, 0.999), rel=1e-6)
     assert res.top1 == pytest.approx(same.mean(), abs=1e-12)
     assert 0.5 < res.top1 < 1.0
-    assert res.ppl == pytest.approx(_plain_ppl(perturbed, tokens, CTX, CHUNKS, bos), rel=1e-6)
+    q = _plain_nll(perturbed, tokens, CTX, CHUNKS, bos)
+    r = _plain_nll(model, tokens, CTX, CHUNKS, bos)
+    assert res.ppl == pytest.approx(math.exp(q.mean()), rel=1e-6)
+    assert res.ref_ppl == pytest.approx(math.exp(r.mean()), rel=1e-6)
     assert res.delta_ppl == pytest.approx(res.ppl - res.ref_ppl, abs=1e-12)
+    # llama.cpp's "Mean PPL(Q)-PPL(base)" uncertainty, with the covariance of the paired NLLs.
+    n = q.size
+    unc_q = math.exp(q.mean()) * q.std() / math.sqrt(n - 1)
+    unc_r = math.exp(r.mean()) * r.std() / math.sqrt(n - 1)
+    cov = math.exp(q.mean()) * math.exp(r.mean()) * float(np.cov(q, r, bias=True)[0, 1]) / (n - 1)
+    assert res.delta_ppl_stderr == pytest.approx(math.sqrt(unc_q**2 + unc_r**2 - 2 * cov), rel=1e-5)
 
 
 def test_default_topk_is_close_to_full_kl(
@@ -366,6 +375,22 @@ def test_tail_sampler_draws_from_the_renormalized_tail() -> None:
     assert counts[:2].sum() == 0  # top-k ids are never drawn
     expected = probs[2:] / probs[2:].sum()
     assert torch.allclose(counts[2:], expected, atol=0.01)
+
+
+def test_tail_sampler_never_draws_impossible_tokens() -> None:
+    inf = float("inf")
+    logp = torch.log_softmax(torch.tensor([[0.0, 1.0, -inf, 2.0, -inf]] * 50, dtype=torch.float64), -1)
+    draws = sample_tail(logp, torch.tensor([[3]] * 50), 16, torch.Generator().manual_seed(0))
+    assert set(draws.unique().tolist()) == {0, 1}
+    # An empty tail (every remaining token impossible): any id will do, its weight p_rest is 0.
+    rows = reference_rows(logp[:1].float(), torch.tensor([3]), 3, 8, torch.Generator())
+    assert float(rows.tail[0]) == 0.0
+    assert torch.isfinite(rows.tail_logp).all()
+    res = model_rows(logp[:1] + 0.1, torch.tensor([3]), rows)
+    assert torch.isfinite(res.kld).all() and float(res.kld[0]) == pytest.approx(0.0, abs=1e-6)
+    # k = V with masked logits: 0 * log(0/0) terms count as 0, not NaN.
+    rows = reference_rows(logp[:1], torch.tensor([3]), 5, 0, torch.Generator())
+    assert float(model_rows(logp[:1], torch.tensor([3]), rows).kld[0]) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------- the cache

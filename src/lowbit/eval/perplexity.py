@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from lowbit.eval.metrics import (
+    PerplexityResult,
     mean_and_stderr,
     model_rows,
     percentile,
@@ -105,30 +106,6 @@ def logits_fn_from_hf(model: torch.nn.Module) -> LogitsFn:
 
 
 @dataclass(frozen=True)
-class PerplexityResult:
-    """Perplexity of one model on llama-perplexity windows.
-
-    Attributes:
-        ppl: ``exp(mean NLL)`` (llama.cpp "Final estimate: PPL").
-        ppl_stderr: llama.cpp's "+/-" value, ``PPL * stderr(NLL)``.
-        nll_mean: mean NLL in nats.
-        tokens: scored tokens, ``chunks * (ctx - 1 - ctx//2)``.
-        chunks: windows evaluated.
-        ctx: window length.
-    """
-
-    ppl: float
-    ppl_stderr: float
-    nll_mean: float
-    tokens: int
-    chunks: int
-    ctx: int
-
-    def to_json_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
 class EvalResult:
     """A model measured against a reference on the same windows.
 
@@ -200,15 +177,8 @@ def compute_perplexity(
     ]
     nll = torch.cat(parts).numpy()
     assert nll.size == plan.n_scored
-    ppl, err = ppl_and_stderr(nll)
-    res = PerplexityResult(
-        ppl=ppl,
-        ppl_stderr=err,
-        nll_mean=float(nll.mean()),
-        tokens=int(nll.size),
-        chunks=plan.n_chunks,
-        ctx=ctx,
-    )
+    res = PerplexityResult.from_nll(nll, chunks=plan.n_chunks, ctx=ctx)
+    ppl, err = res.ppl, res.ppl_stderr
     logger.info(
         "PPL %.4f +/- %.5f over %d chunks x %d ctx (%d tokens)", ppl, err, plan.n_chunks, ctx, res.tokens
     )

@@ -19,8 +19,8 @@ array               dtype        meaning
 ==================  ===========  ==========================================================
 
 ``N = chunks * (ctx - 1 - ctx//2)``. Log-probs are float32, not float16: a float16 log-prob near -10
-is off by up to 4e-3 nats, which alone would put a floor of ~1e-3 under every measured KLD, the size
-of a good 8-bit quantization's KLD.
+is off by up to 4e-3 nats, per-position KLD errors of order 1e-3, the size of a good 8-bit
+quantization's whole KLD. float32 errors are ~1e-7 nats.
 
 Defaults ``k = 128`` (:data:`DEFAULT_TOPK`) and ``s = 32`` tail draws (:data:`DEFAULT_TAIL_SAMPLES`):
 1.25 KB per position, about 13 MB for 40 x 512 windows whatever the vocabulary (llama.cpp: 1 GB for
@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from lowbit.errors import ArgumentError, InputFileError
-from lowbit.eval.metrics import RefRows, ppl_and_stderr, reference_rows
+from lowbit.eval.metrics import PerplexityResult, RefRows, reference_rows
 from lowbit.eval.windows import LogitsFn, WindowPlan, check_tokens, plan_windows, run_windows
 
 logger = logging.getLogger(__name__)
@@ -128,9 +128,9 @@ class Reference:
         """Average reference probability outside the stored top-k (the "rest" bucket)."""
         return float(self.rows.tail.mean())
 
-    def perplexity(self) -> tuple[float, float]:
-        """Reference ``(PPL, stderr)`` from the cached NLLs, as llama-perplexity computes them."""
-        return ppl_and_stderr(self.rows.nll.numpy())
+    def perplexity(self) -> PerplexityResult:
+        """The reference's own perplexity from the cached NLLs (no model run), as llama-perplexity computes it."""
+        return PerplexityResult.from_nll(self.rows.nll.numpy(), chunks=self.meta.n_chunks, ctx=self.meta.ctx)
 
     def check_matches(
         self,
@@ -233,7 +233,8 @@ def build_reference(
         model_fingerprint=model_fingerprint,
     )
     ref = Reference(meta=meta, tokens=used, rows=rows)
-    ppl, err = ref.perplexity()
+    pr = ref.perplexity()
+    ppl, err = pr.ppl, pr.ppl_stderr
     logger.info(
         "reference: %d chunks x %d ctx, %d scored tokens, PPL %.4f +/- %.5f, top-%d tail mass %.3g",
         plan.n_chunks,

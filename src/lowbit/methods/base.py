@@ -72,7 +72,7 @@ class Method(ABC):
 
 def get_method(name: str) -> Method:
     # Import the built-in methods so that they register.
-    from lowbit.methods import gptq, rtn  # noqa: F401
+    from lowbit.methods import awq, gptq, rtn  # noqa: F401
 
     cls = METHODS.get(name)
     if cls is None:

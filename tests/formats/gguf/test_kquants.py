@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -135,6 +136,34 @@ def test_quantize_matches_libggml_on_fresh_inputs(
             got = codec.quantize_rows(x, im)
             where = f"{label} imatrix={im is not None}"
             assert np.array_equal(got, want), f"{where}: {_first_difference(got, want)}"
+
+
+# A super-block (found by fuzzing against libggml) where make_qkx3_quants' running min moves next to
+# max: sub-block 6 is signed zeros, -9.1e-5 and a weightless -0.0102, so candidate codes come from
+# nearest_int of huge values. Newer llama.cpp clamps before rounding there; the reference build does
+# not, and its bytes are pinned here by sha256 (computed with ggml_quantize_chunk of that build).
+_QKX3_IMATRIX_SB6 = (
+    "3ffbc8bc 3dea472f 41f440be 3ef656cc 40c5d854 0 401e5017 40991203 41203c91 3dbdc7ad 3cb15f20 0 "
+    "4153e306 413946ad 0 3a63ee1f 0 3e8c4cdc 4088d980 41373917 0 3e69a9c3 0 41077e13 0 0 3ade45a2 "
+    "3d33c542 3bd6cc4a 0 0 40d5d421"
+)
+_QKX3_SHA256 = {
+    "Q4_K": "330bcd8264410253799bf47df93e752ff73dfa249e2e33ab3853599699e59685",
+    "Q5_K": "2f12c0ee4bf9cf649a14e4a5cf4485da61e8c6a1c80e83a74530cd5505e57390",
+}
+
+
+@pytest.mark.parametrize("type_name", sorted(_QKX3_SHA256))
+def test_search_with_min_next_to_max_keeps_ggml_rounding(type_name: str) -> None:
+    x = np.zeros(256, dtype=np.float32)
+    x[192:224] = np.where((0xBDDCE5B5 >> np.arange(32)) & 1, -0.0, 0.0)
+    x[[0, 211, 216]] = np.array([0x3CCCA0DD, 0xB8BF605C, 0xBC27480C], dtype=np.uint32).view(np.float32)
+    imatrix = np.ones(256, dtype=np.float32)
+    imatrix[192:224] = np.array([int(h, 16) for h in _QKX3_IMATRIX_SB6.split()], dtype=np.uint32).view(
+        np.float32
+    )
+    got = get_codec(type_name).quantize_rows(x[None], imatrix)
+    assert hashlib.sha256(got.tobytes()).hexdigest() == _QKX3_SHA256[type_name]
 
 
 # ---------------------------------------------------------------------------------------------------

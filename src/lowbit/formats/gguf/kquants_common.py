@@ -194,7 +194,12 @@ def make_qkx_quants(
     """
     xmin = np.min(x, axis=0)
     mx = np.max(x, axis=0)
-    mn0 = np.minimum(xmin, F32(0.0))
+    # ggml: min = x[0], lowered on strict '<', then 'if (min > 0) min = 0'. A zero minimum is therefore
+    # the first zero of the sub-block, with its sign (np.min/np.minimum do not say which zero); the sign
+    # reaches the output of types that store -the_min as fp16 (Q4_1/Q5_1).
+    is_zero = x == 0
+    first_zero = x[np.argmax(is_zero, axis=0), np.arange(x.shape[1])]
+    mn0 = np.where(xmin > 0, F32(0.0), np.where(xmin == 0, first_zero, xmin)).astype(F32)
     mn = mn0
     sum_w = seqsum_from_first(w)
     sum_x = seqsum_from_first(w * x)
