@@ -87,7 +87,7 @@ def quantize(
         )
     exporter = get_format(fmt_name)
     meth = get_method(method)
-    if meth.needs and calib is None:
+    if meth.needs_calibration and calib is None:
         raise ArgumentError(f"method {meth.name} needs calibration text; pass --calib TEXTFILE")
     t0 = time.perf_counter()
     source = model if isinstance(model, ModelSource) else open_model(model)
@@ -95,7 +95,7 @@ def quantize(
     shapes = [source.info(n).shape for n in source.names() if source.arch.is_quantizable(n)]
     exporter.check(codec, shapes)
     stats = WalkStats()
-    if meth.needs:
+    if meth.needs_calibration:
         assert calib is not None
         items = calibrate_walk(source, codec, meth, calib, stats, progress=progress)
     else:
@@ -119,7 +119,11 @@ def quantize(
 
 
 def simulate_scheme(
-    source: ModelSource, scheme: str, method: str = "rtn", progress: bool = False
+    source: ModelSource,
+    scheme: str,
+    method: str = "rtn",
+    progress: bool = False,
+    calib: CalibConfig | None = None,
 ) -> tuple[dict[str, torch.Tensor], WalkStats]:
     """Float weights of ``source`` with ``scheme`` applied in memory, and the walk stats.
 
@@ -132,5 +136,15 @@ def simulate_scheme(
     except SchemeError:  # no writer registered for the format
         scale_dtype = torch.float16
     stats = WalkStats()
-    weights = simulate(source, sch.codec(scale_dtype), get_method(method), stats, progress=progress)
+    meth = get_method(method)
+    codec = sch.codec(scale_dtype)
+    if meth.needs_calibration:
+        if calib is None:
+            raise ArgumentError(f"method {meth.name} needs calibration text")
+        items = calibrate_walk(source, codec, meth, calib, stats, progress=progress)
+        weights = {
+            it.name: codec.dequantize(it.quantized) if it.quantized is not None else it.tensor for it in items
+        }
+    else:
+        weights = simulate(source, codec, meth, stats, progress=progress)
     return weights, stats

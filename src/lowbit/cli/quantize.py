@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("model", help="Hugging Face model directory (safetensors) or .gguf file")
     p.add_argument("--scheme", required=True, help="quantization scheme (see above), e.g. w4g128")
-    p.add_argument("--method", default="rtn", help="rtn (default, no calibration) or gptq (needs --calib)")
+    p.add_argument("--method", default="rtn", help="rtn (default, no calibration), gptq or awq (these need --calib)")
     p.add_argument(
         "--format", dest="fmt", default=None, help="output format (default: the scheme's: compressed-tensors)"
     )
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from lowbit.methods.base import get_method
 
     method = get_method(args.method)
-    if args.calib is not None and not method.needs:
+    if args.calib is not None and not method.needs_calibration:
         raise ArgumentError(
             f"--calib is not used by method {args.method!r}; drop it (methods: {', '.join(sorted(METHODS))})"
         )

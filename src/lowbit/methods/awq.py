@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from lowbit.errors import SchemeError
+from lowbit.errors import ArgumentError, SchemeError
 from lowbit.formats.affine import block_reduce, expand_blocks
 from lowbit.formats.base import PER_CHANNEL, Block, Codec, QuantizedTensor
 from lowbit.methods.base import BlockContext, Method
@@ -226,16 +226,25 @@ class AWQ(Method):
         self.config = config or AWQConfig()
         self.reports: list[ScaleReport] = []
         self.clip_reports: list[ClipReport] = []
+        self._transformed = False
 
     def quantize_linear(
         self, weight: torch.Tensor, codec: Codec, stats: dict[str, torch.Tensor] | None = None
     ) -> QuantizedTensor:
         # The weights arrive scaled and clipped by transform_block: what is left is round-to-nearest.
+        # A caller that never ran transform_block (a walk without calibration) would get plain RTN
+        # labelled "awq": refuse instead.
+        if not self._transformed:
+            raise ArgumentError(
+                "AWQ scales and clips each block from calibration activations before rounding; run it "
+                "through the calibration walk (pass calibration text), or use --method rtn"
+            )
         return codec.quantize(weight)
 
     # ----------------------------------------------------------------- block transform
     def transform_block(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
         """Scaled (and clipped) float weights for every name of ``ctx.weights``, in their own dtypes."""
+        self._transformed = True
         prefix = ctx.arch.block_prefix.format(i=ctx.index)
         quantizable = {
             n[: -len(".weight")]

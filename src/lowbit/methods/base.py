@@ -59,6 +59,11 @@ class Method(ABC):
     # its linears are quantized; the walk then captures sampled inputs and calls transform_block.
     transforms_block: ClassVar[bool] = False
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the method runs on calibration data (statistics or a block-level search)."""
+        return bool(self.needs) or self.transforms_block
+
     def transform_block(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
         """New float weights for the block (all of ``ctx.weights``' names). Default: unchanged."""
         return dict(ctx.weights)

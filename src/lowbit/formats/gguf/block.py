@@ -28,6 +28,7 @@ from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import numpy as np
+import numpy.typing as npt
 from gguf import quants as gguf_quants
 
 from lowbit.errors import NonFiniteWeightError, SchemeError, ShapeError
@@ -158,71 +159,141 @@ def get_codec(t: GGMLType | str | int) -> GGMLBlockCodec:
 # float32 primitives that reproduce ggml's C arithmetic
 # ---------------------------------------------------------------------------------------------------
 
-_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23
+F32 = np.float32
+F32Array = npt.NDArray[np.float32]
+I32Array = npt.NDArray[np.int32]
+U8Array = npt.NDArray[np.uint8]
+
+GROUP_MAX_EPS = F32(1e-15)
+"""ggml's ``GROUP_MAX_EPS``: a block whose largest magnitude is below it is stored as all zeros."""
+
+_MAGIC = F32(12582912.0)  # 1.5 * 2**23: adding it leaves the rounded integer in the low mantissa bits
+NEAREST_INT_EXACT = F32(4194303.0)
+"""Up to this magnitude :func:`nearest_int` equals ``np.rint`` (beyond it the C wraps)."""
 
 
-def nearest_int(v: np.ndarray) -> np.ndarray:
-    """ggml's ``nearest_int``: float32 -> int32, round half to even (valid for ``|v| <= 4194303``)."""
-    s = np.asarray(v, dtype=np.float32) + _MAGIC
+def nearest_int(v: np.ndarray) -> I32Array:
+    """ggml's ``nearest_int``: float32 -> int32, round half to even.
+
+    Exact for ``|v| <= 4194303``; outside it (and for NaN) it returns the same wrapped value as ggml,
+    whose assert is compiled out.
+    """
+    s = np.asarray(v, dtype=F32) + _MAGIC
     return (s.view(np.int32) & np.int32(0x007FFFFF)) - np.int32(0x00400000)
 
 
-def seq_sum(a: np.ndarray, axis: int = -1, out: np.ndarray | None = None) -> np.ndarray:
-    """Sum float32 ``a`` along ``axis`` strictly in order (a C accumulation loop), axis removed.
+def c_int8(v: np.ndarray) -> I32Array:
+    """C's ``(int8_t)`` of int32 values (two's-complement wrap), as int32."""
+    return ((np.asarray(v, dtype=np.int32) + 128) & 0xFF) - 128
 
-    Along axis 0 it is a loop of vector adds (fast when the other axes are wide: keep blocks as
-    ``(block_len, n_blocks)``); along any other axis it is ``np.add.accumulate`` (also sequential).
+
+def c_trunc_int(v: np.ndarray) -> I32Array:
+    """C's float -> int conversion as x86-64 does it (``cvttss2si``): toward zero, and INT32_MIN for
+    NaN or out-of-range values (numpy's cast compiles to the same instruction)."""
+    with np.errstate(invalid="ignore"):
+        return np.asarray(v, dtype=F32).astype(np.int32)
+
+
+def seq_sum(a: np.ndarray, axis: int = 0, out: np.ndarray | None = None, *, from_first: bool = False) -> F32Array:
+    """Sum float32 ``a`` along ``axis`` strictly in order, as a C loop does; the axis is removed.
+
+    ``from_first=False`` is ``float s = 0; for (i = 0; ...) s += a[i];``, ``True`` is ``float s = a[0];
+    for (i = 1; ...) s += a[i];``. They differ only where every term is ``-0.0`` (``+0.0`` from zero),
+    which reaches the output as the sign of a zero scale. ``np.sum`` sums pairwise and differs in the
+    last bits. Along axis 0 it is a loop of vector adds (fast with blocks laid out ``(block_len,
+    n_blocks)``); along any other axis ``np.add.accumulate`` (also sequential).
     """
-    a = np.asarray(a, dtype=np.float32)
+    a = np.asarray(a, dtype=F32)
     ax = axis % a.ndim
     if ax != 0:
-        acc = np.add.accumulate(a, axis=ax, dtype=np.float32)
-        res = np.take(acc, -1, axis=ax)
+        res = np.take(np.add.accumulate(a, axis=ax, dtype=F32), -1, axis=ax)
         if out is None:
-            return res
-        np.copyto(out, res)
-        return out
-    if out is None:
-        out = np.empty(a.shape[1:], dtype=np.float32)
-    np.copyto(out, a[0])
-    for i in range(1, a.shape[0]):
-        np.add(out, a[i], out=out)
+            out = res
+        else:
+            np.copyto(out, res)
+    else:
+        if out is None:
+            out = np.empty(a.shape[1:], dtype=F32)
+        np.copyto(out, a[0])
+        for i in range(1, a.shape[0]):
+            np.add(out, a[i], out=out)
+    if not from_first:
+        out += F32(0.0)  # -0.0 + 0.0 = +0.0; every other value is unchanged
     return out
 
 
-def absmax_first(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Blocks x float32 (n, B) -> (amax, max) (B,): the largest |x| and the signed element holding it.
+def absmax_first(x: np.ndarray) -> tuple[F32Array, F32Array]:
+    """Blocks x float32 (n, B) -> (amax, max) (B,): ggml's ``float amax = 0, max = 0; for (...) if
+    (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }``.
 
-    On a tie between ``+a`` and ``-a`` the first in the block wins, as ggml's ``if (ax > amax)`` scan.
-    (``np.argmax`` gives that too, but is several times slower than two reductions.)
+    The largest magnitude and the signed element holding it, the first one on ties between ``+a`` and
+    ``-a``; NaNs never win; ``(+0, +0)`` when nothing beats 0. (Two reductions, with ``np.argmax`` only
+    on tied or NaN columns: several times faster than ``np.argmax`` everywhere.)
     """
     hi = x.max(axis=0)
     lo = x.min(axis=0)
     neg = -lo
     amax = np.maximum(hi, neg)
     mx = np.where(hi >= neg, hi, lo)
-    tie = np.nonzero(hi == neg)[0]
-    if tie.size:
-        sub = x[:, tie]
-        first = np.argmax(np.abs(sub), axis=0)
-        mx[tie] = sub[first, np.arange(tie.size)]
-    return amax, mx
+    slow = np.nonzero(((hi == neg) & (hi > 0)) | np.isnan(amax))[0]
+    if slow.size:
+        sub = np.abs(x[:, slow])
+        sub[np.isnan(sub)] = -1
+        first = np.argmax(sub, axis=0)
+        amax[slow] = sub[first, np.arange(slow.size)]
+        mx[slow] = x[first, slow]
+    found = amax > 0
+    return np.where(found, amax, F32(0)).astype(F32), np.where(found, mx, F32(0)).astype(F32)
 
 
-def fp16_bytes(v: np.ndarray) -> np.ndarray:
+def min_first(x: np.ndarray) -> F32Array:
+    """Blocks x float32 (n, B) -> (B,): ggml's ``min = x[0]; for (...) if (x[i] < min) min = x[i];``.
+
+    The minimum; where it is zero, the first zero of the block with its sign (``np.min`` does not say
+    which zero it returns). Finite input.
+    """
+    m = x.min(axis=0)
+    first_zero = x[np.argmax(x == 0, axis=0), np.arange(x.shape[1])]
+    return np.where(m == 0, first_zero, m).astype(F32)
+
+
+def max_first(x: np.ndarray) -> F32Array:
+    """As :func:`min_first` for ``if (x[i] > max) max = x[i];``."""
+    m = x.max(axis=0)
+    first_zero = x[np.argmax(x == 0, axis=0), np.arange(x.shape[1])]
+    return np.where(m == 0, first_zero, m).astype(F32)
+
+
+def fp16_round(v: np.ndarray) -> F32Array:
+    """``GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(v))``: the float32 value of the fp16 ggml stores.
+
+    numpy's float32 -> float16 cast rounds exactly as ggml's (nearest even, subnormals kept, overflow
+    to inf); checked on all fp16 ties in ``test_block.py``.
+    """
+    with np.errstate(over="ignore"):
+        return np.asarray(v, dtype=F32).astype(np.float16).astype(F32)
+
+
+def fp16_bytes(v: np.ndarray) -> U8Array:
     """``GGML_FP32_TO_FP16`` of float32 (...,) -> uint8 (..., 2), little-endian."""
     with np.errstate(over="ignore"):  # |v| >= 65520 -> inf, as in ggml
-        h = np.asarray(v, dtype=np.float32).astype("<f2")
+        h = np.asarray(v, dtype=F32).astype("<f2")
     return h.view(np.uint8).reshape(*h.shape, 2)
 
 
-def pack_nibbles(q: np.ndarray) -> np.ndarray:
-    """4-bit codes uint8 (..., n) -> uint8 (..., n/2): byte j = q[j] | q[j + n/2] << 4."""
+def fp16_from_bytes(b: np.ndarray) -> F32Array:
+    """uint8 (..., 2) little-endian fp16 -> float32 (...,) (exact)."""
+    b = np.ascontiguousarray(b, dtype=np.uint8)
+    return b.view("<f2").reshape(b.shape[:-1]).astype(F32)
+
+
+def pack_nibbles(q: np.ndarray) -> U8Array:
+    """4-bit codes (..., n) -> uint8 (..., n/2): byte j = q[j] & 15 | (q[j + n/2] & 15) << 4."""
     half = q.shape[-1] // 2
-    return (q[..., :half] & 0x0F) | ((q[..., half:] & 0x0F) << 4)
+    return ((q[..., :half] & 0x0F) | ((q[..., half:] & 0x0F) << 4)).astype(np.uint8)
 
 
-def pack_high_bits(q: np.ndarray, bit: int = 4) -> np.ndarray:
+def pack_high_bits(q: np.ndarray, bit: int = 4) -> U8Array:
     """Bit ``bit`` of codes (..., n<=32) -> uint8 (..., 4): a little-endian uint32, element j at bit j."""
     n = q.shape[-1]
     bits = ((q.astype(np.uint32) >> bit) & 1) << np.arange(n, dtype=np.uint32)

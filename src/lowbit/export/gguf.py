@@ -1,0 +1,877 @@
+"""GGUF files that llama.cpp loads: llama-quantize's mixes, written one tensor at a time.
+
+Two inputs, two tools imitated:
+
+* **A GGUF file** (:class:`~lowbit.walk.sources.GGUFSource`): lowbit acts as ``llama-quantize``
+  (with ``--allow-requantize``). Every metadata key of the input is copied in its order;
+  ``general.quantization_version`` (2) and ``general.file_type`` (the mix's ftype) are then set again,
+  which moves them to the end, as ggml's ``gguf_set_val_u32`` does; the ``split.*`` keys are dropped;
+  ``quantize.imatrix.*`` keys follow when an importance matrix is used. Tensors are written in
+  llama.cpp's order (by layer, then by name: llama-quantize walks a sorted map), each with the type
+  :func:`lowbit.formats.gguf.mixes.tensor_types` chooses. A tensor whose type does not change is copied
+  byte for byte; the others are read raw (already in llama.cpp's rotary layout, so never un-permuted),
+  dequantized to float32 and quantized with lowbit's bit-exact ggml codecs. The result is the very file
+  llama-quantize writes, byte for byte, wherever the codecs of its types are available.
+* **A Hugging Face directory** (:class:`~lowbit.walk.sources.SafetensorsSource`, llama family): lowbit
+  acts as llama.cpp's ``convert_hf_to_gguf.py`` with ``--outtype`` the source's float type, followed by
+  llama-quantize, in one pass. The metadata and the tokenizer are what the converter writes (gguf-py's
+  ``Metadata``, ``SpecialVocab`` and ``LlamaHfVocab`` do part of it), the tensors keep the checkpoint's
+  order, q/k rows get llama.cpp's rotary permutation, and tied embeddings leave no ``output.weight``.
+
+Peak memory is about one tensor: the header, metadata and tensor table are written first (gguf-py's
+``GGUFWriter`` in its streaming mode), then each tensor is read, converted in chunks of rows and written.
+The output appears only when complete (:func:`lowbit.export.atomic.atomic_file`).
+
+Importance matrices (``--imatrix``): :func:`read_imatrix` reads llama-imatrix's GGUF format and its
+legacy ``.dat`` format, and turns the stored sums into the per-column means llama-quantize passes to
+ggml (``sum / count``), in float32 as it does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import struct
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lowbit.errors import InputFileError, SchemeError, UnsupportedArchitectureError
+from lowbit.export.atomic import atomic_file, check_output
+from lowbit.formats.gguf.mixes import (
+    ModelInfo,
+    TensorSpec,
+    allows_quantization,
+    category_of,
+    Category,
+    get_mix,
+    llama_order_key,
+    requires_imatrix,
+    tensor_types,
+)
+from lowbit.formats.gguf.types import GGMLType, is_quantized, tensor_nbytes
+from lowbit.walk.sources import GGUFSource, ModelSource, SafetensorsSource, open_model, permute_qk
+
+log = logging.getLogger(__name__)
+
+QUANTIZATION_VERSION = 2
+"""ggml's ``GGML_QNT_VERSION``: what ``general.quantization_version`` says in every file llama.cpp writes."""
+
+# Rows converted at a time: bounds the float32 scratch (and the codecs' intermediates) per tensor.
+_CHUNK_ELEMENTS = 1 << 22
+
+_PLAIN_FLOATS = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})
+_SPLIT_KEYS = frozenset({"split.no", "split.count", "split.tensors.count"})
+_ALIGNMENT_KEY = "general.alignment"
+
+
+# ---------------------------------------------------------------------------------------- imatrix
+@dataclass(frozen=True)
+class Imatrix:
+    """An importance matrix as llama-quantize uses it.
+
+    ``values`` maps GGUF tensor names to float32 ``(n_per_row * n_mat,)``: the mean squared activation of
+    each input column (one row of ``n_per_row`` per expert for stacked experts). ``file``, ``datasets``
+    and ``chunk_count`` only feed the ``quantize.imatrix.*`` metadata keys.
+    """
+
+    values: Mapping[str, np.ndarray]
+    file: str | None = None
+    datasets: tuple[str, ...] = ()
+    chunk_count: int = 0
+
+
+def read_imatrix(path: str | Path) -> Imatrix:
+    """An :class:`Imatrix` from llama-imatrix's output: its GGUF format or its legacy ``.dat`` format."""
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise InputFileError(f"cannot open importance matrix {p}: {e.strerror}") from e
+    if magic == b"GGUF":
+        return _read_imatrix_gguf(p, str(path))
+    return _read_imatrix_dat(p, str(path))
+
+
+def _read_imatrix_gguf(p: Path, shown: str) -> Imatrix:
+    from lowbit.walk.gguf_read import open_gguf
+
+    reader = open_gguf(p)
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, np.ndarray] = {}
+    for t in reader.tensors:
+        base, _, kind = t.name.rpartition(".")
+        arr = np.asarray(t.data, dtype=np.float32)
+        if kind == "in_sum2":
+            sums[base] = arr.reshape(-1, int(t.shape[0]))  # (n_mat, n_per_row)
+        elif kind == "counts":
+            counts[base] = arr.reshape(-1)
+    if not sums:
+        raise InputFileError(f"{p} holds no '*.in_sum2' tensors; is it an importance matrix from llama-imatrix?")
+    values: dict[str, np.ndarray] = {}
+    for name, s in sums.items():
+        c = counts.get(name)
+        if c is None or c.size != s.shape[0]:
+            raise InputFileError(f"{p}: entry {name} has no matching '.counts' tensor; the file is damaged")
+        if c.size == 0:
+            continue
+        # llama-quantize: sum / count per matrix, and 1 where a matrix was never hit.
+        safe = np.where(c > 0, c, np.float32(1)).astype(np.float32)
+        v = np.where(c[:, None] > 0, s / safe[:, None], np.float32(1))
+        values[name] = np.ascontiguousarray(v, dtype=np.float32).reshape(-1)
+    fields = reader.fields
+    datasets: tuple[str, ...] = ()
+    if "imatrix.datasets" in fields:
+        datasets = tuple(str(x) for x in fields["imatrix.datasets"].contents())
+    chunks = int(fields["imatrix.chunk_count"].contents()) if "imatrix.chunk_count" in fields else 0
+    return Imatrix(values, shown, datasets, chunks)
+
+
+def _read_imatrix_dat(p: Path, shown: str) -> Imatrix:
+    """Legacy layout: int32 n; n x (int32 len, name, int32 ncall, int32 nval, float32[nval]);
+    then optionally int32 chunk count, int32 len, dataset name. The values are sums scaled to ``ncall``."""
+    data = p.read_bytes()
+    pos = 0
+
+    def take(n: int) -> bytes:
+        nonlocal pos
+        if pos + n > len(data):
+            raise InputFileError(f"{p} is neither a GGUF nor a complete legacy .dat importance matrix")
+        pos += n
+        return data[pos - n : pos]
+
+    def i32() -> int:
+        return int(struct.unpack("<i", take(4))[0])
+
+    n = i32()
+    if not 0 < n < 1_000_000:
+        raise InputFileError(f"{p} is neither a GGUF nor a legacy .dat importance matrix (bad entry count)")
+    values: dict[str, np.ndarray] = {}
+    for _ in range(n):
+        name = take(i32()).decode("utf-8", errors="replace")
+        ncall = i32()
+        nval = i32()
+        sums = np.frombuffer(take(4 * nval), dtype="<f4").astype(np.float32)
+        values[name] = sums / np.float32(ncall) if ncall > 0 else sums
+    chunks = 0
+    datasets: tuple[str, ...] = ()
+    if pos + 4 <= len(data):
+        chunks = i32()
+        if pos + 4 <= len(data):
+            datasets = (take(i32()).decode("utf-8", errors="replace"),)
+    return Imatrix(values, shown, datasets, chunks)
+
+
+# ---------------------------------------------------------------------------------------- report
+@dataclass(frozen=True)
+class GGUFTensorRecord:
+    """One tensor as written: GGUF name, numpy-order shape, type, bytes."""
+
+    name: str
+    shape: tuple[int, ...]
+    type: str
+    nbytes: int
+    quantizable: bool
+
+
+@dataclass(frozen=True)
+class GGUFReport:
+    """What :func:`write_gguf` wrote."""
+
+    output: Path
+    mix: str
+    file_type: int
+    input_kind: str  # "gguf" (llama-quantize) or "hf" (convert_hf_to_gguf + llama-quantize)
+    seconds: float
+    file_bytes: int
+    tensors: tuple[GGUFTensorRecord, ...] = field(repr=False)
+    imatrix_entries_used: int = 0
+
+    @property
+    def quantizable_params(self) -> int:
+        return sum(math.prod(t.shape) for t in self.tensors if t.quantizable)
+
+    @property
+    def linear_bits_per_weight(self) -> float:
+        """Bits per weight of the tensors llama-quantize may quantize (2-D weights except norms ...)."""
+        n = self.quantizable_params
+        return 8 * sum(t.nbytes for t in self.tensors if t.quantizable) / n if n else math.nan
+
+    @property
+    def model_bits_per_weight(self) -> float:
+        n = sum(math.prod(t.shape) for t in self.tensors)
+        return 8 * sum(t.nbytes for t in self.tensors) / n if n else math.nan
+
+    @property
+    def types(self) -> dict[str, str]:
+        return {t.name: t.type for t in self.tensors}
+
+
+# ----------------------------------------------------------------------------------- tensor inputs
+@dataclass(frozen=True)
+class _Planned:
+    """One output tensor: where its floats come from and what it becomes."""
+
+    name: str  # GGUF name
+    shape: tuple[int, ...]  # numpy order: last dim = ggml ne[0]
+    src_type: GGMLType  # as stored in the input (HF: as convert_hf_to_gguf would store it)
+    dst_type: GGMLType
+    # float32 rows [start, stop) of the tensor viewed as (rows, ne0)
+    float_rows: Callable[[int, int], np.ndarray] = field(compare=False)
+    # the stored bytes, when the input already holds the tensor in ``dst_type`` (None for HF input)
+    raw: Callable[[], np.ndarray] | None = field(default=None, compare=False)
+
+    @property
+    def n_rows(self) -> int:
+        return math.prod(self.shape[:-1]) if len(self.shape) > 1 else 1
+
+    @property
+    def ne0(self) -> int:
+        return int(self.shape[-1])
+
+
+def _plain_to_float(data: np.ndarray, t: GGMLType) -> np.ndarray:
+    if t == GGMLType.F32:
+        return np.asarray(data, dtype=np.float32)
+    if t == GGMLType.F16:
+        return np.asarray(data).view(np.float16).astype(np.float32)  # exact
+    # BF16 is the top half of a float32: widening is exact
+    u16 = np.asarray(data).view(np.uint16)
+    return (u16.astype(np.uint32) << 16).view(np.float32)
+
+
+def _gguf_float_rows(t: Any, shape: tuple[int, ...]) -> Callable[[int, int], np.ndarray]:
+    from gguf.quants import dequantize
+
+    ttype = GGMLType(int(t.tensor_type))
+    ne0 = int(shape[-1])
+
+    def rows(start: int, stop: int) -> np.ndarray:
+        data = np.asarray(t.data)
+        if ttype in _PLAIN_FLOATS:
+            flat = data.reshape(-1).view(np.float32 if ttype == GGMLType.F32 else np.uint16)
+            return _plain_to_float(flat[start * ne0 : stop * ne0], ttype).reshape(stop - start, ne0)
+        raw = data.reshape(-1, data.shape[-1]) if data.ndim > 1 else data.reshape(1, -1)
+        try:
+            out = dequantize(raw[start:stop], ttype)
+        except (ValueError, NotImplementedError) as e:
+            raise InputFileError(f"cannot dequantize {t.name} ({ttype.name}): {e}") from e
+        return np.ascontiguousarray(out, dtype=np.float32).reshape(stop - start, ne0)
+
+    return rows
+
+
+def _plan_gguf(source: GGUFSource) -> tuple[list[_Planned], dict[str, Any]]:
+    """Tensors of a GGUF input in llama.cpp's order, and its metadata values (for ModelInfo)."""
+    reader = source.reader
+    items: list[_Planned] = []
+    for t in reader.tensors:
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+        ttype = GGMLType(int(t.tensor_type))
+        items.append(
+            _Planned(
+                name=t.name,
+                shape=shape,
+                src_type=ttype,
+                dst_type=ttype,
+                float_rows=_gguf_float_rows(t, shape),
+                raw=lambda t=t: np.asarray(t.data),
+            )
+        )
+    items.sort(key=lambda it: llama_order_key(it.name))
+    from gguf import GGUFValueType
+
+    values: dict[str, Any] = {}
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or not f.types:
+            continue
+        if f.types[0] == GGUFValueType.ARRAY and f.types[-1] == GGUFValueType.STRING:
+            continue  # token lists: not model facts, and slow to decode
+        values[key] = f.contents()
+    return items, values
+
+
+_HF_DTYPE_TYPE: Mapping[torch.dtype, GGMLType] = {
+    torch.float32: GGMLType.F32,
+    torch.float16: GGMLType.F16,
+    torch.bfloat16: GGMLType.BF16,
+}
+
+
+def _plan_hf(source: SafetensorsSource) -> list[_Planned]:
+    """Tensors of a llama-family HF checkpoint as convert_hf_to_gguf lays them out (checkpoint order)."""
+    arch = source.arch
+    cfg = source.config
+    n_head = int(cfg["num_attention_heads"])
+    n_kv = int(cfg.get("num_key_value_heads") or n_head)
+    tied = source.tied_embeddings
+    items: list[_Planned] = []
+    for name in source.names():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # recomputed by llama.cpp
+        if tied and name == f"{arch.lm_head}.weight":
+            continue  # llama.cpp reads the tied output from token_embd
+        gname = arch.gguf_name(name)
+        if gname is None:
+            raise InputFileError(
+                f"tensor {name} of {source.path} has no GGUF name for architecture {arch.name}; "
+                "lowbit cannot convert this checkpoint (llama.cpp's convert_hf_to_gguf.py may)"
+            )
+        info = source.info(name)
+        shape = tuple(int(s) for s in info.shape)
+        heads = None
+        if arch.gguf_permute_qk and name.endswith("self_attn.q_proj.weight"):
+            heads = n_head
+        elif arch.gguf_permute_qk and name.endswith("self_attn.k_proj.weight"):
+            heads = n_kv
+        dtype = _HF_DTYPE_TYPE.get(_peek_dtype(source, name), GGMLType.F32)
+        src_type = GGMLType.F32 if len(shape) <= 1 else dtype  # the converter keeps 1-D tensors in F32
+        items.append(
+            _Planned(
+                name=gname,
+                shape=shape,
+                src_type=src_type,
+                dst_type=src_type,
+                float_rows=_hf_float_rows(source, name, shape, heads),
+            )
+        )
+    return items
+
+
+def _peek_dtype(source: SafetensorsSource, name: str) -> torch.dtype:
+    storage = source.info(name).storage
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(storage, torch.float32)
+
+
+def _hf_float_rows(
+    source: SafetensorsSource, name: str, shape: tuple[int, ...], heads: int | None
+) -> Callable[[int, int], np.ndarray]:
+    cache: dict[str, np.ndarray] = {}
+    ne0 = int(shape[-1])
+
+    def rows(start: int, stop: int) -> np.ndarray:
+        if "w" not in cache:
+            cache.clear()
+            w = source.read(name)
+            if heads is not None:
+                w = permute_qk(w, heads)
+            # widening bf16/f16 to float32 is exact
+            cache["w"] = np.ascontiguousarray(w.to(torch.float32).numpy()).reshape(-1, ne0)
+        out = cache["w"][start:stop]
+        if stop >= cache["w"].shape[0]:
+            cache.clear()  # the last chunk: release the tensor
+        return out
+
+    return rows
+
+
+# ------------------------------------------------------------------------------------ conversion
+def _encode(x: np.ndarray, t: GGMLType, qw: np.ndarray | None) -> np.ndarray:
+    """float32 rows (k, n) -> uint8 (k, row_bytes) of ggml type ``t``."""
+    if t in _PLAIN_FLOATS:
+        from gguf.quants import quantize
+
+        return np.ascontiguousarray(quantize(x, t)).view(np.uint8).reshape(x.shape[0], -1)
+    from lowbit.formats.gguf.block import get_codec
+
+    return get_codec(t).quantize_rows(x, qw)
+
+
+def _tensor_bytes(item: _Planned, qw: np.ndarray | None) -> np.ndarray:
+    """The bytes of ``item`` in its destination type, converted ``_CHUNK_ELEMENTS`` at a time.
+
+    ``qw`` is the importance vector (n_per_row * n_mat,): one (n_per_row,) slice per stacked matrix
+    (expert), as llama-quantize quantizes each expert with its own slice.
+    """
+    if item.raw is not None and item.src_type == item.dst_type:
+        return np.ascontiguousarray(item.raw()).reshape(-1).view(np.uint8)
+    ne0 = item.ne0
+    n_rows = item.n_rows
+    out = np.empty((n_rows, tensor_nbytes(item.dst_type, (ne0,))), dtype=np.uint8)
+    rows_per_mat = int(item.shape[-2]) if len(item.shape) >= 2 else 1
+    n_mat = n_rows // rows_per_mat
+    chunk = max(1, _CHUNK_ELEMENTS // max(ne0, 1))
+    for m in range(n_mat):
+        w = None if qw is None else qw[m * ne0 : (m + 1) * ne0]
+        for a in range(m * rows_per_mat, (m + 1) * rows_per_mat, chunk):
+            b = min(a + chunk, (m + 1) * rows_per_mat)
+            out[a:b] = _encode(item.float_rows(a, b), item.dst_type, w)
+    return out.reshape(-1)
+
+
+def _imatrix_for(item: _Planned, imatrix: Mapping[str, np.ndarray] | None) -> np.ndarray | None:
+    """llama-quantize's lookup: by tensor name; a size mismatch is an error except for token_embd."""
+    if imatrix is None or item.src_type == item.dst_type or item.dst_type in _PLAIN_FLOATS:
+        return None
+    v = imatrix.get(item.name)
+    if v is None:
+        log.info("no importance vector for %s; quantizing it without one", item.name)
+        return None
+    n_mat = math.prod(item.shape[:-2]) if len(item.shape) > 2 else 1
+    want = item.ne0 * n_mat
+    v = np.asarray(v, dtype=np.float32).reshape(-1)
+    if v.size != want:
+        if category_of(item.name) == Category.TOKEN_EMBD:
+            return None
+        raise InputFileError(
+            f"the importance matrix has {v.size} values for {item.name}, which needs {want}; "
+            "it was computed for another model"
+        )
+    if not np.isfinite(v).all():
+        raise InputFileError(f"the importance matrix holds NaN/Inf values for {item.name}; recompute it")
+    return v
+
+
+# -------------------------------------------------------------------------------------- metadata
+@dataclass(frozen=True)
+class _KV:
+    key: str
+    value: Any
+    vtype: Any  # gguf.GGUFValueType
+    sub_type: Any = None
+
+
+def _field_kv(f: Any) -> _KV:
+    """A metadata field of a GGUFReader, with strings kept as raw bytes (copied exactly)."""
+    from gguf import GGUFValueType
+
+    types = list(f.types)
+    main = types[0]
+    if main == GGUFValueType.ARRAY:
+        if len(types) != 2:
+            raise InputFileError(f"metadata key {f.name} is a nested array, which lowbit cannot copy yet")
+        sub = types[1]
+        if sub == GGUFValueType.STRING:
+            vals: list[Any] = [bytes(f.parts[i]) for i in f.data]
+        else:
+            vals = [x.item() for i in f.data for x in np.asarray(f.parts[i]).reshape(-1)]
+        return _KV(f.name, vals, main, sub)
+    if main == GGUFValueType.STRING:
+        return _KV(f.name, bytes(f.parts[f.data[0]]), main)
+    val = np.asarray(f.parts[f.data[0]]).reshape(-1)[0].item()
+    if main == GGUFValueType.BOOL:
+        val = bool(val)
+    return _KV(f.name, val, main)
+
+
+def _gguf_metadata(source: GGUFSource, file_type: int, imatrix: Imatrix | None) -> list[_KV]:
+    from gguf import GGUFValueType
+
+    kvs: dict[str, _KV] = {}
+    for key, f in source.reader.fields.items():
+        if key.startswith("GGUF.") or key in _SPLIT_KEYS:
+            continue
+        kvs[key] = _field_kv(f)
+
+    def set_val(kv: _KV) -> None:  # ggml's gguf_set_val_*: remove, then append
+        kvs.pop(kv.key, None)
+        kvs[kv.key] = kv
+
+    set_val(_KV("general.quantization_version", QUANTIZATION_VERSION, GGUFValueType.UINT32))
+    set_val(_KV("general.file_type", file_type, GGUFValueType.UINT32))
+    for kv in _imatrix_kvs(imatrix):
+        set_val(kv)
+    return list(kvs.values())
+
+
+def _imatrix_kvs(imatrix: Imatrix | None) -> list[_KV]:
+    """The keys llama-quantize adds for an importance matrix (strings cut at 127 bytes, as it does)."""
+    from gguf import GGUFValueType
+
+    if imatrix is None:
+        return []
+    kvs = []
+    if imatrix.file is not None:
+        kvs.append(_KV("quantize.imatrix.file", imatrix.file.encode()[:127], GGUFValueType.STRING))
+    if imatrix.datasets:
+        kvs.append(_KV("quantize.imatrix.dataset", imatrix.datasets[0].encode()[:127], GGUFValueType.STRING))
+    kvs.append(_KV("quantize.imatrix.entries_count", len(imatrix.values), GGUFValueType.UINT32))
+    if imatrix.chunk_count > 0:
+        kvs.append(_KV("quantize.imatrix.chunks_count", imatrix.chunk_count, GGUFValueType.UINT32))
+    return kvs
+
+
+def _hf_metadata(
+    source: SafetensorsSource, file_type: int, items: Sequence[_Planned], imatrix: Imatrix | None
+) -> list[_KV]:
+    """convert_hf_to_gguf's metadata for a llama-family checkpoint, key for key and in its order."""
+    import gguf
+
+    cfg = source.config
+    arch = source.arch.gguf_arch
+    w = gguf.GGUFWriter(path=None, arch=arch)  # used only to collect typed values in order
+    total = sum(math.prod(it.shape) for it in items)
+    meta = gguf.Metadata.load(None, source.path, None, total)
+    if meta.name is None:
+        meta.name = source.path.name
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, total, 0, 0)
+    w.add_type(gguf.GGUFType.MODEL)
+    meta.set_gguf_meta_model(w)
+
+    def first(*keys: str) -> Any:
+        return next((cfg[k] for k in keys if cfg.get(k) is not None), None)
+
+    rope = dict(cfg.get("rope_parameters") or {})
+    legacy_scaling = cfg.get("rope_scaling") or {}
+    w.add_block_count(int(first("num_hidden_layers", "n_layers", "n_layer", "num_layers")))
+    if (ctx := first("max_position_embeddings", "n_ctx", "n_positions", "max_length")) is not None:
+        w.add_context_length(int(ctx))
+    w.add_embedding_length(int(cfg["hidden_size"]))
+    if (ff := first("intermediate_size", "n_inner")) is not None:
+        w.add_feed_forward_length(int(ff))
+    n_head = int(cfg["num_attention_heads"])
+    w.add_head_count(n_head)
+    if (n_kv := cfg.get("num_key_value_heads")) is not None:
+        w.add_head_count_kv(int(n_kv))
+    if (theta := rope.get("rope_theta", cfg.get("rope_theta"))) is not None:
+        w.add_rope_freq_base(float(theta))
+    if (eps := cfg.get("rms_norm_eps")) is not None:
+        w.add_layer_norm_rms_eps(float(eps))
+    if (head_dim := cfg.get("head_dim")) is not None:
+        w.add_key_length(int(head_dim))
+        w.add_value_length(int(head_dim))
+    w.add_file_type(file_type)
+    w.add_vocab_size(int(cfg["vocab_size"]))
+    w.add_rope_dimension_count(int(head_dim) if head_dim is not None else int(cfg["hidden_size"]) // n_head)
+    rope_type = rope.get("rope_type") or legacy_scaling.get("rope_type") or legacy_scaling.get("type")
+    if rope_type == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope.get("factor", legacy_scaling.get("factor", 1.0))))
+    elif rope_type not in (None, "default"):
+        raise UnsupportedArchitectureError(
+            f"{source.path}: rope scaling {rope_type!r} is not converted by lowbit yet; convert the model "
+            "with llama.cpp's convert_hf_to_gguf.py and give lowbit the .gguf"
+        )
+    w.add_quantization_version(QUANTIZATION_VERSION)
+    _add_tokenizer(w, source.path, cfg)
+    kvs = [_KV(k, v.value, v.type, v.sub_type) for k, v in w.kv_data[0].items()]
+    return kvs + _imatrix_kvs(imatrix)
+
+
+# ------------------------------------------------------------------------------------- tokenizer
+def _looks_special(token: str) -> bool:
+    """Added tokens that are control tokens by their look even when not flagged special."""
+    return bool(re.fullmatch(r"<\|[^|<>]*\|>|</?s>|<unk>|<pad>|<mask>|<(start|end)_of_turn>", token))
+
+
+def _add_tokenizer(w: Any, model_dir: Path, cfg: Mapping[str, Any]) -> None:
+    """tokenizer.ggml.* keys: sentencepiece ``tokenizer.model`` -> ``llama``; ``tokenizer.json`` BPE with
+    byte fall-back -> ``llama`` (gguf-py's LlamaHfVocab); byte-level BPE -> ``gpt2`` with merges."""
+    import gguf
+
+    vocab_size = cfg.get("vocab_size")
+    tj_path = model_dir / "tokenizer.json"
+    load_merges = False
+    if (model_dir / "tokenizer.model").is_file():
+        tokens, scores, types = _sentencepiece_vocab(model_dir, vocab_size)
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+    elif tj_path.is_file():
+        try:
+            tj = json.loads(tj_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputFileError(f"{tj_path} is not valid JSON ({e})") from e
+        model = tj.get("model", {})
+        if model.get("type") == "BPE" and model.get("byte_fallback", False):
+            hf = gguf.LlamaHfVocab(model_dir)
+            tokens, scores, types = [], [], []
+            for text, score, toktype in hf.all_tokens():
+                tokens.append(text)
+                scores.append(score)
+                types.append(int(toktype))
+            w.add_tokenizer_model("llama")
+            w.add_tokenizer_pre("default")
+        elif model.get("type") == "BPE":
+            tokens, types = _bpe_vocab(tj, vocab_size)
+            scores = []
+            w.add_tokenizer_model("gpt2")
+            w.add_tokenizer_pre(_bpe_pre_name(tj))
+            load_merges = True
+        else:
+            raise InputFileError(
+                f"{tj_path}: tokenizer model {model.get('type')!r} is not converted by lowbit yet "
+                "(sentencepiece and BPE are); convert with llama.cpp's convert_hf_to_gguf.py"
+            )
+    else:
+        raise InputFileError(
+            f"{model_dir} has neither tokenizer.model nor tokenizer.json; a GGUF file needs the tokenizer"
+        )
+    w.add_token_list(tokens)
+    if scores:
+        w.add_token_scores(scores)
+    w.add_token_types(types)
+    gguf.SpecialVocab(model_dir, load_merges=load_merges, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+
+
+def _sentencepiece_vocab(model_dir: Path, vocab_size: int | None) -> tuple[list[bytes], list[float], list[int]]:
+    """Pieces, scores and ggml token types of a sentencepiece model, padded to the config's vocab size,
+    with ``added_tokens.json`` and ``tokenizer_config.json``'s ``added_tokens_decoder`` applied."""
+    from gguf import TokenType
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor()
+    sp.LoadFromFile(str(model_dir / "tokenizer.model"))
+    n = int(vocab_size or sp.vocab_size())
+    tokens = [f"[PAD{i}]".encode() for i in range(n)]
+    scores = [-10000.0] * n
+    types = [int(TokenType.UNUSED)] * n
+    for i in range(min(n, sp.vocab_size())):
+        kind = TokenType.NORMAL
+        if sp.IsUnknown(i):
+            kind = TokenType.UNKNOWN
+        elif sp.IsControl(i):
+            kind = TokenType.CONTROL
+        elif sp.IsUnused(i):
+            kind = TokenType.UNUSED
+        elif sp.IsByte(i):
+            kind = TokenType.BYTE
+        tokens[i] = sp.IdToPiece(i).encode("utf-8")
+        scores[i] = float(sp.GetScore(i))
+        types[i] = int(kind)
+    if sp.vocab_size() > n:
+        log.warning("tokenizer.model has %d pieces, config.json vocab_size %d: extra pieces dropped", sp.vocab_size(), n)
+    added = model_dir / "added_tokens.json"
+    if added.is_file():
+        for text, idx in json.loads(added.read_text(encoding="utf-8")).items():
+            if 0 <= int(idx) < n:
+                tokens[int(idx)] = str(text).encode("utf-8")
+                scores[int(idx)] = -1000.0
+                types[int(idx)] = int(TokenType.USER_DEFINED)
+    tc = model_dir / "tokenizer_config.json"
+    if tc.is_file():
+        decoder = json.loads(tc.read_text(encoding="utf-8")).get("added_tokens_decoder", {}) or {}
+        for idx_s, data in decoder.items():
+            idx = int(idx_s)
+            if not 0 <= idx < n:
+                continue
+            text = str(data["content"])
+            if data.get("special") or _looks_special(text):
+                types[idx] = int(TokenType.CONTROL)
+            else:
+                text = text.replace(" ", "\u2581")
+                types[idx] = int(TokenType.USER_DEFINED)
+            tokens[idx] = text.encode("utf-8")
+            scores[idx] = -1000.0
+    return tokens, scores, types
+
+
+def _bpe_vocab(tj: Mapping[str, Any], vocab_size: int | None) -> tuple[list[bytes], list[int]]:
+    """Tokens and types of a byte-level BPE ``tokenizer.json`` (ids without a token become [PADn])."""
+    from gguf import TokenType
+
+    vocab: Mapping[str, int] = tj["model"]["vocab"]
+    added = {int(a["id"]): a for a in tj.get("added_tokens", [])}
+    by_id = {int(i): t for t, i in vocab.items()}
+    n = int(vocab_size or (max([*by_id, *added]) + 1))
+    tokens: list[bytes] = []
+    types: list[int] = []
+    for i in range(n):
+        if i in added:
+            text = str(added[i]["content"])
+            special = bool(added[i].get("special")) or _looks_special(text)
+            tokens.append(text.encode("utf-8"))
+            types.append(int(TokenType.CONTROL if special else TokenType.USER_DEFINED))
+        elif i in by_id:
+            tokens.append(by_id[i].encode("utf-8"))
+            types.append(int(TokenType.NORMAL))
+        else:
+            tokens.append(f"[PAD{i}]".encode())
+            types.append(int(TokenType.UNUSED))
+    return tokens, types
+
+
+# Pre-tokenizers recognised by their structure in tokenizer.json -> llama.cpp's pre-tokenizer name.
+# (llama.cpp's converter identifies them by hashing the tokenization of a test text instead.)
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _bpe_pre_name(tj: Mapping[str, Any]) -> str:
+    pre = tj.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"  # = "starcoder" in llama.cpp: digits one by one, then GPT-2's regex
+    if kinds == ["Split", "ByteLevel"]:
+        regex = (steps[0].get("pattern") or {}).get("Regex")
+        if regex == _LLAMA3_SPLIT:
+            return "llama-bpe"
+        if regex == _QWEN2_SPLIT:
+            return "qwen2"
+    log.warning(
+        "the BPE pre-tokenizer of this tokenizer.json is not one lowbit recognises; writing 'default' "
+        "(llama.cpp may split text differently from transformers): convert with convert_hf_to_gguf.py "
+        "for an exact tokenizer"
+    )
+    return "default"
+
+
+# -------------------------------------------------------------------------------------- the writer
+def _check_hf_architecture(source: SafetensorsSource) -> None:
+    arch = source.arch
+    if arch.gguf_arch != "llama" or arch.experts_key is not None:
+        raise UnsupportedArchitectureError(
+            f"lowbit converts Hugging Face checkpoints to GGUF for dense llama-family models only, not "
+            f"{arch.name}; convert it with llama.cpp's convert_hf_to_gguf.py and give lowbit the .gguf"
+        )
+
+
+def _assign_types(
+    mix: str, items: list[_Planned], model: ModelInfo, has_imatrix: bool
+) -> list[_Planned]:
+    specs = [TensorSpec(it.name, it.shape, it.src_type) for it in items]
+    chosen = tensor_types(mix, specs, model, imatrix=has_imatrix)
+    return [
+        _Planned(it.name, it.shape, it.src_type, chosen[it.name], it.float_rows, it.raw) for it in items
+    ]
+
+
+def _check_plan(mix: str, items: Sequence[_Planned], imatrix: Mapping[str, np.ndarray] | None) -> None:
+    """Everything that can fail before a byte is written: missing codecs, missing importance vectors."""
+    from lowbit.formats.gguf.block import get_codec
+
+    for it in items:
+        if it.dst_type == it.src_type and it.raw is not None:
+            continue
+        if is_quantized(it.dst_type):
+            get_codec(it.dst_type)  # SchemeError naming the type lowbit has no codec for
+        if allows_quantization(it.name, it.shape) and requires_imatrix(mix, it.name, it.dst_type):
+            if imatrix is None:
+                raise SchemeError(
+                    f"{mix} needs an importance matrix ({it.name} becomes {it.dst_type.name}); "
+                    "pass --imatrix FILE made by llama-imatrix, as llama-quantize requires"
+                )
+            if it.name not in imatrix:
+                raise SchemeError(
+                    f"the importance matrix has no entry for {it.name}, which {mix} makes "
+                    f"{it.dst_type.name}; it was computed for another model"
+                )
+
+
+def write_gguf(
+    source: ModelSource | str | Path,
+    mix: str,
+    out: str | Path,
+    imatrix: Imatrix | Mapping[str, np.ndarray] | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> GGUFReport:
+    """Write ``source`` as a GGUF file of llama-quantize mix ``mix`` (``Q4_K_M``, ``Q8_0``, ``F16`` ...).
+
+    ``source`` is a GGUF file (requantized as llama-quantize does) or a llama-family Hugging Face
+    directory (converted as convert_hf_to_gguf does, then quantized). ``imatrix`` maps GGUF tensor
+    names to importance vectors (see :class:`Imatrix`). ``out`` appears only when complete.
+    """
+    import gguf
+
+    t0 = time.perf_counter()
+    spec = get_mix(mix)
+    out_path = Path(out)
+    check_output(out_path, force)
+    src = source if isinstance(source, ModelSource) else open_model(source)
+    im: Imatrix | None
+    if imatrix is None or isinstance(imatrix, Imatrix):
+        im = imatrix
+    else:
+        im = Imatrix(dict(imatrix))
+    im_values = None if im is None else im.values
+
+    if isinstance(src, GGUFSource):
+        kind = "gguf"
+        items, values = _plan_gguf(src)
+        split = values.get("split.count")
+        if split is not None and int(split) > 1:
+            raise InputFileError(
+                f"{src.path} is one part of a split GGUF; merge the parts first (llama-gguf-split --merge)"
+            )
+        model = ModelInfo.from_gguf_fields(values, [it.name for it in items])
+        items = _assign_types(spec.name, items, model, im is not None)
+        arch = str(values.get("general.architecture", "llama"))
+        alignment = int(values.get(_ALIGNMENT_KEY, gguf.GGUF_DEFAULT_ALIGNMENT))
+        _check_plan(spec.name, items, im_values)
+        kvs = _gguf_metadata(src, spec.file_type, im)
+    elif isinstance(src, SafetensorsSource):
+        kind = "hf"
+        _check_hf_architecture(src)
+        items = _plan_hf(src)
+        cfg = src.config
+        n_head = int(cfg["num_attention_heads"])
+        model = ModelInfo(
+            n_layer=int(cfg["num_hidden_layers"]),
+            n_head=n_head,
+            n_head_kv=int(cfg.get("num_key_value_heads") or n_head),
+            arch=src.arch.gguf_arch,
+        )
+        items = _assign_types(spec.name, items, model, im is not None)
+        arch = src.arch.gguf_arch
+        alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+        _check_plan(spec.name, items, im_values)
+        kvs = _hf_metadata(src, spec.file_type, items, im)
+    else:
+        raise InputFileError(f"lowbit cannot write GGUF from a {src.format_name}")
+
+    writer = gguf.GGUFWriter(path=None, arch=arch)
+    writer.kv_data[0].clear()  # the keys below include general.architecture, in the input's order
+    writer.data_alignment = alignment
+    for kv in kvs:
+        writer.add_key_value(kv.key, kv.value, kv.vtype, kv.sub_type)
+    for it in items:
+        writer.add_tensor_info(
+            it.name, it.shape, np.dtype(np.float32), tensor_nbytes(it.dst_type, it.shape), raw_dtype=it.dst_type
+        )
+
+    records: list[GGUFTensorRecord] = []
+    used = 0
+    with atomic_file(out_path, force) as tmp:
+        try:
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for it in _progress(items, progress, spec.name):
+                qw = _imatrix_for(it, im_values)
+                used += qw is not None
+                data = _tensor_bytes(it, qw)
+                writer.write_tensor_data(data)
+                records.append(
+                    GGUFTensorRecord(
+                        it.name, it.shape, it.dst_type.name, int(data.nbytes), allows_quantization(it.name, it.shape)
+                    )
+                )
+        finally:
+            writer.close()
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.type] = counts.get(r.type, 0) + 1
+    log.info("%s: %s", out_path, ", ".join(f"{n} {t}" for t, n in sorted(counts.items())))
+    return GGUFReport(
+        output=out_path,
+        mix=spec.name,
+        file_type=spec.file_type,
+        input_kind=kind,
+        seconds=time.perf_counter() - t0,
+        file_bytes=out_path.stat().st_size,
+        tensors=tuple(records),
+        imatrix_entries_used=used,
+    )
+
+
+def _progress(items: Sequence[_Planned], enabled: bool, desc: str) -> Iterator[_Planned]:
+    yield from tqdm(items, desc=desc, unit="tensor", disable=not enabled, leave=False)
