@@ -10,11 +10,12 @@ from pathlib import Path
 
 import torch
 
+from lowbit.calib.imatrix import Imatrix, load_imatrix
 from lowbit.errors import ArgumentError, SchemeError
 from lowbit.export.atomic import check_output
 from lowbit.export.hf_checkpoint import get_format, model_dtype, write_checkpoint
 from lowbit.methods.base import get_method
-from lowbit.schemes import parse_scheme
+from lowbit.schemes import GGUF_FORMAT, gguf_mix_name, parse_scheme
 from lowbit.walk.calibrate import CalibConfig, calibrate_walk
 from lowbit.walk.quantize_walk import WalkStats, simulate, walk_quantize
 from lowbit.walk.sources import ModelSource, open_model
@@ -71,15 +72,23 @@ def quantize(
     force: bool = False,
     progress: bool = True,
     calib: CalibConfig | None = None,
+    imatrix: str | Path | Imatrix | None = None,
 ) -> QuantizeReport:
     """Quantize every block linear of ``model`` with ``scheme`` and write ``out`` in ``fmt``.
 
     The model is read one block at a time; ``out`` appears only when complete. Methods that need
-    calibration statistics (GPTQ, AWQ) take them from ``calib``, block by block.
+    calibration statistics (GPTQ, AWQ) take them from ``calib``, block by block. GGUF mixes (``Q4_K_M``
+    ..., ``fmt="gguf"``, the default for them) are written by :func:`lowbit.export.gguf.write_gguf`,
+    optionally guided by an importance matrix ``imatrix`` (a llama-imatrix/lowbit file or an
+    :class:`~lowbit.calib.imatrix.Imatrix`).
     """
     out_path = Path(out)
     check_output(out_path, force)
-    sch = parse_scheme(scheme)
+    if (fmt or (GGUF_FORMAT if gguf_mix_name(scheme) else None)) == GGUF_FORMAT:
+        return _quantize_gguf(model, scheme, out_path, method, force, progress, calib, imatrix)
+    if imatrix is not None:
+        raise ArgumentError("--imatrix is used only when writing GGUF (--format gguf with a GGUF mix)")
+    sch = parse_scheme(scheme, fmt)
     fmt_name = fmt or sch.default_format
     if fmt_name not in sch.formats:
         raise SchemeError(
@@ -115,6 +124,55 @@ def quantize(
         mean_sqnr_db=stats.mean_sqnr_db,
         quantized_layers=len(stats.layers),
         stats=stats,
+    )
+
+
+def _quantize_gguf(
+    model: str | Path | ModelSource,
+    scheme: str,
+    out: Path,
+    method: str,
+    force: bool,
+    progress: bool,
+    calib: CalibConfig | None,
+    imatrix: str | Path | Imatrix | None,
+) -> QuantizeReport:
+    """A llama-quantize mix as a GGUF file; the report's numbers are per tensor as written."""
+    import math
+
+    from lowbit.export.gguf import write_gguf
+    from lowbit.formats.gguf.types import is_quantized
+
+    sch = parse_scheme(scheme, GGUF_FORMAT)
+    if get_method(method).name != "rtn" or calib is not None:
+        raise ArgumentError(
+            "GGUF mixes are quantized by ggml's own quantizers, guided by --imatrix FILE if given; "
+            "--method and --calib do not apply to --format gguf"
+        )
+    im: Imatrix | None = None
+    im_file: str | None = None
+    if isinstance(imatrix, Imatrix):
+        im = imatrix
+    elif imatrix is not None:
+        im = load_imatrix(imatrix)
+        im_file = str(imatrix)
+    t0 = time.perf_counter()
+    rep = write_gguf(model, sch.name, out, imatrix=im, force=force, progress=progress, imatrix_file=im_file)
+    quantized = [t for t in rep.tensors if t.quantizable and is_quantized(t.type)]
+    return QuantizeReport(
+        output=out,
+        scheme=sch.name,
+        method="ggml+imatrix" if im is not None else "ggml",
+        format=GGUF_FORMAT,
+        seconds=time.perf_counter() - t0,
+        peak_rss_bytes=peak_rss_bytes(),
+        file_bytes=rep.file_bytes,
+        linear_bits_per_weight=rep.linear_bits_per_weight,
+        codec_bits_per_weight=rep.linear_bits_per_weight,
+        model_bits_per_weight=rep.model_bits_per_weight,
+        mean_sqnr_db=math.nan,
+        quantized_layers=len(quantized),
+        stats=WalkStats(),
     )
 
 

@@ -10,7 +10,9 @@ Integer weight schemes (written as compressed-tensors ``pack-quantized``):
 Float schemes: ``nf4`` / ``fp4`` (bitsandbytes 4-bit, blocks of 64, fp32 absmax; ``-dq`` adds double
 quantization of the absmax values), ``fp8`` (e4m3 weights, per-channel scale), ``fp8-e5m2``.
 
-GGUF mixes (``Q4_K_M`` ...) are listed for ``lowbit fit``; lowbit writes GGUF files once the GGUF format lands.
+GGUF mixes (``Q4_K_M``, ``Q8_0``, ``IQ4_XS`` ... and ``F16``/``BF16``/``F32``; case-insensitive,
+llama-quantize's aliases accepted) are llama-quantize's per-tensor type mixes, written only as GGUF files
+(``--format gguf``, the default for these names) by :mod:`lowbit.export.gguf`; they have no single codec.
 """
 
 from __future__ import annotations
@@ -118,9 +120,43 @@ def _affine(bits: int, symmetric: bool, block: Block, scale_dtype: torch.dtype) 
     return AffineCodec(bits=bits, symmetric=symmetric, block=block, scale_dtype=scale_dtype)
 
 
-def parse_scheme(name: str) -> Scheme:
-    """The :class:`Scheme` for ``name``; :class:`SchemeError` naming the valid forms otherwise."""
+GGUF_FORMAT = "gguf"
+
+
+def gguf_mix_name(name: str) -> str | None:
+    """The llama-quantize mix ``name`` stands for (``q4_k_m`` -> ``Q4_K_M``, ``Q4_K`` -> ``Q4_K_M``), or None."""
+    from lowbit.formats.gguf.mixes import MIX_ALIASES, MIXES
+
+    key = name.strip().upper()
+    key = MIX_ALIASES.get(key, key)
+    return key if key in MIXES else None
+
+
+def _gguf_mix_scheme(mix: str) -> Scheme:
+    def no_codec(_: torch.dtype) -> Codec:
+        raise SchemeError(
+            f"{mix} is a GGUF mix (a type per tensor, chosen as llama-quantize does), not one codec; "
+            f"write it with `lowbit quantize MODEL --scheme {mix} -o OUT.gguf`"
+        )
+
+    return Scheme(mix, f"llama-quantize mix {mix}, written as a GGUF file", no_codec, (GGUF_FORMAT,))
+
+
+def parse_scheme(name: str, fmt: str | None = None) -> Scheme:
+    """The :class:`Scheme` for ``name``; :class:`SchemeError` naming the valid forms otherwise.
+
+    GGUF mix names are schemes only with ``fmt="gguf"``; without a format they are refused, since callers
+    that give none (simulation) need a single codec, which a mix is not.
+    """
     key = name.strip()
+    mix = gguf_mix_name(key)
+    if fmt == GGUF_FORMAT:
+        if mix is None:
+            raise SchemeError(
+                f"{name!r} is not a GGUF mix; --format gguf takes one of llama-quantize's mixes "
+                f"({', '.join(GGUF_MIXES)}, F16, BF16, F32 ...)"
+            )
+        return _gguf_mix_scheme(mix)
     m = _AFFINE.match(key.lower())
     if m:
         bits = int(m.group(1))
@@ -132,14 +168,19 @@ def parse_scheme(name: str) -> Scheme:
         gran = "one scale per output channel" if g is None else f"groups of {g} columns"
         desc = f"{bits}-bit integers, {gran}, {'symmetric' if sym else 'asymmetric (zero point)'}"
         canonical = f"w{bits}" + (f"g{g}" if g else "") + ("" if sym else "-asym")
-        return Scheme(canonical, desc, functools.partial(_affine, bits, sym, block))
+        return Scheme(
+            canonical,
+            desc,
+            functools.partial(_affine, bits, sym, block),
+            ("compressed-tensors", "gptq", "awq"),
+        )
     if key.lower() in _NAMED:
         desc, fn, formats = _NAMED[key.lower()]
         return Scheme(key.lower(), desc, fn, formats)
-    if key.upper() in GGUF_MIXES:
+    if mix is not None and (mix not in ("F16", "BF16", "F32") or fmt is not None):
         raise SchemeError(
-            f"{key.upper()} is a GGUF mix: lowbit does not write GGUF yet; `lowbit fit` sizes it, "
-            "and llama-quantize makes it meanwhile"
+            f"{mix} is a GGUF mix: it is written only as a GGUF file (--format gguf, the default for it), "
+            "and has no single codec to simulate"
         )
     raise SchemeError(
         f"unknown scheme {name!r}; use wN, wNgG (2<=N<=8), with -sym/-asym, or one of: {', '.join(_NAMED)}"
@@ -154,5 +195,8 @@ def scheme_help() -> str:
         "wN[gG]-asym  ... with an integer zero point per group (default is -sym)",
     ]
     lines += [f"{n:<12} {d}" for n, (d, _, _) in _NAMED.items()]
-    lines.append("GGUF mixes   " + " ".join(GGUF_MIXES) + " (sized by `lowbit fit`; written once GGUF lands)")
+    lines.append(
+        "GGUF mixes   " + " ".join(GGUF_MIXES) + " IQ* F16 BF16 F32 (llama-quantize's per-tensor mixes, "
+        "written as a .gguf file: --format gguf, the default for them; --imatrix FILE for importance-weighted)"
+    )
     return "\n".join(lines)

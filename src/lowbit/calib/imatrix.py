@@ -46,7 +46,7 @@ import struct
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lowbit.errors import ArgumentError, InputFileError, UnsupportedArchitectureError
+from lowbit.errors import ArgumentError, InputFileError, ShapeError, UnsupportedArchitectureError
 from lowbit.export.atomic import atomic_file
 from lowbit.walk.sources import ModelSource
 
@@ -73,7 +73,7 @@ DEFAULT_CHUNK_SIZE = 512
 OUTPUT_WEIGHT = "output.weight"
 
 
-class ImatrixFormat(str, Enum):
+class ImatrixFormat(StrEnum):
     """On-disk format: llama-imatrix's GGUF (default) or its legacy binary ``.dat``."""
 
     GGUF = "gguf"
@@ -412,7 +412,8 @@ def _read_dat(path: Path) -> Imatrix:
         if name in entries:
             raise InputFileError(f"{path}: entry {name} appears twice; the file is damaged")
         entries[name] = ImatrixEntry(values.reshape(1, -1), np.array([ncall], dtype=np.int64))
-    chunk_count, datasets = 0, ()
+    chunk_count = 0
+    datasets: tuple[str, ...] = ()
     if cur.left >= 4:  # the chunk count and the dataset name are optional
         chunk_count = cur.i32("the chunk count")
         if cur.left >= 4:
@@ -547,9 +548,13 @@ def read_token_ids(path: Path, source: ModelSource) -> tuple[torch.Tensor, int |
         raise InputFileError(f"token id file {path} does not exist")
     raw = path.read_text(encoding="utf-8").strip()
     try:
-        ids = ast.literal_eval(raw) if raw.startswith("[") else [int(x) for x in raw.replace(",", " ").split()]
+        ids = (
+            ast.literal_eval(raw) if raw.startswith("[") else [int(x) for x in raw.replace(",", " ").split()]
+        )
     except (ValueError, SyntaxError) as e:
-        raise InputFileError(f"{path} is not a list of token ids ({e}); write it with llama-tokenize --ids") from e
+        raise InputFileError(
+            f"{path} is not a list of token ids ({e}); write it with llama-tokenize --ids"
+        ) from e
     if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
         raise InputFileError(f"{path} is not a list of integer token ids")
     tokens = torch.tensor(ids, dtype=torch.int64)
@@ -567,10 +572,18 @@ class _SquareSum:
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
-        from lowbit.calib.hessian import as_tokens
-
-        x2 = as_tokens(x, self.in_features, torch.float64)  # (T, in)
-        self.sum += (x2 * x2).sum(dim=0)
+        if x.shape[-1] != self.in_features:
+            raise ShapeError(f"expected inputs of shape (..., {self.in_features}), got {tuple(x.shape)}")
+        x2 = x.detach().reshape(-1, self.in_features).float()  # (T, in)
+        # One batch (a few thousand tokens) is summed in float32 (torch reduces pairwise: ~1e-7
+        # relative error), batches are added in float64; a NaN/Inf anywhere shows in the batch sum.
+        part = (x2 * x2).sum(dim=0)
+        if not torch.isfinite(part).all():
+            raise ArgumentError(
+                "calibration activations overflow (NaN or Inf in the sum of squares); "
+                "the model does not run stably in float32 on this text"
+            )
+        self.sum += part.double()
         self.count += x2.shape[0]
 
     def entry(self) -> ImatrixEntry:

@@ -23,9 +23,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("model", help="Hugging Face model directory (safetensors) or .gguf file")
     p.add_argument("--scheme", required=True, help="quantization scheme (see above), e.g. w4g128")
-    p.add_argument("--method", default="rtn", help="rtn (default, no calibration), gptq or awq (these need --calib)")
     p.add_argument(
-        "--format", dest="fmt", default=None, help="output format (default: the scheme's: compressed-tensors)"
+        "--method", default="rtn", help="rtn (default, no calibration), gptq or awq (these need --calib)"
+    )
+    p.add_argument(
+        "--format",
+        dest="fmt",
+        default=None,
+        help="output format: compressed-tensors, bnb, gguf (default: the scheme's; gguf for GGUF mixes)",
+    )
+    p.add_argument(
+        "--imatrix",
+        default=None,
+        metavar="FILE",
+        help="importance matrix for GGUF mixes (llama-imatrix's .gguf or legacy .dat), as llama-quantize --imatrix",
     )
     p.add_argument("--calib", default=None, help="calibration text file (methods that need one)")
     p.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
@@ -35,7 +46,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="feed each block the original (not the quantized) previous block's outputs",
     )
-    p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
+    p.add_argument(
+        "-o", "--output", required=True, help="output directory, or .gguf file for GGUF (written atomically)"
+    )
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object with the run's numbers")
     p.set_defaults(func=run)
@@ -62,9 +75,16 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         progress=sys.stderr.isatty(),
         calib=calib,
+        imatrix=args.imatrix,
     )
     if args.json:
         print(json.dumps(report.to_json_dict()))
+    elif report.format == "gguf":
+        print(
+            f"{report.output}: {report.scheme} (GGUF, {report.method}), {report.quantized_layers} tensors quantized, "
+            f"{report.linear_bits_per_weight:.3f} bits/weight in them, {report.model_bits_per_weight:.3f} overall, "
+            f"{report.file_bytes / 1e6:.2f} MB, {report.seconds:.1f} s, peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB"
+        )
     else:
         print(
             f"{report.output}: {report.scheme} ({report.method}, {report.format}), {report.quantized_layers} layers, "

@@ -22,18 +22,18 @@ Peak memory is about one tensor: the header, metadata and tensor table are writt
 ``GGUFWriter`` in its streaming mode), then each tensor is read, converted in chunks of rows and written.
 The output appears only when complete (:func:`lowbit.export.atomic.atomic_file`).
 
-Importance matrices (``--imatrix``): :func:`read_imatrix` reads llama-imatrix's GGUF format and its
-legacy ``.dat`` format, and turns the stored sums into the per-column means llama-quantize passes to
-ggml (``sum / count``), in float32 as it does.
+Importance matrices: :class:`lowbit.calib.imatrix.Imatrix` (``load_imatrix`` reads llama-imatrix's GGUF
+and legacy ``.dat`` files) gives, per tensor, the vector llama-quantize passes to ggml's quantizers; a
+plain mapping of GGUF names to vectors works too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import re
-import struct
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,14 +44,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lowbit.calib.imatrix import Imatrix
 from lowbit.errors import InputFileError, SchemeError, UnsupportedArchitectureError
 from lowbit.export.atomic import atomic_file, check_output
 from lowbit.formats.gguf.mixes import (
+    Category,
     ModelInfo,
     TensorSpec,
     allows_quantization,
     category_of,
-    Category,
     get_mix,
     llama_order_key,
     requires_imatrix,
@@ -75,100 +76,35 @@ _ALIGNMENT_KEY = "general.alignment"
 
 # ---------------------------------------------------------------------------------------- imatrix
 @dataclass(frozen=True)
-class Imatrix:
-    """An importance matrix as llama-quantize uses it.
+class _ImatrixUse:
+    """The importance vectors for one run, and what the ``quantize.imatrix.*`` keys record."""
 
-    ``values`` maps GGUF tensor names to float32 ``(n_per_row * n_mat,)``: the mean squared activation of
-    each input column (one row of ``n_per_row`` per expert for stacked experts). ``file``, ``datasets``
-    and ``chunk_count`` only feed the ``quantize.imatrix.*`` metadata keys.
-    """
-
-    values: Mapping[str, np.ndarray]
-    file: str | None = None
-    datasets: tuple[str, ...] = ()
-    chunk_count: int = 0
+    vector: Callable[[str], np.ndarray | None]  # GGUF name -> float32 (n_per_row * n_mat,) or None
+    n_entries: int
+    file: str | None
+    dataset: str | None
+    chunk_count: int
 
 
-def read_imatrix(path: str | Path) -> Imatrix:
-    """An :class:`Imatrix` from llama-imatrix's output: its GGUF format or its legacy ``.dat`` format."""
-    p = Path(path)
-    try:
-        with p.open("rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise InputFileError(f"cannot open importance matrix {p}: {e.strerror}") from e
-    if magic == b"GGUF":
-        return _read_imatrix_gguf(p, str(path))
-    return _read_imatrix_dat(p, str(path))
+def _imatrix_use(imatrix: Imatrix | Mapping[str, np.ndarray] | None, file: str | None) -> _ImatrixUse | None:
+    if imatrix is None:
+        return None
+    if isinstance(imatrix, Imatrix):
+        if not imatrix.legacy and not imatrix.has_metadata:
+            raise InputFileError(
+                f"the importance matrix {file or ''} lacks the imatrix.* metadata keys, which llama-quantize "
+                "requires; recompute it with llama-imatrix or lowbit"
+            )
+        im = imatrix
 
+        def vector(name: str) -> np.ndarray | None:
+            return im.importance(name) if name in im else None
 
-def _read_imatrix_gguf(p: Path, shown: str) -> Imatrix:
-    from lowbit.walk.gguf_read import open_gguf
-
-    reader = open_gguf(p)
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, np.ndarray] = {}
-    for t in reader.tensors:
-        base, _, kind = t.name.rpartition(".")
-        arr = np.asarray(t.data, dtype=np.float32)
-        if kind == "in_sum2":
-            sums[base] = arr.reshape(-1, int(t.shape[0]))  # (n_mat, n_per_row)
-        elif kind == "counts":
-            counts[base] = arr.reshape(-1)
-    if not sums:
-        raise InputFileError(f"{p} holds no '*.in_sum2' tensors; is it an importance matrix from llama-imatrix?")
-    values: dict[str, np.ndarray] = {}
-    for name, s in sums.items():
-        c = counts.get(name)
-        if c is None or c.size != s.shape[0]:
-            raise InputFileError(f"{p}: entry {name} has no matching '.counts' tensor; the file is damaged")
-        if c.size == 0:
-            continue
-        # llama-quantize: sum / count per matrix, and 1 where a matrix was never hit.
-        safe = np.where(c > 0, c, np.float32(1)).astype(np.float32)
-        v = np.where(c[:, None] > 0, s / safe[:, None], np.float32(1))
-        values[name] = np.ascontiguousarray(v, dtype=np.float32).reshape(-1)
-    fields = reader.fields
-    datasets: tuple[str, ...] = ()
-    if "imatrix.datasets" in fields:
-        datasets = tuple(str(x) for x in fields["imatrix.datasets"].contents())
-    chunks = int(fields["imatrix.chunk_count"].contents()) if "imatrix.chunk_count" in fields else 0
-    return Imatrix(values, shown, datasets, chunks)
-
-
-def _read_imatrix_dat(p: Path, shown: str) -> Imatrix:
-    """Legacy layout: int32 n; n x (int32 len, name, int32 ncall, int32 nval, float32[nval]);
-    then optionally int32 chunk count, int32 len, dataset name. The values are sums scaled to ``ncall``."""
-    data = p.read_bytes()
-    pos = 0
-
-    def take(n: int) -> bytes:
-        nonlocal pos
-        if pos + n > len(data):
-            raise InputFileError(f"{p} is neither a GGUF nor a complete legacy .dat importance matrix")
-        pos += n
-        return data[pos - n : pos]
-
-    def i32() -> int:
-        return int(struct.unpack("<i", take(4))[0])
-
-    n = i32()
-    if not 0 < n < 1_000_000:
-        raise InputFileError(f"{p} is neither a GGUF nor a legacy .dat importance matrix (bad entry count)")
-    values: dict[str, np.ndarray] = {}
-    for _ in range(n):
-        name = take(i32()).decode("utf-8", errors="replace")
-        ncall = i32()
-        nval = i32()
-        sums = np.frombuffer(take(4 * nval), dtype="<f4").astype(np.float32)
-        values[name] = sums / np.float32(ncall) if ncall > 0 else sums
-    chunks = 0
-    datasets: tuple[str, ...] = ()
-    if pos + 4 <= len(data):
-        chunks = i32()
-        if pos + 4 <= len(data):
-            datasets = (take(i32()).decode("utf-8", errors="replace"),)
-    return Imatrix(values, shown, datasets, chunks)
+        return _ImatrixUse(
+            vector, len(im), file, im.datasets[0] if im.datasets else None, int(im.chunk_count)
+        )
+    table = {k: np.asarray(v, dtype=np.float32).reshape(-1) for k, v in imatrix.items()}
+    return _ImatrixUse(table.get, len(table), file, None, 0)
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -270,9 +206,15 @@ def _gguf_float_rows(t: Any, shape: tuple[int, ...]) -> Callable[[int, int], np.
     return rows
 
 
-def _plan_gguf(source: GGUFSource) -> tuple[list[_Planned], dict[str, Any]]:
-    """Tensors of a GGUF input in llama.cpp's order, and its metadata values (for ModelInfo)."""
-    reader = source.reader
+def _raw_reader(t: Any) -> Callable[[], np.ndarray]:
+    def raw() -> np.ndarray:
+        return np.asarray(t.data)
+
+    return raw
+
+
+def _plan_gguf(reader: Any) -> tuple[list[_Planned], dict[str, Any]]:
+    """Tensors of a GGUF input (a ``gguf.GGUFReader``) in llama.cpp's order, and its metadata values."""
     items: list[_Planned] = []
     for t in reader.tensors:
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))
@@ -284,7 +226,7 @@ def _plan_gguf(source: GGUFSource) -> tuple[list[_Planned], dict[str, Any]]:
                 src_type=ttype,
                 dst_type=ttype,
                 float_rows=_gguf_float_rows(t, shape),
-                raw=lambda t=t: np.asarray(t.data),
+                raw=_raw_reader(t),
             )
         )
     items.sort(key=lambda it: llama_order_key(it.name))
@@ -408,13 +350,15 @@ def _tensor_bytes(item: _Planned, qw: np.ndarray | None) -> np.ndarray:
     return out.reshape(-1)
 
 
-def _imatrix_for(item: _Planned, imatrix: Mapping[str, np.ndarray] | None) -> np.ndarray | None:
+def _imatrix_for(item: _Planned, imatrix: _ImatrixUse | None) -> np.ndarray | None:
     """llama-quantize's lookup: by tensor name; a size mismatch is an error except for token_embd."""
     if imatrix is None or item.src_type == item.dst_type or item.dst_type in _PLAIN_FLOATS:
         return None
-    v = imatrix.get(item.name)
+    v = imatrix.vector(item.name)
     if v is None:
-        log.info("no importance vector for %s; quantizing it without one", item.name)
+        # llama-imatrix never collects token_embd (nor output.weight without --process-output)
+        never = category_of(item.name) in (Category.TOKEN_EMBD, Category.OUTPUT)
+        log.log(logging.DEBUG if never else logging.INFO, "no importance vector for %s", item.name)
         return None
     n_mat = math.prod(item.shape[:-2]) if len(item.shape) > 2 else 1
     want = item.ne0 * n_mat
@@ -463,11 +407,11 @@ def _field_kv(f: Any) -> _KV:
     return _KV(f.name, val, main)
 
 
-def _gguf_metadata(source: GGUFSource, file_type: int, imatrix: Imatrix | None) -> list[_KV]:
+def _gguf_metadata(reader: Any, file_type: int, imatrix: _ImatrixUse | None) -> list[_KV]:
     from gguf import GGUFValueType
 
     kvs: dict[str, _KV] = {}
-    for key, f in source.reader.fields.items():
+    for key, f in reader.fields.items():
         if key.startswith("GGUF.") or key in _SPLIT_KEYS:
             continue
         kvs[key] = _field_kv(f)
@@ -483,7 +427,7 @@ def _gguf_metadata(source: GGUFSource, file_type: int, imatrix: Imatrix | None) 
     return list(kvs.values())
 
 
-def _imatrix_kvs(imatrix: Imatrix | None) -> list[_KV]:
+def _imatrix_kvs(imatrix: _ImatrixUse | None) -> list[_KV]:
     """The keys llama-quantize adds for an importance matrix (strings cut at 127 bytes, as it does)."""
     from gguf import GGUFValueType
 
@@ -492,23 +436,24 @@ def _imatrix_kvs(imatrix: Imatrix | None) -> list[_KV]:
     kvs = []
     if imatrix.file is not None:
         kvs.append(_KV("quantize.imatrix.file", imatrix.file.encode()[:127], GGUFValueType.STRING))
-    if imatrix.datasets:
-        kvs.append(_KV("quantize.imatrix.dataset", imatrix.datasets[0].encode()[:127], GGUFValueType.STRING))
-    kvs.append(_KV("quantize.imatrix.entries_count", len(imatrix.values), GGUFValueType.UINT32))
+    if imatrix.dataset is not None:
+        kvs.append(_KV("quantize.imatrix.dataset", imatrix.dataset.encode()[:127], GGUFValueType.STRING))
+    kvs.append(_KV("quantize.imatrix.entries_count", imatrix.n_entries, GGUFValueType.UINT32))
     if imatrix.chunk_count > 0:
         kvs.append(_KV("quantize.imatrix.chunks_count", imatrix.chunk_count, GGUFValueType.UINT32))
     return kvs
 
 
 def _hf_metadata(
-    source: SafetensorsSource, file_type: int, items: Sequence[_Planned], imatrix: Imatrix | None
+    source: SafetensorsSource, file_type: int, items: Sequence[_Planned], imatrix: _ImatrixUse | None
 ) -> list[_KV]:
     """convert_hf_to_gguf's metadata for a llama-family checkpoint, key for key and in its order."""
     import gguf
 
     cfg = source.config
     arch = source.arch.gguf_arch
-    w = gguf.GGUFWriter(path=None, arch=arch)  # used only to collect typed values in order
+    with _quiet_gguf_writer():
+        w = gguf.GGUFWriter(path=None, arch=arch)  # used only to collect typed values in order
     total = sum(math.prod(it.shape) for it in items)
     meta = gguf.Metadata.load(None, source.path, None, total)
     if meta.name is None:
@@ -613,7 +558,9 @@ def _add_tokenizer(w: Any, model_dir: Path, cfg: Mapping[str, Any]) -> None:
     gguf.SpecialVocab(model_dir, load_merges=load_merges, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
 
 
-def _sentencepiece_vocab(model_dir: Path, vocab_size: int | None) -> tuple[list[bytes], list[float], list[int]]:
+def _sentencepiece_vocab(
+    model_dir: Path, vocab_size: int | None
+) -> tuple[list[bytes], list[float], list[int]]:
     """Pieces, scores and ggml token types of a sentencepiece model, padded to the config's vocab size,
     with ``added_tokens.json`` and ``tokenizer_config.json``'s ``added_tokens_decoder`` applied."""
     from gguf import TokenType
@@ -639,7 +586,11 @@ def _sentencepiece_vocab(model_dir: Path, vocab_size: int | None) -> tuple[list[
         scores[i] = float(sp.GetScore(i))
         types[i] = int(kind)
     if sp.vocab_size() > n:
-        log.warning("tokenizer.model has %d pieces, config.json vocab_size %d: extra pieces dropped", sp.vocab_size(), n)
+        log.warning(
+            "tokenizer.model has %d pieces, config.json vocab_size %d: extra pieces dropped",
+            sp.vocab_size(),
+            n,
+        )
     added = model_dir / "added_tokens.json"
     if added.is_file():
         for text, idx in json.loads(added.read_text(encoding="utf-8")).items():
@@ -708,7 +659,11 @@ def _bpe_pre_name(tj: Mapping[str, Any]) -> str:
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         return "gpt2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+    if (
+        kinds == ["Digits", "ByteLevel"]
+        and steps[0].get("individual_digits")
+        and steps[1].get("use_regex", True)
+    ):
         return "smollm"  # = "starcoder" in llama.cpp: digits one by one, then GPT-2's regex
     if kinds == ["Split", "ByteLevel"]:
         regex = (steps[0].get("pattern") or {}).get("Regex")
@@ -734,17 +689,13 @@ def _check_hf_architecture(source: SafetensorsSource) -> None:
         )
 
 
-def _assign_types(
-    mix: str, items: list[_Planned], model: ModelInfo, has_imatrix: bool
-) -> list[_Planned]:
+def _assign_types(mix: str, items: list[_Planned], model: ModelInfo, has_imatrix: bool) -> list[_Planned]:
     specs = [TensorSpec(it.name, it.shape, it.src_type) for it in items]
     chosen = tensor_types(mix, specs, model, imatrix=has_imatrix)
-    return [
-        _Planned(it.name, it.shape, it.src_type, chosen[it.name], it.float_rows, it.raw) for it in items
-    ]
+    return [_Planned(it.name, it.shape, it.src_type, chosen[it.name], it.float_rows, it.raw) for it in items]
 
 
-def _check_plan(mix: str, items: Sequence[_Planned], imatrix: Mapping[str, np.ndarray] | None) -> None:
+def _check_plan(mix: str, items: Sequence[_Planned], imatrix: _ImatrixUse | None) -> None:
     """Everything that can fail before a byte is written: missing codecs, missing importance vectors."""
     from lowbit.formats.gguf.block import get_codec
 
@@ -759,7 +710,7 @@ def _check_plan(mix: str, items: Sequence[_Planned], imatrix: Mapping[str, np.nd
                     f"{mix} needs an importance matrix ({it.name} becomes {it.dst_type.name}); "
                     "pass --imatrix FILE made by llama-imatrix, as llama-quantize requires"
                 )
-            if it.name not in imatrix:
+            if imatrix.vector(it.name) is None:
                 raise SchemeError(
                     f"the importance matrix has no entry for {it.name}, which {mix} makes "
                     f"{it.dst_type.name}; it was computed for another model"
@@ -773,6 +724,7 @@ def write_gguf(
     imatrix: Imatrix | Mapping[str, np.ndarray] | None = None,
     force: bool = False,
     progress: bool = False,
+    imatrix_file: str | None = None,
 ) -> GGUFReport:
     """Write ``source`` as a GGUF file of llama-quantize mix ``mix`` (``Q4_K_M``, ``Q8_0``, ``F16`` ...).
 
@@ -786,27 +738,22 @@ def write_gguf(
     spec = get_mix(mix)
     out_path = Path(out)
     check_output(out_path, force)
-    src = source if isinstance(source, ModelSource) else open_model(source)
-    im: Imatrix | None
-    if imatrix is None or isinstance(imatrix, Imatrix):
-        im = imatrix
-    else:
-        im = Imatrix(dict(imatrix))
-    im_values = None if im is None else im.values
+    src = _open_input(source)
+    im = _imatrix_use(imatrix, imatrix_file)
 
-    if isinstance(src, GGUFSource):
+    if not isinstance(src, ModelSource):  # a gguf.GGUFReader
         kind = "gguf"
         items, values = _plan_gguf(src)
         split = values.get("split.count")
         if split is not None and int(split) > 1:
             raise InputFileError(
-                f"{src.path} is one part of a split GGUF; merge the parts first (llama-gguf-split --merge)"
+                f"{src.data.filename} is one part of a split GGUF; merge the parts first (llama-gguf-split --merge)"
             )
         model = ModelInfo.from_gguf_fields(values, [it.name for it in items])
         items = _assign_types(spec.name, items, model, im is not None)
         arch = str(values.get("general.architecture", "llama"))
         alignment = int(values.get(_ALIGNMENT_KEY, gguf.GGUF_DEFAULT_ALIGNMENT))
-        _check_plan(spec.name, items, im_values)
+        _check_plan(spec.name, items, im)
         kvs = _gguf_metadata(src, spec.file_type, im)
     elif isinstance(src, SafetensorsSource):
         kind = "hf"
@@ -823,36 +770,45 @@ def write_gguf(
         items = _assign_types(spec.name, items, model, im is not None)
         arch = src.arch.gguf_arch
         alignment = gguf.GGUF_DEFAULT_ALIGNMENT
-        _check_plan(spec.name, items, im_values)
+        _check_plan(spec.name, items, im)
         kvs = _hf_metadata(src, spec.file_type, items, im)
     else:
         raise InputFileError(f"lowbit cannot write GGUF from a {src.format_name}")
 
-    writer = gguf.GGUFWriter(path=None, arch=arch)
+    with _quiet_gguf_writer():
+        writer = gguf.GGUFWriter(path=None, arch=arch)
     writer.kv_data[0].clear()  # the keys below include general.architecture, in the input's order
     writer.data_alignment = alignment
     for kv in kvs:
         writer.add_key_value(kv.key, kv.value, kv.vtype, kv.sub_type)
     for it in items:
         writer.add_tensor_info(
-            it.name, it.shape, np.dtype(np.float32), tensor_nbytes(it.dst_type, it.shape), raw_dtype=it.dst_type
+            it.name,
+            it.shape,
+            np.dtype(np.float32),
+            tensor_nbytes(it.dst_type, it.shape),
+            raw_dtype=it.dst_type,
         )
 
     records: list[GGUFTensorRecord] = []
     used = 0
-    with atomic_file(out_path, force) as tmp:
+    with atomic_file(out_path, force) as tmp, _quiet_gguf_writer():
         try:
             writer.write_header_to_file(tmp)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             for it in _progress(items, progress, spec.name):
-                qw = _imatrix_for(it, im_values)
+                qw = _imatrix_for(it, im)
                 used += qw is not None
                 data = _tensor_bytes(it, qw)
                 writer.write_tensor_data(data)
                 records.append(
                     GGUFTensorRecord(
-                        it.name, it.shape, it.dst_type.name, int(data.nbytes), allows_quantization(it.name, it.shape)
+                        it.name,
+                        it.shape,
+                        it.dst_type.name,
+                        int(data.nbytes),
+                        allows_quantization(it.name, it.shape),
                     )
                 )
         finally:
@@ -871,6 +827,44 @@ def write_gguf(
         tensors=tuple(records),
         imatrix_entries_used=used,
     )
+
+
+@contextlib.contextmanager
+def _quiet_gguf_writer() -> Iterator[None]:
+    """gguf-py's writer logs its plan at INFO (endianness, temp file names); keep that out of lowbit's log."""
+    logger = logging.getLogger("gguf.gguf_writer")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _open_input(source: ModelSource | str | Path) -> Any:
+    """A GGUF input as its ``gguf.GGUFReader``, any other input as a :class:`ModelSource`.
+
+    A GGUF path is opened with the reader alone: :class:`GGUFSource` would also derive a Hugging Face
+    config through transformers, which nothing here needs (13 s of 20 s for SmolLM2's header).
+    """
+    if isinstance(source, GGUFSource):
+        return source.reader
+    if isinstance(source, ModelSource):
+        return source
+    p = Path(source)
+    if p.is_file() and (p.suffix.lower() == ".gguf" or _has_gguf_magic(p)):
+        from lowbit.walk.gguf_read import open_gguf
+
+        return open_gguf(p)
+    return open_model(p)
+
+
+def _has_gguf_magic(p: Path) -> bool:
+    try:
+        with p.open("rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def _progress(items: Sequence[_Planned], enabled: bool, desc: str) -> Iterator[_Planned]:

@@ -72,7 +72,7 @@ class CheckpointFormat(ABC):
 
 
 def get_format(name: str) -> CheckpointFormat:
-    from lowbit.export import ct_format  # noqa: F401  (registers)
+    from lowbit.export import ct_format, hf_awq, hf_gptq  # noqa: F401  (registers)
 
     cls = FORMATS.get(name)
     if cls is None:

@@ -26,8 +26,18 @@ def attach_quantized_decoders(src: SafetensorsSource) -> None:
 
         ct_format.attach_decoders(src, qcfg)
         return
+    if method == "gptq":
+        from lowbit.export import hf_gptq
+
+        hf_gptq.attach_decoders(src, qcfg)
+        return
+    if method == "awq":
+        from lowbit.export import hf_awq
+
+        hf_awq.attach_decoders(src, qcfg)
+        return
     from lowbit.errors import InputFileError
 
     raise InputFileError(
-        f"{src.path} is quantized with {method!r}, which lowbit cannot read yet; supported: compressed-tensors"
+        f"{src.path} is quantized with {method!r}, which lowbit cannot read yet; supported: compressed-tensors, gptq, awq"
     )

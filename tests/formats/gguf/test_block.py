@@ -5,14 +5,23 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from ggml_oracle import c_nearest_int
 
+import lowbit.formats.gguf as gguf_pkg
 from lowbit.errors import NonFiniteWeightError, SchemeError, ShapeError
 from lowbit.formats.gguf.block import (
     CODECS,
     GGMLBlockCodec,
     absmax_first,
+    c_int8,
+    c_trunc_int,
     fp16_bytes,
+    fp16_from_bytes,
+    fp16_round,
     get_codec,
+    inv_or_zero,
+    max_first,
+    min_first,
     nearest_int,
     pack_high_bits,
     pack_nibbles,
@@ -43,6 +52,12 @@ def test_registry_rejects_unknown_types() -> None:
         get_codec("Q4_7")
     with pytest.raises(SchemeError, match="no codec for ggml type F32"):
         get_codec("F32")
+
+
+def test_the_package_exports_the_registry() -> None:
+    assert gguf_pkg.get_codec is get_codec and gguf_pkg.CODECS is CODECS
+    assert gguf_pkg.GGMLBlockCodec is GGMLBlockCodec
+    assert isinstance(gguf_pkg.get_codec("Q6_K"), gguf_pkg.GGMLBlockCodec)
 
 
 def test_a_second_codec_for_a_registered_type_is_refused() -> None:
@@ -98,13 +113,6 @@ def test_quantize_accepts_other_float_dtypes_and_layouts() -> None:
 # ------------------------------------------------------------------------------------------ numerics
 
 
-def _c_nearest_int(v: float) -> int:
-    """ggml's nearest_int, transcribed with one float32 add and a bit reinterpretation."""
-    s = np.array([F(v) + F(12582912.0)], dtype=np.float32)
-    i = int(s.view(np.int32)[0])
-    return (i & 0x007FFFFF) - 0x00400000
-
-
 def test_nearest_int_rounds_half_to_even_like_ggml() -> None:
     vals = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 0.49999997, 7.5, -8.5, 3.2, -3.7, 0.0, -0.0], F)
     got = nearest_int(vals)
@@ -113,8 +121,8 @@ def test_nearest_int_rounds_half_to_even_like_ggml() -> None:
     rng = np.random.default_rng(1)
     r = (rng.standard_normal(2000) * 40).astype(F)
     r[:500] = np.round(r[:500]) + F(0.5)  # exact halves
-    assert got.tolist() == [_c_nearest_int(v) for v in vals]
-    assert nearest_int(r).tolist() == [_c_nearest_int(v) for v in r]
+    assert got.tolist() == [c_nearest_int(v) for v in vals]
+    assert nearest_int(r).tolist() == [c_nearest_int(v) for v in r]
     assert np.array_equal(nearest_int(r), np.rint(r).astype(np.int32))
 
 
@@ -137,6 +145,31 @@ def test_seq_sum_adds_strictly_in_order(axis: int) -> None:
         assert not np.array_equal(a.sum(axis=1, dtype=F), expected)
     out = np.empty(moved.shape[1:], F)
     assert seq_sum(a, axis=axis, out=out) is out and np.array_equal(out, expected)
+
+
+@pytest.mark.parametrize("n", [2, 8, 9, 16, 32, 256])
+@pytest.mark.parametrize("cols", [1, 2, 3, 7, 16, 100, 4096])
+def test_seq_sum_is_sequential_for_every_block_shape(n: int, cols: int) -> None:
+    """Blocks as columns (n, cols), the layout of every search: numpy's row-by-row reduction must add
+    in order for all of them (a single column falls back to the loop: numpy would sum it pairwise)."""
+    rng = np.random.default_rng(n * 10007 + cols)
+    a = (rng.standard_normal((n, cols)) * np.exp(rng.standard_normal((n, cols)) * 6)).astype(F)
+    expected = a[0].copy()
+    for i in range(1, n):
+        expected = (expected + a[i]).astype(F)
+    assert np.array_equal(seq_sum(a, from_first=True), expected)
+    assert np.array_equal(seq_sum(np.asfortranarray(a), from_first=True), expected)
+    assert np.array_equal(seq_sum(a), expected)  # no column here is all -0.0
+
+
+def test_seq_sum_starts_from_zero_or_from_the_first_term() -> None:
+    a = np.array([[-0.0, -0.0, 1.0], [-0.0, 0.0, -1.0], [-0.0, -0.0, 0.5]], F)  # (3, 3)
+    # C: float s = 0; s += a[i]   ->  +0.0 for all -0.0 terms;  float s = a[0]; ...  ->  -0.0
+    assert np.signbit(seq_sum(a)).tolist() == [False, False, False]
+    assert np.signbit(seq_sum(a, from_first=True)).tolist() == [True, False, False]
+    assert np.signbit(seq_sum(a.T, axis=1)).tolist() == [False, False, False]
+    assert np.signbit(seq_sum(a.T, axis=1, from_first=True)).tolist() == [True, False, False]
+    assert seq_sum(a[:, 2]) == F(0.5) and seq_sum(a[:, :1]).tolist() == [0.0]
 
 
 def _ggml_fp32_to_fp16(f: np.ndarray) -> np.ndarray:
@@ -196,10 +229,67 @@ def test_absmax_first_takes_the_first_of_tied_magnitudes() -> None:
     assert np.array_equal(mx, r[idx, np.arange(500)]) and np.array_equal(amax, np.abs(r).max(axis=0))
 
 
+def test_absmax_first_nan_never_wins_and_nothing_gives_plus_zero() -> None:
+    nan, inf = np.nan, np.inf
+    x = np.array(
+        [
+            [nan, -0.0, nan, 0.0, -inf],
+            [0.5, -0.0, nan, -2.0, 3.0],
+            [-0.7, -0.0, nan, 2.0, inf],
+        ],
+        F,
+    )
+    amax, mx = absmax_first(x)
+    assert amax.tolist() == [F(0.7), 0.0, 0.0, 2.0, inf]
+    assert mx.tolist() == [F(-0.7), 0.0, 0.0, -2.0, -inf]
+    assert not np.signbit(mx[1]) and not np.signbit(mx[2])  # ggml's max stays +0 when nothing wins
+
+
+def test_min_first_and_max_first_keep_the_first_zero() -> None:
+    x = np.array(
+        [
+            [0.5, -0.0, 0.0, 0.0, -0.0, 1.0],
+            [-0.0, 0.0, -0.0, -3.0, 0.0, 2.0],
+            [0.0, 0.5, 1.0, 0.0, -1.0, 3.0],
+        ],
+        F,
+    )  # (3, 6): one block per column
+    mn = min_first(x)
+    assert mn.tolist() == [0.0, 0.0, 0.0, -3.0, -1.0, 1.0]
+    assert np.signbit(mn).tolist() == [True, True, False, True, True, False]
+    mxf = max_first(x)
+    assert mxf.tolist() == [0.5, 0.5, 1.0, 0.0, 0.0, 3.0]
+    assert np.signbit(mxf).tolist() == [False, False, False, False, True, False]
+
+
+def test_fp16_round_and_from_bytes_agree_with_fp16_bytes() -> None:
+    rng = np.random.default_rng(5)
+    v = np.concatenate(
+        [(rng.standard_normal(3000) * 10.0 ** rng.integers(-9, 6, 3000)).astype(F), np.array([-0.0, 1e6], F)]
+    )
+    b = fp16_bytes(v)
+    assert b.shape == (v.size, 2) and b.dtype == np.uint8
+    back = fp16_from_bytes(b)
+    assert np.array_equal(back.view(np.uint32), fp16_round(v).view(np.uint32))
+    assert np.isinf(back[-1]) and np.signbit(back[-2])
+    assert fp16_from_bytes(b.reshape(-1, 1, 2)).shape == (v.size, 1)
+
+
+def test_c_conversions_truncate_and_wrap_like_x86() -> None:
+    v = np.array([2.9, -2.9, 127.5, 128.4, -129.0, 255.9, np.nan, 3e9, -0.0], F)
+    i = c_trunc_int(v)
+    assert i.tolist()[:6] == [2, -2, 127, 128, -129, 255]
+    assert i.tolist()[6:8] == [-(2**31), -(2**31)]  # cvttss2si's "integer indefinite"
+    assert c_int8(i).tolist() == [2, -2, 127, -128, 127, -1, 0, 0, 0]
+    assert inv_or_zero(np.array([0.0, -0.0, 4.0, np.nan], F)).tolist()[:3] == [0.0, 0.0, 0.25]
+    assert np.isnan(inv_or_zero(np.array([np.nan], F))[0])  # C: NaN ? 1/NaN : 0 -> NaN
+
+
 def test_bit_layout_helpers() -> None:
     q = np.arange(32, dtype=np.uint8)[None, :] % 16
     packed = pack_nibbles(q)
-    assert packed.shape == (1, 16)
+    assert packed.shape == (1, 16) and packed.dtype == np.uint8
+    assert np.array_equal(pack_nibbles(q.astype(np.int32)), packed)  # codes of any integer dtype
     assert packed[0].tolist() == [(j % 16) | (((j + 16) % 16) << 4) for j in range(16)]
     q5 = np.zeros((1, 32), np.uint8)
     q5[0, [0, 3, 31]] = 16

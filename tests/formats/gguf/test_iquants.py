@@ -1,5 +1,6 @@
-"""IQ4_NL, IQ4_XS (and MXFP4): byte-exact with ggml (goldens), equal to a scalar transcription of
-ggml's ``quantize_row_iq4_nl_impl``, and sane on random data without ../shared."""
+"""IQ4_NL, IQ4_XS (and MXFP4): byte-exact with ggml (goldens, and libggml itself on fresh inputs), equal
+to a scalar transcription of ggml's ``quantize_row_iq4_nl_impl``, and sane on random data without
+../shared."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ggml_golden import INPUTS, check_against_golden
+from ggml_oracle import GGMLQuantize, assert_matches_libggml, c_nearest_int, fuzz_inputs
 
-from lowbit.formats.gguf import iquants
-from lowbit.formats.gguf.block import get_codec
+from lowbit.formats.gguf import get_codec, iquants
 from lowbit.formats.gguf.iquants import KVALUES_IQ4NL
 
 F = np.float32
@@ -37,22 +38,22 @@ def test_bit_exact_with_ggml(
 VALUES = [F(v) for v in KVALUES_IQ4NL]
 
 
-def _nearest_int(v: np.float32) -> int:
-    s = np.array([F(v) + F(12582912.0)], dtype=F)
-    return (int(s.view(np.int32)[0]) & 0x007FFFFF) - 0x00400000
-
-
 def _best_index_int8(x: np.float32) -> int:
-    """ggml's branch-free binary search: level j once 2x >= val[j-1] + val[j]."""
-    x2 = F(x + x)
-    idx = 0
-    step = 8
-    while step > 0:
-        j = idx + step
-        if x2 >= F(KVALUES_IQ4NL[j - 1] + KVALUES_IQ4NL[j]):
-            idx = j
-        step >>= 1
-    return idx
+    """ggml's ``best_index_int8(16, kvalues_iq4nl, x)``: clamp at the ends, bisect, then the nearer
+    of the two neighbours (ties up). Every comparison with NaN is false: NaN ends on the last level."""
+    val = VALUES
+    if x <= val[0]:
+        return 0
+    if x >= val[-1]:
+        return len(val) - 1
+    ml, mu = 0, len(val) - 1
+    while mu - ml > 1:
+        mav = (ml + mu) // 2
+        if x < val[mav]:
+            mu = mav
+        else:
+            ml = mav
+    return mu - 1 if F(x - val[mu - 1]) < F(val[mu] - x) else mu
 
 
 def _ref_iq4(x: np.ndarray, qw: np.ndarray | None, super_block: int) -> bytes:
@@ -104,7 +105,7 @@ def _ref_iq4(x: np.ndarray, qw: np.ndarray | None, super_block: int) -> bytes:
         idd = F(F(1) / d) if d != 0 else F(0)
         scales_h, scales_l = 0, [0] * (nb // 2)
         for ib in range(nb):
-            li = max(-32, min(31, _nearest_int(F(idd * scales[ib]))))
+            li = max(-32, min(31, c_nearest_int(F(idd * scales[ib]))))
             dl = F(d * F(li))
             idl = F(F(1) / dl) if dl != 0 else F(0)
             for j in range(32):
@@ -157,15 +158,27 @@ def test_codebook_lookup_is_ggmls_best_index() -> None:
             mids,
             np.nextafter(mids, F(-np.inf)),
             np.nextafter(mids, F(np.inf)),
-            np.array([-1e9, -127.5, -127, 0, -0.0, 113, 113.5, 1e9], F),
+            np.array([-1e9, -127.5, -127, 0, -0.0, 113, 113.5, 1e9, np.inf, -np.inf, np.nan], F),
         ]
     )
     got = iquants._IQ4NL.levels_of(probes + probes)
+    assert got[-1] == 15  # NaN (IQ4_NL blocks whose scale overflowed): all 15s, as libggml writes
     assert got.tolist() == [_best_index_int8(v) for v in probes]
     # away from the midpoints, the nearest codebook value
     far = probes[:3000]
     nearest = np.argmin(np.abs(far[:, None] - np.array(KVALUES_IQ4NL, F)[None, :]), axis=1)
     assert np.array_equal(got[:3000], nearest)
+
+
+# ------------------------------------------------- ggml itself (libggml, ../shared) on fresh inputs
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("type_name", TYPES)
+def test_quantize_matches_libggml_on_fresh_inputs(ggml_quantize: GGMLQuantize, type_name: str) -> None:
+    """Scales 1e-30..1e30 (IQ4_NL at 1e30: weights x*x overflow, the scale is NaN), ties, sparse rows
+    with signed zeros, odd imatrices; with and without."""
+    assert_matches_libggml(ggml_quantize, type_name, fuzz_inputs(20261123))
 
 
 # ----------------------------------------------------------------------- properties on random data

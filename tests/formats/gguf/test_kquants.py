@@ -4,15 +4,14 @@
   with and without the importance vector, quantizes to the identical bytes; dequantizing the golden
   bytes gives ggml's ``to_float`` floats bit for bit, and gguf-py's.
 * Oracle (``@pytest.mark.shared``): ggml's own ``ggml_quantize_chunk`` from ``libggml-base.so.0``
-  (ctypes) on fresh inputs the goldens do not cover: other scales from 1e-30 to 1e30, ties on the
-  code grid, sparse rows, imatrices with zeros and huge ranges.
+  (ctypes, :mod:`ggml_oracle`) on fresh inputs the goldens do not cover: other scales from 1e-30 to
+  1e30, ties on the code grid, sparse rows with signed zeros, imatrices with zeros and huge ranges.
 * Without ``../shared``: layouts against gguf-py's dequantizer on random bytes, error bounds, the
   imatrix lowering the weighted error, zero rows, chunk/thread invariance, input validation.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import time
 from collections.abc import Callable
@@ -21,22 +20,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ggml_golden import INPUTS, golden_case, same_floats
+from ggml_oracle import (
+    GGMLQuantize,
+    assert_matches_libggml,
+    first_difference,
+    fuzz_inputs,
+    sparse_signed_zero_inputs,
+)
 from gguf import quants as gguf_quants
 
 import lowbit.formats.gguf.kquants as kq
 from lowbit.errors import NonFiniteWeightError, ShapeError
-from lowbit.formats.gguf.block import get_codec
+from lowbit.formats.gguf import get_codec
 from lowbit.formats.gguf.types import GGMLType, ggml_type
 
 KTYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-GGML_BASE = "tools/llama.cpp/lib/libggml-base.so.0"
-
-
-def _first_difference(got: np.ndarray, want: np.ndarray) -> str:
-    bad = np.argwhere(got != want)
-    row, byte = (int(v) for v in bad[0])
-    rows = sorted({int(r) for r in bad[:, 0]})
-    return f"first difference at row {row} byte {byte}: ours {got[row, byte]} ggml {want[row, byte]}; rows {rows}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -52,7 +50,7 @@ def test_quantize_matches_ggml_golden_bytes(
     case = golden_case(shared_file, type_name, input_name, with_imatrix)
     got = get_codec(type_name).quantize_rows(case.input, case.imatrix)
     assert got.dtype == np.uint8 and got.shape == case.output.shape
-    assert np.array_equal(got, case.output), _first_difference(got, case.output)
+    assert np.array_equal(got, case.output), first_difference(got, case.output)
 
 
 @pytest.mark.shared
@@ -72,70 +70,16 @@ def test_dequantize_matches_ggml_and_gguf_py(
 # ---------------------------------------------------------------------------------------------------
 # ggml itself as the oracle, on inputs the goldens do not cover
 # ---------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ggml_quantize(
-    shared_file: Callable[[str], Path],
-) -> Callable[[str, np.ndarray, np.ndarray | None], np.ndarray]:
-    """``ggml_quantize_chunk`` of the reference build, through ctypes."""
-    lib = ctypes.CDLL(str(shared_file(GGML_BASE)))
-    fn = lib.ggml_quantize_chunk
-    fn.restype = ctypes.c_size_t
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, i64, ptr]
-
-    def quantize(type_name: str, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-        codec = get_codec(type_name)
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        out = np.zeros((x.shape[0], codec.row_bytes(x.shape[1])), dtype=np.uint8)
-        im = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
-        written = fn(
-            int(codec.ggml_type), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1],
-            None if im is None else im.ctypes.data,
-        )  # fmt: skip
-        assert written == out.size
-        return out
-
-    return quantize
-
-
-def _fuzz_inputs(seed: int) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
-    rng = np.random.default_rng(seed)
-    cases: list[tuple[str, np.ndarray, np.ndarray | None]] = []
-    n = 512
-    for scale in (1e-30, 1e-7, 3e-5, 1.0, 7e4, 1e30):
-        g = rng.normal(0, scale, (3, n))
-        grid = rng.integers(-8, 8, (3, n)) * scale / 8  # exact ties for several code ranges
-        half = (rng.integers(-16, 16, (3, n)) + 0.5) * scale / 16
-        sparse = g * (rng.random((3, n)) < 0.1)
-        skew = np.abs(g) + scale * 0.01
-        outl = g.copy()
-        outl[:, rng.integers(0, n, 4)] *= 300
-        for name, x in (("gauss", g), ("grid", grid), ("half", half), ("sparse", sparse),
-                        ("positive", skew), ("negative", -skew), ("outliers", outl)):  # fmt: skip
-            imatrix = None
-            k = rng.integers(0, 4)
-            if k == 1:
-                imatrix = np.exp(rng.normal(0, 1, n))
-            elif k == 2:
-                imatrix = np.exp(rng.normal(0, 4, n)) * (rng.random(n) > 0.2)  # zeros, huge range
-            elif k == 3:
-                imatrix = rng.random(n) * 1e-20
-            cases.append((f"{name} {scale:g}", x.astype(np.float32), None if imatrix is None else imatrix.astype(np.float32)))  # fmt: skip
-    return cases
+@pytest.mark.shared
+@pytest.mark.parametrize("type_name", KTYPES)
+def test_quantize_matches_libggml_on_fresh_inputs(ggml_quantize: GGMLQuantize, type_name: str) -> None:
+    assert_matches_libggml(ggml_quantize, type_name, fuzz_inputs(20261123))
 
 
 @pytest.mark.shared
-@pytest.mark.parametrize("type_name", KTYPES)
-def test_quantize_matches_libggml_on_fresh_inputs(
-    ggml_quantize: Callable[[str, np.ndarray, np.ndarray | None], np.ndarray], type_name: str
-) -> None:
-    codec = get_codec(type_name)
-    for label, x, imatrix in _fuzz_inputs(20261123):
-        for im in (None, imatrix) if imatrix is not None else (None,):
-            want = ggml_quantize(type_name, x, im)
-            got = codec.quantize_rows(x, im)
-            where = f"{label} imatrix={im is not None}"
-            assert np.array_equal(got, want), f"{where}: {_first_difference(got, want)}"
+@pytest.mark.parametrize("type_name", ["Q2_K", "Q4_K", "Q5_K"])
+def test_signed_zero_minimum_matches_libggml(ggml_quantize: GGMLQuantize, type_name: str) -> None:
+    assert_matches_libggml(ggml_quantize, type_name, sparse_signed_zero_inputs(2, 10), both=False)
 
 
 # A super-block (found by fuzzing against libggml) where make_qkx3_quants' running min moves next to

@@ -1,5 +1,6 @@
-"""Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: byte-exact with ggml (goldens), equal to a scalar transcription of
-ggml's weighted searches, and sane on random data without ../shared."""
+"""Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: byte-exact with ggml (goldens, and libggml itself on fresh inputs),
+ggml's signed zeros, and sane on random data without ../shared. (The weighted searches are checked
+against scalar transcriptions of ggml's C in test_search.py.)"""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ggml_golden import INPUTS, check_against_golden
+from ggml_oracle import GGMLQuantize, assert_matches_libggml, fuzz_inputs, sparse_signed_zero_inputs
 
-from lowbit.formats.gguf import legacy
-from lowbit.formats.gguf.block import get_codec
-from lowbit.formats.gguf.legacy import make_qkx3_quants, make_qx_quants
+from lowbit.formats.gguf import get_codec, legacy
 
 F = np.float32
 TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
@@ -33,134 +33,39 @@ def test_bit_exact_with_ggml(
     check_against_golden(shared_file, type_name, input_name, with_imatrix)
 
 
-# ------------------------------------------- scalar transcriptions of ggml's C (float32 throughout)
+# ------------------------------------------------- ggml itself (libggml, ../shared) on fresh inputs
 
 
-def _nearest_int(v: np.float32) -> int:
-    s = np.array([F(v) + F(12582912.0)], dtype=F)
-    return (int(s.view(np.int32)[0]) & 0x007FFFFF) - 0x00400000
+@pytest.mark.shared
+@pytest.mark.parametrize("type_name", TYPES)
+def test_quantize_matches_libggml_on_fresh_inputs(ggml_quantize: GGMLQuantize, type_name: str) -> None:
+    """Scales 1e-30..1e30, ties, sparse rows with signed zeros, odd imatrices; with and without."""
+    assert_matches_libggml(ggml_quantize, type_name, fuzz_inputs(20261123))
 
 
-def _ref_make_qx_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.float32, list[int]]:
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=w), one block, element by element."""
-    n = len(x)
-    amax, mx = F(0), F(0)
-    for i in range(n):
-        if F(abs(x[i])) > amax:
-            amax, mx = F(abs(x[i])), x[i]
-    if amax < F(1e-15):
-        return F(0), [0] * n
-
-    def run(iscale: np.float32) -> tuple[list[int], np.float32, np.float32]:
-        L, sumlx, suml2 = [], F(0), F(0)
-        for i in range(n):
-            li = max(-nmax, min(nmax - 1, _nearest_int(F(iscale * x[i]))))
-            L.append(li + nmax)
-            sumlx = F(sumlx + F(F(w[i] * x[i]) * F(li)))
-            suml2 = F(suml2 + F(F(w[i] * F(li)) * F(li)))
-        return L, sumlx, suml2
-
-    L, sumlx, suml2 = run(F(F(-nmax) / mx))
-    scale = F(sumlx / suml2) if suml2 != 0 else F(0)
-    best = F(scale * sumlx)
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        La, sumlx, suml2 = run(F(-F(F(nmax) + F(F(0.1) * F(step))) / mx))
-        if suml2 > 0 and F(sumlx * sumlx) > F(best * suml2):
-            L, scale = La, F(sumlx / suml2)
-            best = F(scale * sumlx)
-    return scale, L
+@pytest.mark.shared
+@pytest.mark.parametrize("type_name", WEIGHTED)
+def test_signed_zero_minimum_matches_libggml(ggml_quantize: GGMLQuantize, type_name: str) -> None:
+    """Sparse rows with signed zeros and an imatrix: Q4_1/Q5_1 store the sign of the first zero of a
+    block whose minimum is zero (before the fix, 28 of these 40 tensors differed in that byte)."""
+    assert_matches_libggml(ggml_quantize, type_name, sparse_signed_zero_inputs(1, 40), both=False)
 
 
-def _ref_make_qkx3_quants(
-    x: np.ndarray, w: np.ndarray, nmax: int
-) -> tuple[np.float32, np.float32, list[int]]:
-    """make_qkx3_quants(n, nmax, x, w, L, &the_min, Laux, -0.9f, 0.05f, 36, false), one block."""
-    n = len(x)
-    mn, mx = x[0], x[0]
-    sum_w = w[0]
-    sum_x = F(sum_w * x[0])
-    for i in range(1, n):
-        mn, mx = min(mn, x[i]), max(mx, x[i])
-        sum_w = F(sum_w + w[i])
-        sum_x = F(sum_x + F(w[i] * x[i]))
-    if mn > 0:
-        mn = F(0)
-    if mx <= mn:
-        return F(0), F(-mn), [0] * n
-    nm = F(nmax)
-    iscale = F(nm / F(mx - mn))
-    scale = F(F(1) / iscale)
-    L = [max(0, min(nmax, _nearest_int(F(iscale * F(x[i] - mn))))) for i in range(n)]
-    best_mad = F(0)
-    for i in range(n):
-        diff = F(F(F(scale * F(L[i])) + mn) - x[i])
-        best_mad = F(best_mad + F(w[i] * F(diff * diff)))
-    for step in range(37):
-        iscale = F(F(F(F(-0.9) + F(F(0.05) * F(step))) + nm) / F(mx - mn))
-        La = []
-        sum_l, sum_l2, sum_xl = F(0), F(0), F(0)
-        for i in range(n):
-            v = F(iscale * F(x[i] - mn))
-            li = _nearest_int(min(v, nm)) if v > 0 else 0
-            La.append(li)
-            sum_l = F(sum_l + F(w[i] * F(li)))
-            sum_l2 = F(sum_l2 + F(F(w[i] * F(li)) * F(li)))
-            sum_xl = F(sum_xl + F(F(w[i] * F(li)) * x[i]))
-        D = F(F(sum_w * sum_l2) - F(sum_l * sum_l))
-        if D > 0:
-            this_scale = F(F(F(sum_w * sum_xl) - F(sum_x * sum_l)) / D)
-            this_min = F(F(F(sum_l2 * sum_x) - F(sum_l * sum_xl)) / D)
-            if this_min > 0:
-                this_min = F(0)
-                this_scale = F(sum_xl / sum_l2)
-            mad = F(0)
-            for i in range(n):
-                diff = F(F(F(this_scale * F(La[i])) + this_min) - x[i])
-                mad = F(mad + F(w[i] * F(diff * diff)))
-            if mad < best_mad:
-                L, best_mad, scale, mn = La, mad, this_scale, this_min
-    return scale, F(-mn), L
-
-
-def _awkward_blocks(n_random: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Blocks (B, 32) of random and edge-case values, and positive weights (B, 32)."""
-    rng = np.random.default_rng(seed)
-    blocks = [rng.standard_normal((n_random, 32)).astype(F) * F(0.02)]
-    special = np.zeros((8, 32), F)
-    special[1] = 0.5  # constant
-    special[2] = -0.25  # negative constant (flat for the min/scale search)
-    special[3, 7] = 1.0  # one nonzero
-    special[4] = np.tile([0.02, -0.02], 16)  # tied magnitudes of both signs
-    special[5] = (np.arange(32) % 16 - 8) * F(0.01)  # on a 4-bit grid
-    special[6] = -np.abs(rng.standard_normal(32)).astype(F)  # all negative
-    special[7] = rng.standard_normal(32).astype(F) * F(1e-8)  # tiny
-    blocks.append(special)
-    x = np.concatenate(blocks)
-    w = np.exp(rng.standard_normal(x.shape)).astype(F) * (F(1e-4) + x * x)
-    return x, w
-
-
-@pytest.mark.parametrize("nmax", [8, 16])
-def test_make_qx_quants_equals_scalar_transcription(nmax: int) -> None:
-    x, w = _awkward_blocks(24, seed=nmax)
-    scale, L = make_qx_quants(np.ascontiguousarray(x.T), np.ascontiguousarray(w.T), nmax)
-    for b in range(x.shape[0]):
-        ref_scale, ref_L = _ref_make_qx_quants(x[b], w[b], nmax)
-        assert scale[b].view(np.uint32) == ref_scale.view(np.uint32), b
-        assert L[:, b].tolist() == ref_L, b
-
-
-@pytest.mark.parametrize("nmax", [15, 31])
-def test_make_qkx3_quants_equals_scalar_transcription(nmax: int) -> None:
-    x, w = _awkward_blocks(12, seed=nmax)
-    scale, the_min, L = make_qkx3_quants(np.ascontiguousarray(x.T), np.ascontiguousarray(w.T), nmax)
-    for b in range(x.shape[0]):
-        ref_scale, ref_min, ref_L = _ref_make_qkx3_quants(x[b], w[b], nmax)
-        assert scale[b].view(np.uint32) == ref_scale.view(np.uint32), b
-        assert the_min[b].view(np.uint32) == ref_min.view(np.uint32), b
-        assert L[:, b].tolist() == ref_L, b
+def test_ref_path_keeps_ggmls_signed_zeros() -> None:
+    """Without an imatrix: an all-zero block stores d = -0.0 in Q4_0/Q5_0 (ggml's +0 / -8), whatever
+    the signs of its zeros; Q4_1/Q5_1 store m = the first zero of a block whose minimum is zero, and
+    d = +0.0 for an all-zero block."""
+    x = np.zeros((1, 64), F)
+    x[0, 0] = -0.0  # block 0: all zeros, the first one negative
+    x[0, 32:40] = 0.5  # block 1: minimum zero, its first zero (element 40) negative
+    x[0, 40] = -0.0
+    for name in ("Q4_0", "Q5_0"):
+        q = get_codec(name).quantize_rows(x).reshape(2, -1)
+        assert q[0, :2].tolist() == [0x00, 0x80], name
+    for name in ("Q4_1", "Q5_1"):
+        q = get_codec(name).quantize_rows(x).reshape(2, -1)
+        assert q[0, :4].tolist() == [0x00, 0x00, 0x00, 0x80], name  # d = +0, m = -0 (first zero)
+        assert q[1, 2:4].tolist() == [0x00, 0x80], name
 
 
 # ----------------------------------------------------------------------- properties on random data
@@ -218,11 +123,13 @@ def test_rows_and_chunks_are_independent(type_name: str, monkeypatch: pytest.Mon
     x = (rng.standard_normal((5, 320)) * 0.05).astype(F)
     im = np.exp(rng.standard_normal(320)).astype(F)
     codec = get_codec(type_name)
-    whole = codec.quantize_rows(x, im)
-    by_row = np.concatenate([codec.quantize_rows(x[i : i + 1], im) for i in range(5)])
-    monkeypatch.setattr(legacy, "_CHUNK", 7)  # one row per pass
-    assert np.array_equal(whole, by_row)
-    assert np.array_equal(codec.quantize_rows(x, im), whole)
+    for qw in (None, im):
+        whole = codec.quantize_rows(x, qw)
+        by_row = np.concatenate([codec.quantize_rows(x[i : i + 1], qw) for i in range(5)])
+        assert np.array_equal(whole, by_row)
+        with monkeypatch.context() as m:
+            m.setattr(legacy, "_CHUNK", 7)  # one row per pass
+            assert np.array_equal(codec.quantize_rows(x, qw), whole)
 
 
 def test_print_speed_q4_0_with_imatrix(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,4 +1,5 @@
-"""TQ1_0, TQ2_0: byte-exact with ggml (goldens), and ternary by construction without ../shared."""
+"""TQ1_0, TQ2_0: byte-exact with ggml (goldens, and libggml itself on fresh inputs), and ternary by
+construction without ../shared."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ggml_golden import INPUTS, check_against_golden
+from ggml_oracle import GGMLQuantize, assert_matches_libggml, fuzz_inputs
 
-from lowbit.formats.gguf.block import get_codec
+from lowbit.formats.gguf import get_codec
 
 F = np.float32
 TYPES = ("TQ1_0", "TQ2_0")
@@ -23,6 +25,12 @@ def test_bit_exact_with_ggml(
     shared_file: Callable[[str], Path], type_name: str, input_name: str, with_imatrix: bool
 ) -> None:
     check_against_golden(shared_file, type_name, input_name, with_imatrix)
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("type_name", TYPES)
+def test_quantize_matches_libggml_on_fresh_inputs(ggml_quantize: GGMLQuantize, type_name: str) -> None:
+    assert_matches_libggml(ggml_quantize, type_name, fuzz_inputs(20261123))
 
 
 @pytest.mark.parametrize("type_name", TYPES)

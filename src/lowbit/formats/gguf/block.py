@@ -6,17 +6,19 @@ One codec instance per ggml type; every concrete subclass that sets ``ggml_type`
 :data:`CODECS` (keyed by the type name, ``"Q4_0"``, ``"IQ4_XS"``). :func:`get_codec` finds one by
 name, enum or value and imports the modules that define codecs on first use.
 
-Bit-exactness with ggml rests on computing in float32 exactly as ggml's C does. The helpers below are
-the pieces every codec needs for that:
+Bit-exactness with ggml rests on computing in float32 exactly as ggml's C does. The primitives below
+are the one implementation every codec uses for that (the scale searches built on them are in
+:mod:`lowbit.formats.gguf.search`):
 
 * :func:`nearest_int` is ggml's ``nearest_int`` (the ``+ 12582912.f`` magic-number trick: round half
-  to even, and the same wrap-around as the C for out-of-range input).
-* :func:`seq_sum` sums along an axis strictly left to right in float32, as a C ``for`` loop does
-  (``np.sum`` sums pairwise and differs in the last bits).
-* :func:`fp16_bytes` is ``GGML_FP32_TO_FP16`` (round to nearest even, subnormals kept: numpy's
-  ``astype(float16)``), returned as little-endian bytes.
-* :func:`absmax_first` is the ``if (fabsf(x) > amax)`` scan: the largest magnitude and the signed
-  value holding it, the first one on ties.
+  to even, and the same wrap-around as the C for out-of-range input); :func:`c_trunc_int` and
+  :func:`c_int8` are C's ``(int)``/``(int8_t)`` conversions as x86-64 executes them.
+* :func:`seq_sum` sums along an axis strictly left to right in float32, as a C ``for`` loop does,
+  from ``0`` or from the first term (``np.sum`` sums pairwise and differs in the last bits).
+* :func:`absmax_first`, :func:`min_first`, :func:`max_first` are ggml's ``if (x > m)`` scans: which
+  element wins a tie, and which zero (``+0.0``/``-0.0``) a zero result is, both reach the bytes.
+* :func:`fp16_bytes` / :func:`fp16_round` / :func:`fp16_from_bytes` are ``GGML_FP32_TO_FP16`` (round
+  to nearest even, subnormals kept: numpy's ``astype(float16)``) and back.
 * :func:`pack_nibbles` / :func:`pack_high_bits` are ggml's layout of 4-bit codes (element ``j`` and
   ``j + n/2`` share byte ``j``, low nibble first) and of 5th bits (bit ``j`` of a little-endian word).
 """
@@ -106,7 +108,10 @@ class GGMLBlockCodec(ABC):
                 raise NonFiniteWeightError(f"the importance vector for {self.name} holds NaN or Inf values")
         if x.shape[0] == 0:
             return np.zeros((0, self.row_bytes(n_per_row)), dtype=np.uint8)
-        out = self._quantize(x, qw)
+        # ggml overflows and divides by zero silently (huge inputs, zero blocks), so does numpy here;
+        # np.errstate is per thread: codecs that use threads set it again in their workers
+        with np.errstate(all="ignore"):
+            out = self._quantize(x, qw)
         assert out.dtype == np.uint8 and out.shape == (x.shape[0], self.row_bytes(n_per_row))
         return out
 
@@ -135,6 +140,18 @@ class GGMLBlockCodec(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
+
+
+class GGUFPyCodec(GGMLBlockCodec):
+    """A type whose ggml quantizer ignores the importance vector and whose bytes gguf-py's
+    ``quantize`` reproduces exactly (Q8_0, MXFP4, TQ1_0, TQ2_0: checked against the goldens and
+    libggml in the tests; no signed zero reaches their bytes)."""
+
+    uses_imatrix = False
+
+    def _quantize(self, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+        out = gguf_quants.quantize(x, self.ggml_type)
+        return np.asarray(out, dtype=np.uint8).reshape(x.shape[0], self.row_bytes(x.shape[1]))
 
 
 def get_codec(t: GGMLType | str | int) -> GGMLBlockCodec:
@@ -194,31 +211,47 @@ def c_trunc_int(v: np.ndarray) -> I32Array:
         return np.asarray(v, dtype=F32).astype(np.int32)
 
 
-def seq_sum(a: np.ndarray, axis: int = 0, out: np.ndarray | None = None, *, from_first: bool = False) -> F32Array:
+def inv_or_zero(v: np.ndarray) -> F32Array:
+    """C's ``v ? 1.0f/v : 0.0f`` in float32 (NaN is true in C: 1/NaN = NaN)."""
+    with np.errstate(divide="ignore"):
+        return np.where(v != 0, F32(1.0) / v, F32(0.0)).astype(F32)
+
+
+def seq_sum(
+    a: np.ndarray, axis: int = 0, out: np.ndarray | None = None, *, from_first: bool = False
+) -> F32Array:
     """Sum float32 ``a`` along ``axis`` strictly in order, as a C loop does; the axis is removed.
 
     ``from_first=False`` is ``float s = 0; for (i = 0; ...) s += a[i];``, ``True`` is ``float s = a[0];
     for (i = 1; ...) s += a[i];``. They differ only where every term is ``-0.0`` (``+0.0`` from zero),
-    which reaches the output as the sign of a zero scale. ``np.sum`` sums pairwise and differs in the
-    last bits. Along axis 0 it is a loop of vector adds (fast with blocks laid out ``(block_len,
-    n_blocks)``); along any other axis ``np.add.accumulate`` (also sequential).
+    which reaches the output as the sign of a zero scale. ``np.sum`` along a contiguous axis sums
+    pairwise and differs in the last bits. Along axis 0 (blocks laid out ``(block_len, n_blocks)``) it
+    is a row-by-row reduction; along any other axis ``np.add.accumulate`` (also sequential).
     """
     a = np.asarray(a, dtype=F32)
     ax = axis % a.ndim
     if ax != 0:
         res = np.take(np.add.accumulate(a, axis=ax, dtype=F32), -1, axis=ax)
+        if not from_first:
+            res += F32(0.0)  # -0.0 + 0.0 = +0.0; every other value is unchanged
         if out is None:
-            out = res
-        else:
-            np.copyto(out, res)
+            return res
+        np.copyto(out, res)
+        return out
+    if a.ndim >= 2 and a[0].size >= 2 and a.flags.c_contiguous:
+        # numpy reduces a C-contiguous array along its outer axis row after row, from ``initial``
+        # (pairwise summation is used only along the contiguous axis, see np.sum): the C loop's
+        # order without a Python loop. -0.0 + a[0] is a[0] exactly, so initial=-0.0 starts from the
+        # first term. A single column would be reduced along the contiguous axis: the loop below.
+        return np.add.reduce(a, axis=0, out=out, initial=F32(-0.0) if from_first else F32(0.0))
+    if out is None:
+        out = np.array(a[0], dtype=F32)  # a (n,) gives a 0-d array
     else:
-        if out is None:
-            out = np.empty(a.shape[1:], dtype=F32)
         np.copyto(out, a[0])
-        for i in range(1, a.shape[0]):
-            np.add(out, a[i], out=out)
+    for i in range(1, a.shape[0]):
+        np.add(out, a[i], out=out)
     if not from_first:
-        out += F32(0.0)  # -0.0 + 0.0 = +0.0; every other value is unchanged
+        out += F32(0.0)
     return out
 
 

@@ -28,24 +28,25 @@ Byte layouts (little-endian):
 from __future__ import annotations
 
 import numpy as np
-from gguf import quants as gguf_quants
 
 from lowbit.formats.gguf.block import (
+    F32,
+    GROUP_MAX_EPS,
     GGMLBlockCodec,
+    GGUFPyCodec,
     absmax_first,
     fp16_bytes,
+    inv_or_zero,
     nearest_int,
     pack_nibbles,
     seq_sum,
 )
+from lowbit.formats.gguf.search import imatrix_weights
 from lowbit.formats.gguf.types import GGMLType
-
-_F32 = np.float32
 
 KVALUES_IQ4NL: tuple[int, ...] = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 """ggml's ``kvalues_iq4nl`` (ggml-common.h); gguf-py's ``IQ4_NL.kvalues`` is the same table."""
 
-GROUP_MAX_EPS = _F32(1e-15)
 NTRY = 7
 QK = 32
 _CHUNK = 2048  # blocks of 32 per numpy pass: keeps the (32, chunk) float32 temporaries in L2
@@ -54,9 +55,11 @@ _CHUNK = 2048  # blocks of 32 per numpy pass: keeps the (32, chunk) float32 temp
 class _Codebook:
     """ggml's ``best_index_int8`` for a sorted int8 codebook, as a table lookup.
 
-    ggml picks level ``i`` once ``2x >= val[i-1] + val[i]`` (ties go up). The midpoint sums are
-    integers, so the decision only needs ``floor(2x)``: a table indexed by it gives the level (and a
-    second one the level's value). NaN gives level 0, as ggml's branch-free search.
+    ggml's binary search picks level ``i`` once ``x - val[i-1] >= val[i] - x``, i.e. ``2x >= val[i-1] +
+    val[i]`` (exact in float32 near the midpoints; ties go up). The midpoint sums are integers, so the
+    decision only needs ``floor(2x)``: a table indexed by it gives the level (and a second one the
+    level's value). NaN fails every comparison of the search and ends on the last level, as in ggml
+    (IQ4_NL blocks whose scale overflowed to NaN store all 15s).
     """
 
     def __init__(self, values: tuple[int, ...]) -> None:
@@ -69,16 +72,16 @@ class _Codebook:
         self.level_table = np.searchsorted(mids, ks, side="right").astype(np.uint8)  # levels with mid <= k
         self.value_table = v[self.level_table].astype(np.float32)
         self.values = v.astype(np.float32)
-        self.f_lo = _F32(lo)
-        self.f_hi = _F32(hi)
+        self.f_lo = F32(lo)
+        self.f_hi = F32(hi)
 
     def _slots(self, two_x: np.ndarray, tmp: np.ndarray, idx: np.ndarray) -> np.ndarray:
         """floor(clip(2x)) - lo as intp, in ``idx`` (tmp, idx: buffers shaped like two_x)."""
-        np.clip(two_x, self.f_lo, self.f_hi, out=tmp)
+        np.fmin(two_x, self.f_hi, out=tmp)  # fmin/fmax: NaN -> f_hi, the last level
+        np.fmax(tmp, self.f_lo, out=tmp)
         np.floor(tmp, out=tmp)
         tmp -= self.f_lo  # exact: small integers
-        with np.errstate(invalid="ignore"):
-            np.copyto(idx, tmp, casting="unsafe")  # NaN -> INT_MIN, clipped to slot 0 below
+        np.copyto(idx, tmp, casting="unsafe")
         return idx
 
     def values_of(self, two_x: np.ndarray, out: np.ndarray, tmp: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -100,7 +103,7 @@ def _block_scales(xt: np.ndarray, wt: np.ndarray, cb: _Codebook, ntry: int = NTR
     B = xt.shape[1]
     amax, mx = absmax_first(xt)
     zero = amax < GROUP_MAX_EPS
-    mx = np.where(zero, _F32(1), mx)
+    mx = np.where(zero, F32(1), mx)
     v0 = cb.values[0]
     v = np.empty_like(xt)
     q = np.empty_like(xt)
@@ -120,18 +123,17 @@ def _block_scales(xt: np.ndarray, wt: np.ndarray, cb: _Codebook, ntry: int = NTR
         np.multiply(t, q, out=v)
         seq_sum(v, axis=0, out=sumq2)
 
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        d = (-mx) / v0 if ntry > 0 else mx / v0
-        trial(_F32(1) / d)
-        d = np.where(sumq2 > 0, sumqx / sumq2, _F32(0))
-        best = d * sumqx
-        for itry in range(-ntry, ntry + 1):
-            trial(_F32(itry + int(v0)) / mx)
-            upd = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
-            if upd.any():
-                d = np.where(upd, sumqx / sumq2, d)
-                best = np.where(upd, d * sumqx, best)
-    return np.where(zero, _F32(0), d).astype(np.float32)
+    d = (-mx) / v0 if ntry > 0 else mx / v0
+    trial(F32(1) / d)
+    d = np.where(sumq2 > 0, sumqx / sumq2, F32(0))
+    best = d * sumqx
+    for itry in range(-ntry, ntry + 1):
+        trial(F32(itry + int(v0)) / mx)
+        upd = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        if upd.any():
+            d = np.where(upd, sumqx / sumq2, d)
+            best = np.where(upd, d * sumqx, best)
+    return np.where(zero, F32(0), d).astype(np.float32)
 
 
 def _weights(xs: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
@@ -139,14 +141,8 @@ def _weights(xs: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
     if imatrix is None:
         return xs * xs
     sbs = xs.shape[1]
-    sigma2 = seq_sum(xs * xs, axis=1) * _F32(2.0 / sbs)
-    return imatrix * np.sqrt(sigma2[:, None] + xs * xs)
-
-
-def _safe_inv(v: np.ndarray) -> np.ndarray:
-    """``v ? 1/v : 0`` in float32."""
-    with np.errstate(divide="ignore"):
-        return np.where(v != 0, _F32(1) / v, _F32(0)).astype(np.float32)
+    sigma2 = seq_sum(xs * xs, axis=1) * F32(2.0 / sbs)  # sigma2 *= 2.f/super_block_size
+    return imatrix_weights(xs, imatrix, sigma2)
 
 
 class _IQ4(GGMLBlockCodec):
@@ -178,7 +174,7 @@ class IQ4_NL(_IQ4):
     def _super_blocks(self, xs: np.ndarray, ws: np.ndarray) -> np.ndarray:
         xt = np.ascontiguousarray(xs.T)  # (32, B)
         d = _block_scales(xt, np.ascontiguousarray(ws.T), _IQ4NL)
-        idd = _safe_inv(d)
+        idd = inv_or_zero(d)
         L = _IQ4NL.levels_of((idd + idd)[:, None] * xs)  # (B, 32)
         return np.concatenate([fp16_bytes(d), pack_nibbles(L)], axis=1)
 
@@ -193,16 +189,12 @@ class IQ4_XS(_IQ4):
         xb = xs.reshape(-1, QK)  # (S*8, 32)
         scales = _block_scales(np.ascontiguousarray(xb.T), np.ascontiguousarray(ws.reshape(-1, QK).T), _IQ4NL)
         scales = scales.reshape(S, nb)
-        # max_scale: the first scale of largest magnitude (C: strict '>' from 0, so all-zero -> +0)
-        a = np.abs(scales)
-        pick = np.argmax(a, axis=1)
-        rows = np.arange(S)
-        max_scale = np.where(a[rows, pick] > 0, scales[rows, pick], _F32(0))
-        d = -max_scale / _F32(32)
-        idd = _safe_inv(d)
+        _, max_scale = absmax_first(scales.T)  # the first scale of largest magnitude, +0 if none
+        d = -max_scale / F32(32)
+        idd = inv_or_zero(d)
         ls = np.clip(nearest_int(idd[:, None] * scales), -32, 31)  # (S, 8)
         dl = d[:, None] * ls.astype(np.float32)
-        idl = _safe_inv(dl)
+        idl = inv_or_zero(dl)
         L = _IQ4NL.levels_of((idl + idl).reshape(-1, 1) * xb)  # (S*8, 32)
         qs = pack_nibbles(L).reshape(S, nb * QK // 2)
         u = (ls + 32).astype(np.uint16)  # 6-bit codes
@@ -213,13 +205,8 @@ class IQ4_XS(_IQ4):
         return np.concatenate([fp16_bytes(d), scales_h_bytes, scales_l, qs], axis=1)
 
 
-class MXFP4(GGMLBlockCodec):
+class MXFP4(GGUFPyCodec):
     """OCP MXFP4 (E2M1 values, one E8M0 exponent per 32). ggml ignores the importance vector, and
     gguf-py's quantizer reproduces ggml's ``quantize_row_mxfp4_ref`` byte for byte."""
 
     ggml_type = GGMLType.MXFP4
-    uses_imatrix = False
-
-    def _quantize(self, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-        out = gguf_quants.quantize(x, self.ggml_type)
-        return np.asarray(out, dtype=np.uint8).reshape(x.shape[0], self.row_bytes(x.shape[1]))

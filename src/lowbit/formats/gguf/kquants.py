@@ -8,7 +8,7 @@
   candidate scales, super-block scales fitted by ``make_qp_quants`` / ``make_qx_quants``).
 
 Each super-block is independent of the others (``sigma2`` is per super-block), so all super-blocks
-of the tensor are processed together, in chunks (see :mod:`kquants_common` for the float32 rules).
+of the tensor are processed together, in chunks (see :mod:`search` for the float32 rules).
 
 Byte layouts (one super-block of 256, little-endian; ``L`` = code, ``e`` = element index):
 
@@ -37,27 +37,29 @@ from typing import ClassVar
 
 import numpy as np
 
-from lowbit.formats.gguf.block import GGMLBlockCodec
-from lowbit.formats.gguf.kquants_common import (
+from lowbit.formats.gguf.block import (
     F32,
     GROUP_MAX_EPS,
     F32Array,
+    GGMLBlockCodec,
     I32Array,
     U8Array,
-    first_absmax,
+    absmax_first,
+    c_int8,
     fp16_bytes,
     fp16_from_bytes,
     fp16_round,
+    nearest_int,
+    pack_nibbles,
+    seq_sum,
+)
+from lowbit.formats.gguf.search import (
+    imatrix_weights,
     make_q3_quants,
     make_qkx_quants,
     make_qp_quants,
     make_qx_quants,
-    max_from_zero,
-    nearest_int,
-    pack_scale_min_k4,
-    seqsum,
     to_f32,
-    unpack_scale_min_k4,
 )
 from lowbit.formats.gguf.types import GGMLType
 
@@ -88,13 +90,14 @@ def _from_sub_t(a: np.ndarray) -> np.ndarray:
 def _block_sigma2(xb: F32Array, factor: int) -> F32Array:
     """``factor*sum_x2/QK_K`` per super-block (``sum_x2`` accumulated in order), ``(B,)``."""
     xt = _sub_t(xb, QK_K)
-    sum_x2 = seqsum(xt * xt)
+    sum_x2 = seq_sum(xt * xt)
     return F32(factor) * sum_x2 / F32(QK_K)
 
 
-def _imatrix_weights(xb: F32Array, qw: F32Array, sigma2: F32Array) -> F32Array:
-    """``qw[j] * sqrtf(sigma2 + x[j]*x[j])``, ``(B, 256)``."""
-    return qw * np.sqrt(sigma2[:, None] + xb * xb)
+def max_from_zero(a: F32Array, axis: int) -> F32Array:
+    """ggml's ``float m = 0; for (...) if (a[i] > m) m = a[i];`` (NaNs are skipped, the result is >= +0)."""
+    m = np.fmax.reduce(a, axis=axis)
+    return np.where(m > 0, m, F32(0.0))
 
 
 def _requantize(xb: F32Array, L: I32Array, d: F32Array, dm: F32Array | None, lo: int, hi: int) -> I32Array:
@@ -127,8 +130,7 @@ def _unpack_2bit(qs: U8Array) -> I32Array:
 
 def _pack_4bit(L: I32Array) -> U8Array:
     """``(B, 256)`` codes -> ``(B, 128)``: ``q[32c + l] = L[64c+l] & 15 | (L[64c+l+32] & 15) << 4``."""
-    q = (L & 15).reshape(-1, 4, 2, 32)
-    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128).astype(np.uint8)
+    return pack_nibbles(L.reshape(-1, 4, 64)).reshape(-1, 128)
 
 
 def _unpack_4bit(qs: U8Array) -> I32Array:
@@ -168,9 +170,54 @@ def _unpack_q3_scales(q: U8Array) -> I32Array:
     return (low | (high << 4)) - 32
 
 
-def _int8(v: I32Array) -> I32Array:
-    """C conversion of an int to ``int8_t`` (two's-complement wrap)."""
-    return ((v + 128) & 0xFF) - 128
+def pack_scale_min_k4(ls: I32Array, lm: I32Array) -> U8Array:
+    """``ls, lm (B, 8)`` uint8 values (normally 0..63) -> ``(B, 12)`` bytes, with ggml's truncations.
+
+    Bytes 0-3: low 6 bits of scales 0-3, top 2 bits = bits 4-5 of scales 4-7; bytes 4-7: the same for
+    the mins; bytes 8-11: low nibble = scale 4-7 bits 0-3, high nibble = min 4-7 bits 0-3.
+    """
+    ls = ls & 0xFF
+    lm = lm & 0xFF
+    out = np.zeros((ls.shape[0], 12), dtype=np.int32)
+    out[:, 0:4] = ls[:, 0:4]
+    out[:, 4:8] = lm[:, 0:4]
+    out[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
+    out[:, 0:4] |= (ls[:, 4:8] >> 4) << 6
+    out[:, 4:8] |= (lm[:, 4:8] >> 4) << 6
+    return (out & 0xFF).astype(np.uint8)
+
+
+def unpack_scale_min_k4(q: U8Array) -> tuple[I32Array, I32Array]:
+    """``(B, 12)`` bytes -> ``(sc, m)`` each ``(B, 8)`` int32 in 0..63 (ggml ``get_scale_min_k4``)."""
+    q = q.astype(np.int32)
+    sc = np.empty((q.shape[0], 8), dtype=np.int32)
+    m = np.empty((q.shape[0], 8), dtype=np.int32)
+    sc[:, 0:4] = q[:, 0:4] & 63
+    m[:, 0:4] = q[:, 4:8] & 63
+    sc[:, 4:8] = (q[:, 8:12] & 0xF) | ((q[:, 0:4] >> 6) << 4)
+    m[:, 4:8] = (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)
+    return sc, m
+
+
+def _fit_scales_and_mins(
+    xb: F32Array, qw: F32Array, sub: int, sigma_factor: int, nmax: int, scale_max: int
+) -> tuple[I32Array, I32Array, I32Array, F32Array, F32Array]:
+    """The imatrix path of Q2_K and Q4_K/Q5_K: weights ``qw*sqrt(sigma2 + x^2)``, ``make_qkx3_quants``
+    per sub-block of ``sub``, then ``make_qp_quants`` of the sub-block scales and of the mins, each
+    weighted by the sub-block's sum of weights.
+
+    ``xb, qw (B, 256)``. Returns codes ``L (B, 256)``, scale and min codes ``ls, lm (B, 256/sub)``, and
+    the super-block ``d, dmin (B,)`` (before fp16).
+    """
+    B, nsub = xb.shape[0], QK_K // sub
+    w = imatrix_weights(xb, qw, _block_sigma2(xb, sigma_factor))
+    X = _sub_t(xb, sub)
+    W = _sub_t(w, sub)
+    sw = seq_sum(W).reshape(B, nsub).T  # (nsub, B): sum of weights per sub-block
+    scales, mins, Lt = make_qkx_quants(X, W, nmax, -0.9, 0.05, 36, False, version=3)
+    d, ls = make_qp_quants(scales.reshape(B, nsub).T, scale_max, sw)
+    dmin, lm = make_qp_quants(mins.reshape(B, nsub).T, scale_max, sw)
+    return _from_sub_t(Lt), ls.T, lm.T, d, dmin
 
 
 class _KQuant(GGMLBlockCodec):
@@ -245,38 +292,21 @@ class Q2_K(_KQuant):
         ls = np.where(has_s[:, None], nearest_int((F32(15.0) / max_scale)[:, None] * scales), 0)
         lm = np.where(has_m[:, None], nearest_int((F32(15.0) / max_min)[:, None] * mins), 0)
         sc = (ls | (lm << 4)) & 0xFF
-        d_h, d = fp16_round(np.where(has_s, max_scale / F32(15.0), F32(0.0)))
-        m_h, dmin = fp16_round(np.where(has_m, max_min / F32(15.0), F32(0.0)))
-        return self._finish(xb, L, sc, d_h, d, m_h, dmin)
+        d = np.where(has_s, max_scale / F32(15.0), F32(0.0))
+        dmin = np.where(has_m, max_min / F32(15.0), F32(0.0))
+        return self._finish(xb, L, sc, d, dmin)
 
     def _quantize_impl(self, xb: F32Array, qw: F32Array) -> U8Array:
-        B = xb.shape[0]
-        w = _imatrix_weights(xb, qw, _block_sigma2(xb, 1))
-        X = _sub_t(xb, 16)
-        W = _sub_t(w, 16)
-        sw = seqsum(W).reshape(B, 16)
-        scales, mins, Lt = make_qkx_quants(X, W, 3, -0.9, 0.05, 36, False, version=3)
-        dm, Ls = make_qp_quants(scales.reshape(B, 16).T, 15, sw.T)
-        mm, Lm = make_qp_quants(mins.reshape(B, 16).T, 15, sw.T)
-        d_h, d = fp16_round(dm)
-        m_h, dmin = fp16_round(mm)
-        sc = (Ls.T | (Lm.T << 4)) & 0xFF
-        return self._finish(xb, _from_sub_t(Lt), sc, d_h, d, m_h, dmin)
+        L, ls, lm, d, dmin = _fit_scales_and_mins(xb, qw, sub=16, sigma_factor=1, nmax=3, scale_max=15)
+        return self._finish(xb, L, (ls | (lm << 4)) & 0xFF, d, dmin)
 
     @staticmethod
-    def _finish(
-        xb: F32Array,
-        L: I32Array,
-        sc: I32Array,
-        d_h: np.ndarray,
-        d: F32Array,
-        m_h: np.ndarray,
-        dmin: F32Array,
-    ) -> U8Array:
-        dl = d[:, None] * to_f32(sc & 0xF)
-        ml = dmin[:, None] * to_f32(sc >> 4)
+    def _finish(xb: F32Array, L: I32Array, sc: I32Array, d: F32Array, dmin: F32Array) -> U8Array:
+        """Store ``d, dmin (B,)`` as fp16 and requantize with the stored values."""
+        dl = fp16_round(d)[:, None] * to_f32(sc & 0xF)
+        ml = fp16_round(dmin)[:, None] * to_f32(sc >> 4)
         L = _requantize(xb, L, dl, ml, 0, 3)
-        return np.concatenate([sc.astype(np.uint8), _pack_2bit(L), fp16_bytes(d_h), fp16_bytes(m_h)], axis=1)
+        return np.concatenate([sc.astype(np.uint8), _pack_2bit(L), fp16_bytes(d), fp16_bytes(dmin)], axis=1)
 
     def _dequantize_blocks(self, blocks: U8Array) -> F32Array:
         sc = blocks[:, 0:16].astype(np.int32)
@@ -298,31 +328,30 @@ class Q3_K(_KQuant):
         B = xb.shape[0]
         scales, Lt = make_q3_quants(_sub_t(xb, 16), 4)
         scales = scales.reshape(B, 16)
-        _, max_scale = first_absmax(scales.T)
+        _, max_scale = absmax_first(scales.T)
         nz = max_scale != 0
         iscale = F32(-32.0) / max_scale
-        ls = np.clip(_int8(nearest_int(iscale[:, None] * scales)), -32, 31) + 32
+        ls = np.clip(c_int8(nearest_int(iscale[:, None] * scales)), -32, 31) + 32
         ls = np.where(nz[:, None], ls, 0)
-        d_h, d = fp16_round(np.where(nz, F32(1.0) / iscale, F32(0.0)))
-        return self._finish(xb, _from_sub_t(Lt), ls, d_h, d)
+        d = np.where(nz, F32(1.0) / iscale, F32(0.0))
+        return self._finish(xb, _from_sub_t(Lt), ls, d)
 
     def _quantize_impl(self, xb: F32Array, qw: F32Array) -> U8Array:
         B = xb.shape[0]
-        w = _imatrix_weights(xb, qw, _block_sigma2(xb, 2))
+        w = imatrix_weights(xb, qw, _block_sigma2(xb, 2))
         W = _sub_t(w, 16)
-        sw = seqsum(W).reshape(B, 16)
+        sw = seq_sum(W).reshape(B, 16)
         scales, Lt = make_qx_quants(_sub_t(xb, 16), 4, W)
         d_block, Ls = make_qx_quants(scales.reshape(B, 16).T, 32, sw.T)
-        d_h, d = fp16_round(d_block)
-        return self._finish(xb, _from_sub_t(Lt), Ls.T, d_h, d)
+        return self._finish(xb, _from_sub_t(Lt), Ls.T, d_block)
 
     @staticmethod
-    def _finish(xb: F32Array, L: I32Array, ls: I32Array, d_h: np.ndarray, d: F32Array) -> U8Array:
+    def _finish(xb: F32Array, L: I32Array, ls: I32Array, d: F32Array) -> U8Array:
         packed = _pack_q3_scales(ls)
-        dl = d[:, None] * to_f32(_unpack_q3_scales(packed))
+        dl = fp16_round(d)[:, None] * to_f32(_unpack_q3_scales(packed))
         L = _requantize(xb, L, dl, None, -4, 3)
         hmask = _pack_bit_planes(L >> 2)
-        return np.concatenate([hmask, _pack_2bit(L & 3), packed, fp16_bytes(d_h)], axis=1)
+        return np.concatenate([hmask, _pack_2bit(L & 3), packed, fp16_bytes(d)], axis=1)
 
     def _dequantize_blocks(self, blocks: U8Array) -> F32Array:
         hm = _unpack_bit_planes(blocks[:, 0:32])
@@ -345,7 +374,7 @@ class _Q45K(_KQuant):
     def _quantize_ref(self, xb: F32Array) -> U8Array:
         B = xb.shape[0]
         X = _sub_t(xb, 32)
-        av_x = np.sqrt(seqsum(X * X) / F32(32.0))
+        av_x = np.sqrt(seq_sum(X * X) / F32(32.0))
         W = av_x + np.abs(X)
         rmin, rdelta, nstep = self.ref_search
         scales, mins, Lt = make_qkx_quants(X, W, self.nmax, rmin, rdelta, nstep, False, version=2)
@@ -357,26 +386,16 @@ class _Q45K(_KQuant):
         inv_min = np.where(max_min > 0, F32(63.0) / max_min, F32(0.0))
         ls = np.minimum(nearest_int(inv_scale[:, None] * scales) & 0xFF, 63)
         lm = np.minimum(nearest_int(inv_min[:, None] * mins) & 0xFF, 63)
-        d_h, d = fp16_round(max_scale / F32(63.0))
-        m_h, dmin = fp16_round(max_min / F32(63.0))
-        return self._finish(xb, _from_sub_t(Lt), ls, lm, d_h, d, m_h, dmin)
+        return self._finish(xb, _from_sub_t(Lt), ls, lm, max_scale / F32(63.0), max_min / F32(63.0))
 
     def _quantize_impl(self, xb: F32Array, qw: F32Array) -> U8Array:
-        B = xb.shape[0]
-        w = _imatrix_weights(xb, qw, _block_sigma2(xb, 2))
-        X = _sub_t(xb, 32)
-        W = _sub_t(w, 32)
-        sw = seqsum(W).reshape(B, 8)
-        scales, mins, Lt = make_qkx_quants(X, W, self.nmax, -0.9, 0.05, 36, False, version=3)
-        d_block, Ls = make_qp_quants(scales.reshape(B, 8).T, 63, sw.T)
-        m_block, Lm = make_qp_quants(mins.reshape(B, 8).T, 63, sw.T)
-        ls, lm = Ls.T, Lm.T
+        L, ls, lm, d, dmin = _fit_scales_and_mins(
+            xb, qw, sub=32, sigma_factor=2, nmax=self.nmax, scale_max=63
+        )
         if self.clamp_impl_scales:
             ls = np.minimum(ls, 63)
             lm = np.minimum(lm, 63)
-        d_h, d = fp16_round(d_block)
-        m_h, dmin = fp16_round(m_block)
-        return self._finish(xb, _from_sub_t(Lt), ls, lm, d_h, d, m_h, dmin)
+        return self._finish(xb, L, ls, lm, d, dmin)
 
     def _finish(
         self,
@@ -384,17 +403,15 @@ class _Q45K(_KQuant):
         L: I32Array,
         ls: I32Array,
         lm: I32Array,
-        d_h: np.ndarray,
         d: F32Array,
-        m_h: np.ndarray,
         dmin: F32Array,
     ) -> U8Array:
         packed = pack_scale_min_k4(ls, lm)
         sc, m = unpack_scale_min_k4(packed)
-        dl = d[:, None] * to_f32(sc)
-        ml = dmin[:, None] * to_f32(m)
+        dl = fp16_round(d)[:, None] * to_f32(sc)
+        ml = fp16_round(dmin)[:, None] * to_f32(m)
         L = _requantize(xb, L, dl, ml, 0, self.nmax)
-        parts = [fp16_bytes(d_h), fp16_bytes(m_h), packed]
+        parts = [fp16_bytes(d), fp16_bytes(dmin), packed]
         if self.nmax > 15:
             parts.append(_pack_bit_planes(L >> 4))
         parts.append(_pack_4bit(L))
@@ -444,11 +461,12 @@ class Q6_K(_KQuant):
         B = xb.shape[0]
         scales, Lt = make_qx_quants(_sub_t(xb, 16), 32, None if qw is None else _sub_t(qw, 16))
         scales = scales.reshape(B, 16)
-        max_abs, max_scale = first_absmax(scales.T)
+        max_abs, max_scale = absmax_first(scales.T)
         zero = max_abs < GROUP_MAX_EPS
         iscale = F32(-128.0) / max_scale
-        d_h, d = fp16_round(F32(1.0) / iscale)
-        sc = _int8(np.minimum(nearest_int(iscale[:, None] * scales), 127))
+        d_block = F32(1.0) / iscale
+        d = fp16_round(d_block)
+        sc = c_int8(np.minimum(nearest_int(iscale[:, None] * scales), 127))
         dl = d[:, None] * to_f32(sc)
         L = _requantize(xb, _from_sub_t(Lt), dl, None, -32, 31)
         Lq = L.reshape(B, 2, 4, 32)  # (block, half, group g, l)
@@ -464,7 +482,7 @@ class Q6_K(_KQuant):
                 ql.reshape(B, 128).astype(np.uint8),
                 qh.reshape(B, 64).astype(np.uint8),
                 (sc & 0xFF).astype(np.uint8),
-                fp16_bytes(d_h),
+                fp16_bytes(d_block),
             ],
             axis=1,
         )

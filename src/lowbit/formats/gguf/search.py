@@ -51,20 +51,20 @@ def imatrix_weights(x: F32Array, qw: F32Array, sigma2: F32Array) -> F32Array:
 
 
 def clamped_codes(
-    v: F32Array, lo: int, hi: int, exact: np.ndarray, exact_v: F32Array | None = None
+    v: F32Array, lo: int, hi: int, exact: np.ndarray | None = None, exact_v: F32Array | None = None
 ) -> F32Array:
     """``MAX(lo, MIN(hi, nearest_int(v)))`` as float32 codes, in place in ``v (n, S)``.
 
-    ``exact (S,)`` marks the columns that need the bit trick (values beyond ``NEAREST_INT_EXACT`` or
-    NaN); ``exact_v (n, k)`` holds their unrounded values if ``v`` no longer does.
+    ``exact (S,)`` (or None: no column) marks the columns that need the bit trick (values beyond
+    ``NEAREST_INT_EXACT``, or NaN); ``exact_v (n, k)`` holds their unrounded values if ``v`` does not.
     """
-    cols = np.nonzero(exact)[0]
-    if cols.size:
-        exact_v = v[:, cols] if exact_v is None else exact_v
-        fixed = np.clip(nearest_int(exact_v), lo, hi).astype(F32)
+    fixed = None
+    if exact is not None:
+        cols = np.nonzero(exact)[0]
+        fixed = np.clip(nearest_int(v[:, cols] if exact_v is None else exact_v), lo, hi).astype(F32)
     np.clip(v, F32(lo), F32(hi), out=v)
     np.rint(v, out=v)
-    if cols.size:
+    if fixed is not None:
         v[:, cols] = fixed
     return v
 
@@ -94,14 +94,14 @@ def make_qx_quants(x: F32Array, nmax: int, qw: F32Array | None = None) -> tuple[
     def codes(iscale: F32Array) -> None:
         np.multiply(iscale, x, out=v)
         exact = has_nan | ~(np.abs(iscale) * amax <= NEAREST_INT_EXACT)
-        clamped_codes(v, -nmax, nmax - 1, exact)
+        clamped_codes(v, -nmax, nmax - 1, exact if exact.any() else None)
 
     def trial(iscale: F32Array) -> None:
         codes(iscale)
         np.multiply(wx, v, out=t)  # sumlx += w*x[i]*l
         seq_sum(t, out=sumlx)
         np.multiply(w, v, out=t)  # suml2 += w*l*l
-        t *= v
+        np.multiply(t, v, out=t)
         seq_sum(t, out=suml2)
 
     with np.errstate(all="ignore"):
@@ -154,9 +154,7 @@ def make_q3_quants(x: F32Array, nmax: int) -> tuple[F32Array, I32Array]:
                 nl = to_f32(new_l)
                 slx2 = slx + wx[i] * nl
                 sl22 = sl2 + w[i] * nl * nl
-                take = (
-                    (slx > 0) & (new_l != L[i]) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-                )
+                take = (slx > 0) & (new_l != L[i]) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
                 L[i] = np.where(take, new_l, L[i])
                 sumlx = np.where(take, slx2, sumlx)
                 suml2 = np.where(take, sl22, suml2)
@@ -191,7 +189,8 @@ def make_qkx_quants(
     ``scale * L - the_min``. The running ``min`` of the search is the best fit so far: later candidate
     scales are measured from it, as in ggml. A zero ``min`` is the first zero of the block with its
     sign, which Q4_1/Q5_1 store (``-the_min`` as fp16). This is the hot loop of Q2_K/Q4_K/Q5_K and of
-    Q4_1/Q5_1 with an imatrix: buffers are reused and codes stay float32.
+    Q4_1/Q5_1 with an imatrix: buffers are reused, codes stay float32, and ``L`` is rebuilt at the end
+    from the winning ``(iscale, min)``.
     """
     xmin = np.min(x, axis=0)
     mx = np.max(x, axis=0)
@@ -204,11 +203,12 @@ def make_qkx_quants(
     fmax = F32(nmax)
 
     v = np.empty_like(x)
-    buf = np.empty_like(x)
+    t = np.empty_like(x)
+    u = np.empty_like(x)
 
     def err(lf: F32Array, scale: np.ndarray, the_min: np.ndarray) -> F32Array:
         """seq_sum(w * diff^2) (or w*|diff|), diff = scale*L + min - x, in ggml's order."""
-        d = np.multiply(scale, lf, out=buf)
+        d = np.multiply(scale, lf, out=u)
         d += the_min
         d -= x
         if use_mad:
@@ -221,17 +221,17 @@ def make_qkx_quants(
     with np.errstate(all="ignore"):
         iscale = fmax / (mx - mn)
         scale = F32(1.0) / iscale
-        L = rounded_codes(x, mn, iscale, xmin, mx, 0, nmax)
-        best = err(L, scale, mn)
+        best = err(rounded_codes(x, mn, iscale, xmin, mx, 0, nmax, out=v), scale, mn)
+        # L is a function of (iscale, min) at the time it was made: track those, rebuild L at the end
+        best_is, best_mn = iscale, mn
         if nstep >= 1:
             for step in range(nstep + 1):
                 isc = (F32(rmin) + F32(rdelta) * F32(step) + fmax) / (mx - mn)
                 lf = rounded_codes(x, mn, isc, xmin, mx, 0, nmax, out=v)
-                wl = np.multiply(w, lf, out=buf)
+                wl = np.multiply(w, lf, out=t)
                 sum_l = seq_sum(wl)  # sum_l += w*l
-                sum_xl = seq_sum(wl * x)  # sum_xl += w*l*x[i]
-                wl *= lf
-                sum_l2 = seq_sum(wl)  # sum_l2 += w*l*l
+                sum_xl = seq_sum(np.multiply(wl, x, out=u))  # sum_xl += w*l*x[i]
+                sum_l2 = seq_sum(np.multiply(wl, lf, out=u))  # sum_l2 += w*l*l
                 D = sum_w * sum_l2 - sum_l * sum_l
                 this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
                 this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
@@ -241,14 +241,16 @@ def make_qkx_quants(
                 cur = err(lf, this_scale, this_min)
                 better = (D > 0) & (cur < best)
                 if better.any():
-                    np.copyto(L, lf, where=better)
+                    best_is = np.where(better, isc, best_is)
+                    best_mn = np.where(better, mn, best_mn)
                     best = np.where(better, cur, best)
                     scale = np.where(better, this_scale, scale)
                     mn = np.where(better, this_min, mn)
+        L = rounded_codes(x, best_mn, best_is, xmin, mx, 0, nmax, out=v).astype(np.int32)
+    L[:, degenerate] = 0
     scale = np.where(degenerate, F32(0.0), scale)
     mn = np.where(degenerate, mn0, mn)
-    L[:, degenerate] = 0
-    return scale.astype(F32), (-mn).astype(F32), L.astype(np.int32)
+    return scale.astype(F32), (-mn).astype(F32), L
 
 
 def rounded_codes(
@@ -267,11 +269,12 @@ def rounded_codes(
     ``NEAREST_INT_EXACT`` take ``np.rint``, the others (huge or non-finite scales) the bit trick.
     """
     v = np.subtract(x, mn, out=out)
-    exact_v = None
     reach = np.maximum(np.abs(iscale * (xmax - mn)), np.abs(iscale * (xmin - mn)))
     exact = ~(reach <= NEAREST_INT_EXACT)
-    if exact.any():
-        exact_v = iscale[exact] * v[:, exact]  # C: iscale*(x[i] - min)
+    if not exact.any():
+        v *= iscale
+        return clamped_codes(v, lo, hi)
+    exact_v = iscale[exact] * v[:, exact]  # C: iscale*(x[i] - min)
     v *= iscale
     return clamped_codes(v, lo, hi, exact, exact_v)
 
@@ -320,9 +323,7 @@ def make_qp_quants(x: F32Array, nmax: int, qw: F32Array) -> tuple[F32Array, I32A
                 nl = to_f32(new_l)
                 slx2 = slx + wx[i] * nl
                 sl22 = sl2 + qw[i] * nl * nl
-                take = (
-                    (slx > 0) & (sl2 > 0) & (new_l != L[i]) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-                )
+                take = (slx > 0) & (sl2 > 0) & (new_l != L[i]) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
                 L[i] = np.where(take, new_l & 0xFF, L[i])
                 sumlx = np.where(take, slx2, sumlx)
                 suml2 = np.where(take, sl22, suml2)

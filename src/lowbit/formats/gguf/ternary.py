@@ -3,7 +3,7 @@
 Each super-block of 256 values keeps one fp16 absmax ``d`` and codes ``round(x / d)`` in {-1, 0, 1}
 (``lroundf``: halves away from zero). ggml's quantizers ignore the importance vector, and gguf-py's
 ``quantize`` reproduces ``quantize_row_tq1_0_ref`` / ``quantize_row_tq2_0_ref`` byte for byte, so both
-delegate to it.
+delegate to it (:class:`~lowbit.formats.gguf.block.GGUFPyCodec`).
 
 Byte layouts (little-endian, one super-block of 256):
 
@@ -16,24 +16,13 @@ Byte layouts (little-endian, one super-block of 256):
 
 from __future__ import annotations
 
-import numpy as np
-from gguf import quants as gguf_quants
-
-from lowbit.formats.gguf.block import GGMLBlockCodec
+from lowbit.formats.gguf.block import GGUFPyCodec
 from lowbit.formats.gguf.types import GGMLType
 
 
-class _Ternary(GGMLBlockCodec):
-    uses_imatrix = False
-
-    def _quantize(self, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-        out = gguf_quants.quantize(x, self.ggml_type)
-        return np.asarray(out, dtype=np.uint8).reshape(x.shape[0], self.row_bytes(x.shape[1]))
-
-
-class TQ1_0(_Ternary):
+class TQ1_0(GGUFPyCodec):
     ggml_type = GGMLType.TQ1_0
 
 
-class TQ2_0(_Ternary):
+class TQ2_0(GGUFPyCodec):
     ggml_type = GGMLType.TQ2_0
