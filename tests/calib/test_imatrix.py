@@ -435,36 +435,36 @@ def smollm2_gguf() -> Path:
 @pytest.mark.shared
 def test_agrees_with_llama_imatrix_on_smollm2(shared_file: Callable[[str], Path], tmp_path: Path) -> None:
     """The acceptance criterion: SmolLM2 on WikiText-2 calibration text, ctx 512, 4 chunks, per-tensor
-    cosine >= 0.999. Both sides use llama.cpp's token ids (transformers' tokenizer built from this GGUF
-    splits the text differently), which lowbit reads with --token-ids."""
+    cosine >= 0.999, equal counts. lowbit tokenizes with transformers' tokenizer (built from the GGUF
+    vocabulary); on this prefix its ids equal llama-tokenize's (the text has CRLF line ends, which must
+    reach the tokenizer untranslated). Further on they differ: llama.cpp keeps "½" whole, transformers
+    splits it into bytes; --token-ids takes llama.cpp's ids for such texts."""
     model = smollm2_gguf()
     text = shared_file("data/text/wikitext-2-raw-test-calib.txt")
-    ids = tmp_path / "ids.txt"
-    ids.write_text(
-        run_tool(
-            [shared_file(BIN + "llama-tokenize"), "-m", model, "-f", text, "--ids", "--no-parse-special"]
-            + ["--log-disable"]
-        ).strip()
-    )
+    ctx, chunks = 512, 4
+    tokenize = [shared_file(BIN + "llama-tokenize"), "-m", model, "-f", text, "--ids", "--no-parse-special"]
+    llama_ids = [int(i) for i in re.findall(r"\d+", run_tool([*tokenize, "--log-disable"]))]
     ref_path = tmp_path / "llama.gguf"
     t0 = time.perf_counter()
-    # -nr: llama.cpp's repacked Q4_1 kernels die with SIGILL on some AMX-capable CPUs (seen on CI's).
-    args: list[object] = [shared_file(BIN + "llama-imatrix"), "-m", model, "-f", text, "-c", "512"]
-    run_tool(args + ["--chunks", "4", "-t", "2", "-nr", "-o", ref_path])
+    # -nr: llama.cpp's repacked Q4_1 kernels die with SIGILL on some AMX-capable CPUs (this machine's).
+    args: list[object] = [shared_file(BIN + "llama-imatrix"), "-m", model, "-f", text, "-c", ctx]
+    run_tool(args + ["--chunks", chunks, "-t", "2", "-nr", "-o", ref_path])
     t_llama = time.perf_counter() - t0
     with open_model(model) as src:
-        tokens, bos = read_token_ids(ids, src)
+        tokens, bos = text_tokens(src, text)
         assert bos is None  # SmolLM2 adds no BOS
+        assert tokens[: ctx * chunks].tolist() == llama_ids[: ctx * chunks]
         t0 = time.perf_counter()
-        ours = compute_imatrix(src, tokens, bos, ImatrixConfig(ctx=512, chunks=4), dataset=str(text))
+        ours = compute_imatrix(src, tokens, bos, ImatrixConfig(ctx=ctx, chunks=chunks), dataset=str(text))
         t_lowbit = time.perf_counter() - t0
         ref = load_imatrix(ref_path, src)
     assert ours.names() == ref.names() and len(ref) == 30 * 7
     for n in ref.names():
-        assert ours.entries[n].counts.tolist() == ref.entries[n].counts.tolist() == [2048], n
+        assert ours.entries[n].counts.tolist() == ref.entries[n].counts.tolist() == [ctx * chunks], n
     cos = cosines(ours, ref)
     worst = min(cos, key=cos.__getitem__)
     print(
-        f"SmolLM2 imatrix: min cosine {cos[worst]:.6f} ({worst}); llama {t_llama:.1f} s, lowbit {t_lowbit:.1f} s"
+        f"SmolLM2 imatrix: min cosine {cos[worst]:.6f} ({worst}); "
+        f"llama-imatrix {t_llama:.1f} s, lowbit {t_lowbit:.1f} s"
     )
     assert cos[worst] >= 0.999, f"{worst}: cosine {cos[worst]:.6f}"

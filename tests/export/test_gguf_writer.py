@@ -316,11 +316,17 @@ def _perplexity(exe: Path, model: Path, text: Path) -> str:
 
 
 def _greedy(exe: Path, model: Path) -> str:
+    """Greedy continuation of a prompt, as llama-completion prints it."""
     cmd = [str(exe), "-m", str(model), "-p", "Once upon a time", "-n", "32", "-no-cnv", "--temp", "0"]
     cmd += ["-s", "1", "-t", "2", "-nr", "--no-warmup"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return p.stdout
+    out = ""
+    for _ in range(6):  # the same logger may cut stdout short; a complete run ends with a newline
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        out = p.stdout
+        if out.endswith("\n"):
+            return out
+    pytest.fail(f"llama-completion's output was cut short 6 times: {out!r}")
 
 
 @pytest.mark.shared

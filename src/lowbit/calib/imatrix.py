@@ -537,7 +537,12 @@ def text_tokens(source: ModelSource, text: Path) -> tuple[torch.Tensor, int | No
     if not text.is_file():
         raise InputFileError(f"calibration text {text} does not exist")
     tok = source.tokenizer()
-    return encode_text(tok, text.read_text(encoding="utf-8")), tokenizer_bos_id(tok)
+    try:
+        # no newline translation: llama.cpp keeps "\r\n" (WikiText has CRLF line ends)
+        raw = text.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputFileError(f"calibration text {text} is not UTF-8 ({e}); convert it") from e
+    return encode_text(tok, raw), tokenizer_bos_id(tok)
 
 
 def read_token_ids(path: Path, source: ModelSource) -> tuple[torch.Tensor, int | None]:

@@ -215,6 +215,8 @@ def _raw_reader(t: Any) -> Callable[[], np.ndarray]:
 
 def _plan_gguf(reader: Any) -> tuple[list[_Planned], dict[str, Any]]:
     """Tensors of a GGUF input (a ``gguf.GGUFReader``) in llama.cpp's order, and its metadata values."""
+    from gguf import GGUFValueType
+
     items: list[_Planned] = []
     for t in reader.tensors:
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))
@@ -230,8 +232,6 @@ def _plan_gguf(reader: Any) -> tuple[list[_Planned], dict[str, Any]]:
             )
         )
     items.sort(key=lambda it: llama_order_key(it.name))
-    from gguf import GGUFValueType
-
     values: dict[str, Any] = {}
     for key, f in reader.fields.items():
         if key.startswith("GGUF.") or not f.types:
@@ -242,11 +242,8 @@ def _plan_gguf(reader: Any) -> tuple[list[_Planned], dict[str, Any]]:
     return items, values
 
 
-_HF_DTYPE_TYPE: Mapping[torch.dtype, GGMLType] = {
-    torch.float32: GGMLType.F32,
-    torch.float16: GGMLType.F16,
-    torch.bfloat16: GGMLType.BF16,
-}
+# safetensors dtype -> the type convert_hf_to_gguf stores 2-D tensors in (--outtype = the source's type)
+_HF_STORAGE_TYPE: Mapping[str, GGMLType] = {"F32": GGMLType.F32, "F16": GGMLType.F16, "BF16": GGMLType.BF16}
 
 
 def _plan_hf(source: SafetensorsSource) -> list[_Planned]:
@@ -275,8 +272,8 @@ def _plan_hf(source: SafetensorsSource) -> list[_Planned]:
             heads = n_head
         elif arch.gguf_permute_qk and name.endswith("self_attn.k_proj.weight"):
             heads = n_kv
-        dtype = _HF_DTYPE_TYPE.get(_peek_dtype(source, name), GGMLType.F32)
-        src_type = GGMLType.F32 if len(shape) <= 1 else dtype  # the converter keeps 1-D tensors in F32
+        # the converter keeps 1-D tensors in F32; decoded quantized checkpoints count as F32
+        src_type = GGMLType.F32 if len(shape) <= 1 else _HF_STORAGE_TYPE.get(info.storage, GGMLType.F32)
         items.append(
             _Planned(
                 name=gname,
@@ -287,11 +284,6 @@ def _plan_hf(source: SafetensorsSource) -> list[_Planned]:
             )
         )
     return items
-
-
-def _peek_dtype(source: SafetensorsSource, name: str) -> torch.dtype:
-    storage = source.info(name).storage
-    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(storage, torch.float32)
 
 
 def _hf_float_rows(
@@ -414,7 +406,11 @@ def _gguf_metadata(reader: Any, file_type: int, imatrix: _ImatrixUse | None) -> 
     for key, f in reader.fields.items():
         if key.startswith("GGUF.") or key in _SPLIT_KEYS:
             continue
-        kvs[key] = _field_kv(f)
+        kv = _field_kv(f)
+        if kv.vtype == GGUFValueType.ARRAY and not kv.value:
+            log.warning("metadata key %s is an empty array, which gguf-py cannot write; dropped", key)
+            continue
+        kvs[key] = kv
 
     def set_val(kv: _KV) -> None:  # ggml's gguf_set_val_*: remove, then append
         kvs.pop(kv.key, None)

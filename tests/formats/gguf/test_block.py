@@ -57,6 +57,8 @@ def test_registry_rejects_unknown_types() -> None:
 def test_the_package_exports_the_registry() -> None:
     assert gguf_pkg.get_codec is get_codec and gguf_pkg.CODECS is CODECS
     assert gguf_pkg.GGMLBlockCodec is GGMLBlockCodec
+    # importing the package registers every codec: CODECS is complete without a get_codec call
+    assert set(MY_TYPES) | {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"} <= set(gguf_pkg.CODECS)
     assert isinstance(gguf_pkg.get_codec("Q6_K"), gguf_pkg.GGMLBlockCodec)
 
 

@@ -4,7 +4,7 @@ A :class:`GGMLBlockCodec` turns rows of float32 weights into the exact bytes ggm
 ``ggml_quantize_chunk`` writes for its type, and back into the floats ggml's ``to_float`` returns.
 One codec instance per ggml type; every concrete subclass that sets ``ggml_type`` registers itself in
 :data:`CODECS` (keyed by the type name, ``"Q4_0"``, ``"IQ4_XS"``). :func:`get_codec` finds one by
-name, enum or value and imports the modules that define codecs on first use.
+name, enum or value.
 
 Bit-exactness with ggml rests on computing in float32 exactly as ggml's C does. The primitives below
 are the one implementation every codec uses for that (the scale searches built on them are in
@@ -37,15 +37,22 @@ from lowbit.errors import NonFiniteWeightError, SchemeError, ShapeError
 from lowbit.formats.gguf.types import GGMLType, ggml_type, type_info
 
 CODECS: dict[str, GGMLBlockCodec] = {}
-"""ggml type name (``"Q4_0"``) -> the codec of that type. Filled by subclasses of :class:`GGMLBlockCodec`."""
+"""ggml type name (``"Q4_0"``) -> the codec of that type. Filled by subclasses of :class:`GGMLBlockCodec`
+as their modules are imported; importing :mod:`lowbit.formats.gguf` imports all of them."""
 
-# Modules whose import registers codecs; :func:`get_codec` imports them on demand.
+# The modules that define codecs (importing one registers its codecs).
 _PROVIDERS: tuple[str, ...] = (
     "lowbit.formats.gguf.legacy",
     "lowbit.formats.gguf.iquants",
     "lowbit.formats.gguf.ternary",
     "lowbit.formats.gguf.kquants",
 )
+
+
+def register_all_codecs() -> None:
+    """Import every module that defines codecs, so that :data:`CODECS` is complete."""
+    for module in _PROVIDERS:
+        importlib.import_module(module)
 
 
 class GGMLBlockCodec(ABC):
@@ -157,14 +164,8 @@ class GGUFPyCodec(GGMLBlockCodec):
 def get_codec(t: GGMLType | str | int) -> GGMLBlockCodec:
     """The registered codec of ggml type ``t`` (enum, value or case-insensitive name)."""
     gt = ggml_type(t)
-    for module in _PROVIDERS:
-        if gt.name in CODECS:
-            break
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
+    if gt.name not in CODECS:
+        register_all_codecs()
     codec = CODECS.get(gt.name)
     if codec is None:
         have = ", ".join(sorted(CODECS))
