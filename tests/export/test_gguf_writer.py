@@ -480,6 +480,70 @@ def test_smollm2_requantize_equals_llama_quantize(mix: str, llama_quantize: Any,
     _assert_same_file(out, llama_quantize(inp, mix))
 
 
+@pytest.mark.slow
+def test_bpe_tokenizer_keys_equal_smollm2_gguf(tmp_path: Path) -> None:
+    """Byte-level BPE (gpt2) tokenizer keys from a tokenizer.json: SmolLM2's tokenizer, rebuilt by
+    transformers from its GGUF, gives back the GGUF's tokens, types, merges, special ids, template."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    inp = _smollm2()
+    tok = AutoTokenizer.from_pretrained(str(inp.parent), gguf_file=inp.name)
+    tok.save_pretrained(str(tmp_path))
+    tj_path = tmp_path / "tokenizer.json"
+    tj = json.loads(tj_path.read_text())
+    # transformers' GGUF tokenizer keeps only the ByteLevel step; SmolLM2's own splits digits first
+    tj["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        ],
+    }
+    tj_path.write_text(json.dumps(tj))
+    w = gguf.GGUFWriter(None, "llama")
+    gguf_export._add_tokenizer(w, tmp_path, {"vocab_size": 49152})
+    ours = {k: v.value for k, v in w.kv_data[0].items() if k.startswith("tokenizer.")}
+    ref = {k: f.contents() for k, f in _read(inp).fields.items() if k.startswith("tokenizer.")}
+    # the SmolLM2 file's converter also wrote add_space_prefix/add_bos_token (false); today's does not
+    assert set(ours) == set(ref) - {"tokenizer.ggml.add_space_prefix", "tokenizer.ggml.add_bos_token"}
+    for k, v in ours.items():
+        if isinstance(v, list) and v and isinstance(v[0], bytes):
+            v = [x.decode() for x in v]
+        assert v == ref[k], k
+
+
+@pytest.mark.parametrize(
+    ("pre", "name"),
+    [
+        ({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}, "gpt2"),
+        (
+            {
+                "type": "Sequence",
+                "pretokenizers": [
+                    {"type": "Digits", "individual_digits": True},
+                    {"type": "ByteLevel", "use_regex": True},
+                ],
+            },
+            "smollm",
+        ),
+        (
+            {
+                "type": "Sequence",
+                "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": gguf_export._LLAMA3_SPLIT}},
+                    {"type": "ByteLevel", "use_regex": False},
+                ],
+            },
+            "llama-bpe",
+        ),
+        ({"type": "Whitespace"}, "default"),
+    ],
+)
+def test_bpe_pre_tokenizer_name(pre: dict[str, Any], name: str) -> None:
+    assert gguf_export._bpe_pre_name({"pre_tokenizer": pre}) == name
+
+
 def test_cli_help_mentions_gguf(capsys: Any) -> None:
     with pytest.raises(SystemExit):
         main(["quantize", "--help"])

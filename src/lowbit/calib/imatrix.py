@@ -532,17 +532,12 @@ def text_tokens(source: ModelSource, text: Path) -> tuple[torch.Tensor, int | No
     bundled sentencepiece models; it does not for SmolLM2's GGUF vocabulary): for llama.cpp's own ids use
     ``llama-tokenize --ids --no-parse-special`` and :func:`read_token_ids`.
     """
-    from lowbit.eval.windows import encode_text, tokenizer_bos_id
+    from lowbit.eval.windows import encode_text, read_text_exact, tokenizer_bos_id
 
     if not text.is_file():
         raise InputFileError(f"calibration text {text} does not exist")
     tok = source.tokenizer()
-    try:
-        # no newline translation: llama.cpp keeps "\r\n" (WikiText has CRLF line ends)
-        raw = text.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InputFileError(f"calibration text {text} is not UTF-8 ({e}); convert it") from e
-    return encode_text(tok, raw), tokenizer_bos_id(tok)
+    return encode_text(tok, read_text_exact(text)), tokenizer_bos_id(tok)
 
 
 def read_token_ids(path: Path, source: ModelSource) -> tuple[torch.Tensor, int | None]:

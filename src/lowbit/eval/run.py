@@ -19,7 +19,7 @@ import torch
 from lowbit.errors import InputFileError
 from lowbit.eval.perplexity import EvalResult, evaluate, load_or_build_reference
 from lowbit.eval.refcache import Reference
-from lowbit.eval.windows import encode_text, tokenizer_bos_id
+from lowbit.eval.windows import encode_text, read_text_exact, tokenizer_bos_id
 from lowbit.walk.sources import GGUFSource, ModelSource, SafetensorsSource, open_model
 from lowbit.walk.torch_model import build_model, logits_fn, threads_for
 
@@ -75,10 +75,7 @@ def prepare_reference(
     path = Path(text_file)
     if not path.is_file():
         raise InputFileError(f"text file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputFileError(f"{path} is not UTF-8 text ({e})") from e
+    text = read_text_exact(path)
     tok = ref_source.tokenizer()
     tokens = encode_text(tok, text)
     bos = tokenizer_bos_id(tok)

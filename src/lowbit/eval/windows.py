@@ -31,12 +31,13 @@ import logging
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from lowbit.errors import ArgumentError
+from lowbit.errors import ArgumentError, InputFileError
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +148,19 @@ def tokenizer_bos_id(tokenizer: TextTokenizer) -> int | None:
     if len(with_special) > len(without) and with_special[0] == bos:
         return int(bos)
     return None
+
+
+def read_text_exact(path: Path) -> str:
+    """A UTF-8 text file as llama.cpp reads it: bytes decoded, no newline translation (WikiText has CRLF
+    line ends, which Python's text mode would turn into LF and so change the tokens).
+
+    Raises:
+        InputFileError: the file is not UTF-8.
+    """
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputFileError(f"{path} is not UTF-8 text ({e}); convert it") from e
 
 
 def encode_text(tokenizer: TextTokenizer, text: str) -> torch.Tensor:

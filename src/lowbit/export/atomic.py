@@ -24,7 +24,15 @@ def check_output(path: Path, force: bool) -> None:
         raise OutputExistsError(f"the folder {path.parent} does not exist; create it first")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _replace(tmp: Path, path: Path) -> None:
+    # mkstemp/mkdtemp create 0600/0700 entries: give the output the permissions a plain open() would.
+    os.chmod(tmp, (0o777 if tmp.is_dir() else 0o666) & ~_umask())
     if path.is_dir() and not path.is_symlink():
         old = path.with_name(f".{path.name}.lowbit-old-{os.getpid()}")
         path.rename(old)

@@ -66,12 +66,12 @@ class CalibConfig:
 
 def calibration_tokens(source: ModelSource, config: CalibConfig) -> torch.Tensor:
     """``(samples, seqlen)`` int64 windows of the calibration text (fewer if the text is short)."""
-    from lowbit.eval.windows import encode_text, tokenizer_bos_id
+    from lowbit.eval.windows import encode_text, read_text_exact, tokenizer_bos_id
 
     if not config.text.is_file():
         raise InputFileError(f"calibration text {config.text} does not exist")
     tok = source.tokenizer()
-    ids = encode_text(tok, config.text.read_text(encoding="utf-8"))
+    ids = encode_text(tok, read_text_exact(config.text))
     n = min(config.samples, ids.numel() // config.seqlen)
     if n < 1:
         raise InputFileError(
