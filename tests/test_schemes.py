@@ -47,9 +47,11 @@ def test_bad_names(name: str) -> None:
         parse_scheme(name)
 
 
-def test_gguf_names_are_recognised_but_not_written_yet() -> None:
+def test_gguf_mixes_need_the_gguf_format() -> None:
+    """A GGUF mix is a per-tensor choice of ggml types, not one codec: it parses only for --format gguf."""
     with pytest.raises(SchemeError, match="GGUF mix"):
         parse_scheme("q4_k_m")
+    assert parse_scheme("q4_k_m", "gguf").name == "Q4_K_M"
 
 
 def test_help_lists_every_form() -> None:

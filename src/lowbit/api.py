@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -47,7 +48,8 @@ class QuantizeReport:
     stats: WalkStats = field(repr=False, compare=False)
 
     def to_json_dict(self) -> dict[str, object]:
-        return {
+        """JSON-ready numbers; a value that is not known (NaN) is ``None``, so the output is strict JSON."""
+        d: dict[str, object] = {
             "output": str(self.output),
             "scheme": self.scheme,
             "method": self.method,
@@ -61,6 +63,7 @@ class QuantizeReport:
             "mean_sqnr_db": self.mean_sqnr_db,
             "quantized_layers": self.quantized_layers,
         }
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in d.items()}
 
 
 def quantize(
