@@ -40,7 +40,9 @@ class Measured:
     stdout: str
 
 
-def run_measured(argv: list[str], env: dict[str, str] | None = None) -> Measured:
+def run_measured(
+    argv: list[str], env: dict[str, str] | None = None, capture_stderr: bool = False
+) -> Measured:
     """Run ``argv`` as a child: wall time and the child's own peak RSS (reaped with ``os.wait4``)."""
     t0 = time.perf_counter()
     with open(os.devnull, "wb") as devnull:

@@ -29,7 +29,7 @@ from lowbit.formats.affine import AffineCodec, AffineQuantized
 from lowbit.formats.base import PER_CHANNEL, PER_TENSOR, Block, group
 from lowbit.methods.base import get_method
 from lowbit.walk.quantize_walk import walk_quantize
-from lowbit.walk.sources import open_model
+from lowbit.walk.sources import SafetensorsSource, open_model
 
 MODEL_DIR = Path(lowbit.__file__).parent / "assets" / "models" / "stories260K"
 TINY256 = "data/models/tiny256"
@@ -154,7 +154,7 @@ def test_quantize_writes_awq_that_lowbit_reads_back(
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (cfg["quant_method"], cfg["group_size"], cfg["version"]) == ("awq", 128, "gemm")
     src = open_model(out)
-    assert src.linear_bits_per_weight is not None
+    assert isinstance(src, SafetensorsSource) and src.linear_bits_per_weight is not None
     assert abs(src.linear_bits_per_weight - report.linear_bits_per_weight) < 1e-9
     codec = _codec(128)
     want = {

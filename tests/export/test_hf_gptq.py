@@ -40,7 +40,7 @@ from lowbit.formats.affine import AffineCodec, AffineQuantized
 from lowbit.formats.base import PER_CHANNEL, PER_TENSOR, Block, group
 from lowbit.methods.gptq import GPTQConfig, GPTQQuantized, gptq_quantize
 from lowbit.walk.quantize_walk import walk_quantize
-from lowbit.walk.sources import open_model
+from lowbit.walk.sources import SafetensorsSource, open_model
 
 MODEL_DIR = Path(lowbit.__file__).parent / "assets" / "models" / "stories260K"
 CALIB_TEXT = Path(lowbit.__file__).parent / "assets" / "text" / "tinystories-val.txt"
@@ -305,7 +305,7 @@ def test_quantize_writes_gptq_that_lowbit_reads_back(tmp_path: Path) -> None:
     assert cfg["checkpoint_format"] == "gptq" and cfg["desc_act"] is False
     codec = AffineCodec(bits=8, block=PER_CHANNEL, scale_dtype=torch.float16)
     src = open_model(out)
-    assert src.linear_bits_per_weight is not None
+    assert isinstance(src, SafetensorsSource) and src.linear_bits_per_weight is not None
     assert abs(src.linear_bits_per_weight - report.linear_bits_per_weight) < 1e-9
     want = {
         item.name: codec.dequantize(item.quantized)
@@ -426,6 +426,7 @@ def test_transformers_loads_act_order(shared_file: Callable[[str], Path], tmp_pa
     write_checkpoint(items, src, fmt, codec, out)
     assert json.loads((out / "config.json").read_text())["quantization_config"]["desc_act"] is True
     reread = open_model(out)
+    assert isinstance(reread, SafetensorsSource)
     g_idx = reread.raw("model.layers.0.mlp.down_proj.g_idx")
     assert not torch.equal(g_idx, (torch.arange(768) // 64).to(torch.int32))
     rel, control = _check_loaded(out, torch.bfloat16)
