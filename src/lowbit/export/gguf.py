@@ -33,6 +33,7 @@ import contextlib
 import json
 import logging
 import math
+import mmap as mmap_module
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -165,6 +166,8 @@ class _Planned:
     float_rows: Callable[[int, int], np.ndarray] = field(compare=False)
     # the stored bytes, when the input already holds the tensor in ``dst_type`` (None for HF input)
     raw: Callable[[], np.ndarray] | None = field(default=None, compare=False)
+    # drops the input pages of this tensor from memory once it is written (they are re-readable)
+    release: Callable[[], None] = field(default=lambda: None, compare=False)
 
     @property
     def n_rows(self) -> int:
@@ -206,6 +209,22 @@ def _gguf_float_rows(t: Any, shape: tuple[int, ...]) -> Callable[[int, int], np.
     return rows
 
 
+def _page_releaser(reader: Any, offset: int, nbytes: int) -> Callable[[], None]:
+    """``madvise(DONTNEED)`` over a tensor's span of the reader's memory map: the walk touches every page
+    of the input once, and without this the file-backed pages stay in the process's RSS until the end
+    (the whole input file), although nothing reads them again."""
+    mm = getattr(reader.data, "_mmap", None)
+
+    def release() -> None:
+        if mm is None or not hasattr(mmap_module, "MADV_DONTNEED"):
+            return
+        start = offset - offset % mmap_module.PAGESIZE
+        with contextlib.suppress(OSError, ValueError):  # not fatal: memory use only
+            mm.madvise(mmap_module.MADV_DONTNEED, start, offset + nbytes - start)
+
+    return release
+
+
 def _raw_reader(t: Any) -> Callable[[], np.ndarray]:
     def raw() -> np.ndarray:
         return np.asarray(t.data)
@@ -229,6 +248,7 @@ def _plan_gguf(reader: Any) -> tuple[list[_Planned], dict[str, Any]]:
                 dst_type=ttype,
                 float_rows=_gguf_float_rows(t, shape),
                 raw=_raw_reader(t),
+                release=_page_releaser(reader, int(t.data_offset), int(t.n_bytes)),
             )
         )
     items.sort(key=lambda it: llama_order_key(it.name))
@@ -798,6 +818,7 @@ def write_gguf(
                 used += qw is not None
                 data = _tensor_bytes(it, qw)
                 writer.write_tensor_data(data)
+                it.release()
                 records.append(
                     GGUFTensorRecord(
                         it.name,
