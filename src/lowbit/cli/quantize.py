@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--format",
         dest="fmt",
         default=None,
-        help="output format: compressed-tensors, bnb, gguf (default: the scheme's; gguf for GGUF mixes)",
+        help="output format: compressed-tensors (default for wN schemes and fp8), gptq, awq (GEMM), gguf "
+        "(default for GGUF mixes); bnb for nf4/fp4 is not written yet",
     )
     p.add_argument(
         "--imatrix",
