@@ -464,8 +464,10 @@ def _smollm2() -> Path:
 
 @pytest.mark.slow
 @pytest.mark.shared
-@pytest.mark.parametrize("mix", ["Q8_0", "Q4_0"])
-def test_smollm2_requantize_equals_llama_quantize(mix: str, llama_quantize: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mix", ["Q8_0", "Q4_0", "Q4_K_M"])
+def test_smollm2_requantize_equals_llama_quantize(
+    mix: str, llama_quantize: Any, shared_file: Callable[[str], Path], tmp_path: Path
+) -> None:
     """Q4_1 -> mix (llama-quantize --allow-requantize): the same file; about one tensor in memory."""
     inp = _smollm2()
     out = tmp_path / "ours.gguf"
@@ -477,7 +479,15 @@ def test_smollm2_requantize_equals_llama_quantize(mix: str, llama_quantize: Any,
         tracemalloc.stop()
     largest_f32 = max(math.prod(t.shape) for t in rep.tensors) * 4  # token_embd: 113 MB
     assert peak < 2 * largest_f32
-    _assert_same_file(out, llama_quantize(inp, mix))
+    ref = llama_quantize(inp, mix)
+    _assert_same_file(out, ref)
+    if mix == "Q4_K_M":  # and it runs in llama.cpp on WikiText-2 like llama-quantize's file
+        text = tmp_path / "wiki.txt"
+        text.write_bytes(shared_file("data/text/wikitext-2-raw-test.txt").read_bytes()[:60000])
+        exe = shared_file(f"{BIN}/llama-perplexity")
+        ppl = _perplexity(exe, out, text)
+        assert ppl == _perplexity(exe, ref, text)
+        assert 5.0 < float(ppl.split()[0]) < 100.0
 
 
 @pytest.mark.slow
