@@ -44,7 +44,7 @@ def run_scheme(setup: Any, name: str, workdir: Path) -> dict[str, Any]:
     from lowbit.api import quantize, simulate_scheme
     from lowbit.errors import ShapeError
     from lowbit.eval.run import evaluate_source, result_dict
-    from lowbit.export.hf_checkpoint import FORMATS
+    from lowbit.export.hf_checkpoint import available_formats
     from lowbit.schemes import parse_scheme
     from lowbit.walk.sources import open_model
 
@@ -52,7 +52,7 @@ def run_scheme(setup: Any, name: str, workdir: Path) -> dict[str, Any]:
     original = setup.ref_source
     t0 = time.perf_counter()
     reason = f"{scheme.default_format} output is not written yet"
-    if scheme.default_format in FORMATS:
+    if scheme.default_format in available_formats():
         try:
             report = quantize(original, scheme.name, workdir / scheme.name, progress=False)
         except ShapeError as e:  # the format cannot hold this layout: show the codec's quality anyway
@@ -79,11 +79,9 @@ def run_scheme(setup: Any, name: str, workdir: Path) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from lowbit.eval.run import prepare_reference
-    from lowbit.export.hf_checkpoint import get_format
 
     model = Path(args.model) if args.model else bundled_model()
     text = Path(args.text) if args.text else bundled_text()
-    get_format("compressed-tensors")  # registers the built-in formats
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lowbit-demo-") as tmp:
         setup = prepare_reference(

@@ -71,9 +71,15 @@ class CheckpointFormat(ABC):
         """The ``quantization_config`` block of config.json."""
 
 
-def get_format(name: str) -> CheckpointFormat:
-    from lowbit.export import ct_format, hf_awq, hf_gptq  # noqa: F401  (registers)
+def available_formats() -> list[str]:
+    """Names of the Hugging Face checkpoint formats lowbit writes (importing them registers them)."""
+    from lowbit.export import ct_format, hf_awq, hf_gptq  # noqa: F401
 
+    return sorted(FORMATS)
+
+
+def get_format(name: str) -> CheckpointFormat:
+    available_formats()
     cls = FORMATS.get(name)
     if cls is None:
         raise SchemeError(f"unknown output format {name!r}; available: {', '.join(sorted(FORMATS))}")
