@@ -8,8 +8,10 @@ of q/k is undone, so a GGUF file and the checkpoint it came from look the same t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import mmap
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -266,7 +268,7 @@ class GGUFSource(ModelSource):
 
         self.path = path
         self.reader = open_gguf(path)
-        self.config = _gguf_config(path)
+        self.config = _llama_family_config(self.reader) or _gguf_config(path)
         self.arch = get_architecture(self.config.get("model_type"))
         inv_block = {v: k for k, v in self.arch.gguf_block_names.items()}
         inv_global = {v: k for k, v in self.arch.gguf_global_names.items()}
@@ -340,16 +342,79 @@ class GGUFSource(ModelSource):
             raise InputFileError(
                 f"cannot dequantize {t.name} ({t.tensor_type.name}) from {self.path}: {e2}"
             ) from e2
+        self._release(t)
         if self.arch.gguf_permute_qk and name.endswith("self_attn.q_proj.weight"):
             w = unpermute_qk(w, self._n_head)
         elif self.arch.gguf_permute_qk and name.endswith("self_attn.k_proj.weight"):
             w = unpermute_qk(w, self._n_kv)
         return w
 
+    def _release(self, t: Any) -> None:
+        """Drop the file pages of a tensor just read (copied out) from this process's resident memory:
+        the walk reads each tensor once, and otherwise the whole mapped file would count in its RSS."""
+        mm = getattr(self.reader.data, "_mmap", None)
+        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = int(t.data_offset) - int(t.data_offset) % mmap.PAGESIZE
+        with contextlib.suppress(OSError, ValueError):
+            mm.madvise(mmap.MADV_DONTNEED, start, int(t.data_offset) + int(t.n_bytes) - start)
+
     def tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+
+
+# GGUF architectures whose Hugging Face config lowbit derives itself from the metadata (the whole config of
+# these families is in these keys); others go through transformers' GGUF loader, which re-reads the file.
+_SIMPLE_GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def _llama_family_config(reader: Any) -> dict[str, Any] | None:
+    """The Hugging Face config of a llama/qwen2/qwen3 GGUF from its metadata, or None for other archs."""
+    fields = reader.fields
+
+    def get(key: str, default: Any = None) -> Any:
+        f = fields.get(key)
+        if f is None:
+            return default
+        v = f.contents()
+        return max(v) if isinstance(v, list) and v and all(isinstance(x, int) for x in v) else v
+
+    arch = get("general.architecture")
+    if arch not in _SIMPLE_GGUF_ARCHS:
+        return None
+    hidden = int(get(f"{arch}.embedding_length"))
+    heads = int(get(f"{arch}.attention.head_count"))
+    tokens = fields.get("tokenizer.ggml.tokens")
+    names = {t.name for t in reader.tensors}
+    cfg: dict[str, Any] = {
+        "model_type": _SIMPLE_GGUF_ARCHS[arch],
+        "num_hidden_layers": int(get(f"{arch}.block_count")),
+        "hidden_size": hidden,
+        "intermediate_size": int(get(f"{arch}.feed_forward_length")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(get(f"{arch}.attention.head_count_kv", heads)),
+        "head_dim": int(
+            get(f"{arch}.attention.key_length", get(f"{arch}.rope.dimension_count", hidden // heads))
+        ),
+        "max_position_embeddings": int(get(f"{arch}.context_length", 2048)),
+        "rms_norm_eps": float(get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(get(f"{arch}.rope.freq_base", 10000.0)),
+        "vocab_size": len(tokens.data) if tokens is not None else int(get(f"{arch}.vocab_size")),
+        "tie_word_embeddings": "output.weight" not in names,
+    }
+    for key, hf in (
+        ("bos_token_id", "bos_token_id"),
+        ("eos_token_id", "eos_token_id"),
+        ("padding_token_id", "pad_token_id"),
+    ):
+        v = get(f"tokenizer.ggml.{key}")
+        if v is not None:
+            cfg[hf] = int(v)
+    if get(f"{arch}.rope.scaling.type") not in (None, "none"):
+        return None  # rope scaling: let transformers' loader map it
+    return cfg
 
 
 def _gguf_config(path: Path) -> dict[str, Any]:
