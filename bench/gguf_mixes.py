@@ -5,7 +5,7 @@ llama-imatrix on the WikiText-2 calibration half): wall time and peak RSS of `lo
 `llama-quantize` (2 threads), the ratio, file size, bits/weight, whether the files are byte-identical,
 and llama-perplexity's PPL and KL-divergence (WikiText-2 test, ctx 512) of both files — computed once
 when the files are identical, since identical bytes give identical numbers.
-Usage: python bench/gguf.py [--mixes Q4_K_M,Q8_0] [--chunks 40] [--no-ppl]
+Usage: python bench/gguf_mixes.py [--mixes Q4_K_M,Q8_0] [--chunks 40] [--no-ppl]
 """
 
 from __future__ import annotations
