@@ -15,7 +15,6 @@ from safetensors.torch import load_file, save_file
 
 import lowbit
 from lowbit.errors import InputFileError, SchemeError, ShapeError
-from lowbit.export import compressed_tensors as ct_export
 from lowbit.export.compressed_tensors import (
     codec_from_config,
     codecs_from_config,
@@ -24,6 +23,7 @@ from lowbit.export.compressed_tensors import (
     read_linear,
     scale_dtype_for,
 )
+from lowbit.formats import bitpack
 from lowbit.formats.affine import AffineCodec, AffineQuantized
 from lowbit.formats.base import PER_CHANNEL, PER_TENSOR, Block, group
 
@@ -376,7 +376,7 @@ def test_reads_compressed_tensors_own_compressor(case: str) -> None:
 
 def test_chunked_dense_packing_equals_unchunked(monkeypatch: pytest.MonkeyPatch) -> None:
     codes = torch.randint(0, 8, (37, 50))
-    whole = ct_export._pack_dense(codes, 3)
-    monkeypatch.setattr(ct_export, "_STREAM_BITS", 64)  # a few rows per chunk
-    assert torch.equal(ct_export._pack_dense(codes, 3), whole)
-    assert torch.equal(ct_export._unpack_dense(whole, 3, 50), codes.to(torch.uint8))
+    whole = bitpack.pack_dense(codes, 3)
+    monkeypatch.setattr(bitpack, "_STREAM_BITS", 64)  # a few rows per chunk
+    assert torch.equal(bitpack.pack_dense(codes, 3), whole)
+    assert torch.equal(bitpack.unpack_dense(whole, 3, 50), codes.to(torch.uint8))

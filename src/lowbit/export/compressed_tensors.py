@@ -71,7 +71,6 @@ from enum import Enum, StrEnum
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from lowbit.errors import InputFileError, SchemeError, ShapeError
 from lowbit.formats import bitpack
@@ -97,8 +96,6 @@ SHAPE = "weight_shape"
 G_IDX = "weight_g_idx"
 
 _SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Bounds the int64 bit stream of the 3/5/6/7-bit packer to ~2**24 bits per chunk of rows.
-_STREAM_BITS = 1 << 24
 
 
 class Strategy(StrEnum):
@@ -159,41 +156,6 @@ def scale_dtype_for(model_dtype: torch.dtype) -> torch.dtype:
     raise SchemeError(f"no compressed-tensors scale dtype for a {model_dtype} model; expected a float dtype")
 
 
-# --------------------------------------------------------------------- dense packing
-def _pack_dense(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned ``codes`` (rows, n) along dim 1 into int32 (rows, ceil(n * bits / 32)), dense."""
-    rows, n = codes.shape
-    n_words = math.ceil(n * bits / 32)
-    if 32 % bits == 0:
-        per = 32 // bits
-        return bitpack.pack(F.pad(codes.to(torch.int64), (0, n_words * per - n)), bits, torch.int32)
-    out = torch.empty(rows, n_words, dtype=torch.int32)
-    step = max(1, _STREAM_BITS // max(1, n_words * 32))
-    for r0 in range(0, rows, step):
-        chunk = codes[r0 : r0 + step].to(torch.uint8)
-        r = chunk.shape[0]
-        # Each code's 8 bits LSB-first, keep the low `bits`: the row's bit stream.
-        stream = bitpack.unpack(chunk, 1).reshape(r, n, 8)[..., :bits].reshape(r, n * bits)
-        stream = F.pad(stream, (0, n_words * 32 - n * bits))
-        out[r0 : r0 + r] = bitpack.pack(stream, 1, torch.int32)
-    return out
-
-
-def _unpack_dense(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of :func:`_pack_dense`: int32 (rows, words) -> uint8 codes (rows, n)."""
-    rows, n_words = words.shape
-    if 32 % bits == 0:
-        return bitpack.unpack(words, bits, length=n)
-    out = torch.empty(rows, n, dtype=torch.uint8)
-    step = max(1, _STREAM_BITS // max(1, n_words * 32))
-    for r0 in range(0, rows, step):
-        chunk = words[r0 : r0 + step]
-        r = chunk.shape[0]
-        stream = bitpack.unpack(chunk, 1)[:, : n * bits].reshape(r, n, bits)
-        out[r0 : r0 + r] = bitpack.pack(F.pad(stream, (0, 8 - bits)).reshape(r, n * 8), 1, torch.uint8)
-    return out
-
-
 # --------------------------------------------------------------------- per-tensor conversion
 def check_linear_shape(shape: tuple[int, ...], gran: Granularity) -> tuple[int, int]:
     """``(out, in)`` of a Linear weight of ``shape`` stored with ``gran``; a one-line :class:`ShapeError`
@@ -227,7 +189,7 @@ def linear_tensors(q: AffineQuantized) -> dict[str, torch.Tensor]:
     codes = q.codes.reshape(out_f, in_f).to(torch.int64)
     if codec.symmetric:
         codes = codes + offset
-    tensors = {PACKED: _pack_dense(codes, bits)}
+    tensors = {PACKED: bitpack.pack_dense(codes, bits)}
 
     grid = codec.block.grid((out_f, in_f))
     scales = q.scales.reshape(grid)
@@ -243,7 +205,7 @@ def linear_tensors(q: AffineQuantized) -> dict[str, torch.Tensor]:
             tensors[ZERO_POINT] = (zeros - offset).reshape(1).to(torch.int8)
         else:
             # (groups, out) packed along out, transposed back: (ceil(out * b / 32), groups)
-            tensors[ZERO_POINT] = _pack_dense(zeros.T, bits).T.contiguous()
+            tensors[ZERO_POINT] = bitpack.pack_dense(zeros.T, bits).T.contiguous()
     tensors[SHAPE] = torch.tensor([out_f, in_f], dtype=torch.int64)
     return tensors
 
@@ -272,7 +234,7 @@ def read_linear(tensors: Mapping[str, torch.Tensor], codec: AffineCodec) -> Affi
             f"weight_packed is {packed.dtype} {tuple(packed.shape)}, expected int32 {(out_f, n_words)} for "
             f"{bits}-bit codes of shape {shape} (dense packing as compressed-tensors 0.20 writes it)"
         )
-    codes = _unpack_dense(packed, bits, in_f).to(torch.int16)
+    codes = bitpack.unpack_dense(packed, bits, in_f).to(torch.int16)
     if codec.symmetric:
         codes = codes - offset
 
@@ -332,7 +294,7 @@ def _read_zero_points(zp: torch.Tensor, gran: Granularity, bits: int, grid: tupl
         raise InputFileError(
             "weight_zero_point is int32 of unpacked shape but not row-packed; cannot read it"
         )
-    return _unpack_dense(zp2[:n_words].T.contiguous(), bits, out_f).T.to(torch.int16).contiguous()
+    return bitpack.unpack_dense(zp2[:n_words].T.contiguous(), bits, out_f).T.to(torch.int16).contiguous()
 
 
 # --------------------------------------------------------------------- float-quantized (FP8)

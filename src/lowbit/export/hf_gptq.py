@@ -68,7 +68,6 @@ import torch
 
 import lowbit
 from lowbit.errors import InputFileError, SchemeError, ShapeError
-from lowbit.export import compressed_tensors as ct
 from lowbit.export.hf_checkpoint import CheckpointFormat
 from lowbit.formats import bitpack
 from lowbit.formats.affine import AffineCodec, AffineQuantized
@@ -175,12 +174,12 @@ class GptqLayout:
 def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned codes (rows, n) -> int32 (rows, ceil(n * bits / 32)): LSB-first along dim 1, zero-padded
     (2/4/8 bits), or the continuous stream (3 bits), which is GPTQ's 3-words-per-32-codes layout."""
-    return ct._pack_dense(codes, bits)
+    return bitpack.pack_dense(codes, bits)
 
 
 def _unpack_rows(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`_pack_rows`: uint8 codes (rows, n)."""
-    return ct._unpack_dense(words, bits, n)
+    return bitpack.unpack_dense(words, bits, n)
 
 
 def _v1_offset_word(bits: int) -> int:

@@ -17,9 +17,11 @@ and leave the high bits of each word zero, the layout of formats that pack those
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 AWQ_ORDER: tuple[int, ...] = (0, 2, 4, 6, 1, 3, 5, 7)
 MSB_FIRST_U8_4BIT: tuple[int, ...] = (1, 0)
@@ -96,3 +98,41 @@ def unpack(
     if length is not None:
         out = out[..., :length]
     return out.to(torch.uint8).movedim(-1, dim).contiguous()
+
+
+# Bounds the int64 bit stream of the 3/5/6/7-bit dense packer to ~2**24 bits per chunk of rows.
+_STREAM_BITS = 1 << 24
+
+
+def pack_dense(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned ``codes`` (rows, n) along dim 1 into int32 (rows, ceil(n * bits / 32)), dense."""
+    rows, n = codes.shape
+    n_words = math.ceil(n * bits / 32)
+    if 32 % bits == 0:
+        per = 32 // bits
+        return pack(F.pad(codes.to(torch.int64), (0, n_words * per - n)), bits, torch.int32)
+    out = torch.empty(rows, n_words, dtype=torch.int32)
+    step = max(1, _STREAM_BITS // max(1, n_words * 32))
+    for r0 in range(0, rows, step):
+        chunk = codes[r0 : r0 + step].to(torch.uint8)
+        r = chunk.shape[0]
+        # Each code's 8 bits LSB-first, keep the low `bits`: the row's bit stream.
+        stream = unpack(chunk, 1).reshape(r, n, 8)[..., :bits].reshape(r, n * bits)
+        stream = F.pad(stream, (0, n_words * 32 - n * bits))
+        out[r0 : r0 + r] = pack(stream, 1, torch.int32)
+    return out
+
+
+def unpack_dense(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_dense`: int32 (rows, words) -> uint8 codes (rows, n)."""
+    rows, n_words = words.shape
+    if 32 % bits == 0:
+        return unpack(words, bits, length=n)
+    out = torch.empty(rows, n, dtype=torch.uint8)
+    step = max(1, _STREAM_BITS // max(1, n_words * 32))
+    for r0 in range(0, rows, step):
+        chunk = words[r0 : r0 + step]
+        r = chunk.shape[0]
+        stream = unpack(chunk, 1)[:, : n * bits].reshape(r, n, bits)
+        out[r0 : r0 + r] = pack(F.pad(stream, (0, 8 - bits)).reshape(r, n * 8), 1, torch.uint8)
+    return out

@@ -78,10 +78,13 @@ def threads_for(config: dict[str, Any]) -> Iterator[None]:
 
 
 def logits_fn(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Wrap a ``transformers`` model as ``(1, T) token ids -> (1, T, V) float32 logits``."""
+    """Wrap a ``transformers`` model as ``(1, T) token ids -> (1, T, V) float32 logits``, without autograd."""
+    from lowbit.eval.perplexity import logits_fn_from_hf
+
+    inner = logits_fn_from_hf(model)
 
     def run(ids: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return model(input_ids=ids, use_cache=False).logits.float()
+            return inner(ids).float()
 
     return run
