@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import resource
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -15,10 +18,12 @@ from lowbit.calib.imatrix import Imatrix, load_imatrix
 from lowbit.errors import ArgumentError, SchemeError
 from lowbit.export.atomic import check_output
 from lowbit.export.hf_checkpoint import get_format, model_dtype, write_checkpoint
+from lowbit.formats.activations import ActQuant, LinearActivation, LLMInt8
+from lowbit.formats.int8 import Int8RowQuantized
 from lowbit.methods.base import get_method
-from lowbit.schemes import GGUF_FORMAT, gguf_mix_name, parse_scheme
+from lowbit.schemes import GGUF_FORMAT, Scheme, gguf_mix_name, parse_scheme
 from lowbit.walk.calibrate import CalibConfig, calibrate_walk
-from lowbit.walk.quantize_walk import WalkStats, simulate, walk_quantize
+from lowbit.walk.quantize_walk import WalkItem, WalkStats, simulate, walk_quantize
 from lowbit.walk.sources import ModelSource, open_model
 
 log = logging.getLogger(__name__)
@@ -63,12 +68,60 @@ class QuantizeReport:
             "mean_sqnr_db": self.mean_sqnr_db,
             "quantized_layers": self.quantized_layers,
         }
+        notes = {ls.name: ls.notes for ls in self.stats.layers if ls.notes}
+        if notes:
+            d["layer_notes"] = notes
         return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in d.items()}
+
+
+def _activation_sites(
+    items: Iterable[WalkItem], acts: ActQuant | LLMInt8 | None
+) -> tuple[list[WalkItem], dict[str, LinearActivation]]:
+    """The walk's items, and how each quantized linear's input is quantized at run time."""
+    out = list(items)
+    sites: dict[str, LinearActivation] = {}
+    if acts is None:
+        return out, sites
+    for it in out:
+        if it.quantized is None:
+            continue
+        module = it.name.removesuffix(".weight")
+        if isinstance(acts, LLMInt8):
+            q = it.quantized
+            assert isinstance(q, Int8RowQuantized)
+            sites[module] = LinearActivation(acts, int8_weight=(q.codes, q.row_absmax))
+        else:
+            sites[module] = LinearActivation(acts, input_scale=it.input_scale)
+    return out, sites
+
+
+def resolve_scheme(
+    scheme: str | None, method: str, fmt: str | None = None, threshold: float | None = None
+) -> Scheme:
+    """The scheme to quantize with: ``scheme``, or the one ``method`` implies (llm-int8 -> int8,
+    smoothquant -> w8a8); ``threshold`` sets LLM.int8()'s outlier threshold."""
+    if scheme is None:
+        from lowbit.methods.base import METHODS
+
+        get_method(method)  # registers the built-ins; a one-line error for an unknown method
+        scheme = METHODS[method].default_scheme
+        if scheme is None:
+            raise ArgumentError(f"method {method} needs a --scheme (e.g. w4g128)")
+    sch = parse_scheme(scheme, fmt)
+    if threshold is not None:
+        if not isinstance(sch.activations, LLMInt8):
+            raise ArgumentError(
+                f"--threshold is LLM.int8()'s outlier threshold; scheme {sch.name} has none (use --scheme int8)"
+            )
+        if not threshold > 0:
+            raise ArgumentError(f"--threshold must be > 0 (bitsandbytes' default is 6.0), not {threshold}")
+        sch = dataclasses.replace(sch, activations=LLMInt8(threshold))
+    return sch
 
 
 def quantize(
     model: str | Path | ModelSource,
-    scheme: str,
+    scheme: str | None,
     out: str | Path,
     method: str = "rtn",
     fmt: str | None = None,
@@ -76,6 +129,8 @@ def quantize(
     progress: bool = True,
     calib: CalibConfig | None = None,
     imatrix: str | Path | Imatrix | None = None,
+    method_options: Mapping[str, Any] | None = None,
+    threshold: float | None = None,
 ) -> QuantizeReport:
     """Quantize every block linear of ``model`` with ``scheme`` and write ``out`` in ``fmt``.
 
@@ -87,29 +142,38 @@ def quantize(
     """
     out_path = Path(out)
     check_output(out_path, force)
-    if (fmt or (GGUF_FORMAT if gguf_mix_name(scheme) else None)) == GGUF_FORMAT:
+    if scheme is not None and (fmt or (GGUF_FORMAT if gguf_mix_name(scheme) else None)) == GGUF_FORMAT:
         return _quantize_gguf(model, scheme, out_path, method, force, progress, calib, imatrix)
     if imatrix is not None:
         raise ArgumentError("--imatrix is used only when writing GGUF (--format gguf with a GGUF mix)")
-    sch = parse_scheme(scheme, fmt)
+    sch = resolve_scheme(scheme, method, fmt, threshold)
     fmt_name = fmt or sch.default_format
     if fmt_name not in sch.formats:
         raise SchemeError(
             f"scheme {sch.name} cannot be written as {fmt_name}; it is written as {', '.join(sch.formats)}"
         )
-    exporter = get_format(fmt_name)
-    meth = get_method(method)
+    exporter = get_format(fmt_name, sch.activations)
+    opts = dict(method_options or {})
+    if isinstance(sch.activations, LLMInt8) and method == "llm-int8":
+        opts.setdefault("threshold", sch.activations.threshold)
+    meth = get_method(method, **opts)
     if meth.needs_calibration and calib is None:
         raise ArgumentError(f"method {meth.name} needs calibration text; pass --calib TEXTFILE")
+    if sch.static_activations and calib is None:
+        raise ArgumentError(
+            f"scheme {sch.name} calibrates a static activation scale per linear; pass --calib TEXTFILE "
+            "(or use a dynamic scheme such as w8a8)"
+        )
     t0 = time.perf_counter()
     source = model if isinstance(model, ModelSource) else open_model(model)
     codec = sch.codec(exporter.scale_dtype(model_dtype(source)))
     shapes = [source.info(n).shape for n in source.names() if source.arch.is_quantizable(n)]
     exporter.check(codec, shapes)
     stats = WalkStats()
-    if meth.needs_calibration:
-        assert calib is not None
-        items = calibrate_walk(source, codec, meth, calib, stats, progress=progress)
+    if calib is not None and (meth.needs_calibration or sch.static_activations or meth.needs):
+        items = calibrate_walk(
+            source, codec, meth, calib, stats, progress=progress, activations=sch.activations
+        )
     else:
         items = walk_quantize(source, codec, meth, stats, progress=progress)
     written = write_checkpoint(items, source, exporter, codec, out_path, force=force)
@@ -181,31 +245,44 @@ def _quantize_gguf(
 
 def simulate_scheme(
     source: ModelSource,
-    scheme: str,
+    scheme: str | None,
     method: str = "rtn",
     progress: bool = False,
     calib: CalibConfig | None = None,
+    method_options: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, torch.Tensor], WalkStats]:
     """Float weights of ``source`` with ``scheme`` applied in memory, and the walk stats.
 
     Scales are in the dtype the scheme's output format stores for this model (fp16 where lowbit has no
-    writer for that format yet), so the weights equal what :func:`quantize` writes, read back.
+    writer for that format yet), so the weights equal what :func:`quantize` writes, read back. For a
+    scheme that quantizes activations, ``stats.activations`` says how each linear's input is quantized
+    (pass it to the evaluator).
     """
-    sch = parse_scheme(scheme)
+    sch = resolve_scheme(scheme, method)
     try:
-        scale_dtype = get_format(sch.default_format).scale_dtype(model_dtype(source))
+        scale_dtype = get_format(sch.default_format, sch.activations).scale_dtype(model_dtype(source))
     except SchemeError:  # no writer registered for the format
         scale_dtype = torch.float16
     stats = WalkStats()
-    meth = get_method(method)
+    meth = get_method(method, **(method_options or {}))
     codec = sch.codec(scale_dtype)
-    if meth.needs_calibration:
-        if calib is None:
-            raise ArgumentError(f"method {meth.name} needs calibration text")
-        items = calibrate_walk(source, codec, meth, calib, stats, progress=progress)
-        weights = {
-            it.name: codec.dequantize(it.quantized) if it.quantized is not None else it.tensor for it in items
-        }
+    if meth.needs_calibration and calib is None:
+        raise ArgumentError(f"method {meth.name} needs calibration text")
+    if sch.static_activations and calib is None:
+        raise ArgumentError(
+            f"scheme {sch.name} calibrates static activation scales; it needs calibration text"
+        )
+    if sch.activations is None and not meth.needs_calibration:
+        return simulate(source, codec, meth, stats, progress=progress), stats
+    if calib is not None and (meth.needs_calibration or sch.static_activations or meth.needs):
+        walk = calibrate_walk(
+            source, codec, meth, calib, stats, progress=progress, activations=sch.activations
+        )
     else:
-        weights = simulate(source, codec, meth, stats, progress=progress)
+        walk = walk_quantize(source, codec, meth, stats, progress=progress)
+    items, stats.activations = _activation_sites(walk, sch.activations)
+    weights = {
+        it.name: codec.dequantize(it.quantized).to(torch.float32) if it.quantized is not None else it.tensor
+        for it in items
+    }
     return weights, stats

@@ -108,6 +108,9 @@ def _inspect_safetensors(path: Path) -> dict[str, Any]:
             tensors.append({"name": k, "type": dt, "shape": shape, "nbytes": nbytes})
             if k.endswith(".weight_shape"):
                 logical[k.rpartition(".")[0]] = int(np.prod(h.get_tensor(k).tolist()))
+            elif ".weight.quant_state.bitsandbytes__" in k:  # bitsandbytes 4-bit: shape in its JSON state
+                state = json.loads(bytes(h.get_tensor(k).tolist()).decode())
+                logical[k.split(".weight.quant_state.")[0]] = int(np.prod(state["shape"]))
     params = _logical_params(tensors, logical)
     return _summary(
         path, "safetensors", tensors, params, quantization_config=qcfg, model_type=config.get("model_type")
@@ -120,7 +123,7 @@ def _logical_params(tensors: list[dict[str, Any]], logical: dict[str, int]) -> i
     total = sum(logical.values())
     for t in tensors:
         name = t["name"]
-        module = name.rpartition(".")[0]
+        module = name.split(".weight")[0] if ".weight" in name else name.rpartition(".")[0]
         if module in logical:
             continue
         total += int(np.prod(t["shape"]))

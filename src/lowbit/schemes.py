@@ -8,7 +8,15 @@ Integer weight schemes (written as compressed-tensors ``pack-quantized``):
   (an integer zero point per group, better at 2-3 bits).
 
 Float schemes: ``nf4`` / ``fp4`` (bitsandbytes 4-bit, blocks of 64, fp32 absmax; ``-dq`` adds double
-quantization of the absmax values), ``fp8`` (e4m3 weights, per-channel scale), ``fp8-e5m2``.
+quantization of the absmax values, written as bitsandbytes checkpoints), ``fp8-w`` (e4m3 weights,
+per-channel scale, 16-bit activations), ``fp8-e5m2``.
+
+Weights + activations (the linear's input is quantized at run time too, see
+:mod:`lowbit.formats.activations`): ``w8a8`` (int8 weights per channel, int8 activations per token,
+dynamic), ``w8a8-static`` (... one calibrated int8 scale per linear input; needs ``--calib``), ``fp8``
+(FP8 e4m3 weights per channel, FP8 activations per token, dynamic — llm-compressor's FP8_DYNAMIC), all
+written as compressed-tensors; ``int8`` (bitsandbytes LLM.int8(): int8 weight rows, int8 per-token
+activations with outlier features >= 6.0 kept in 16-bit), written as a bitsandbytes 8-bit checkpoint.
 
 GGUF mixes (``Q4_K_M``, ``Q8_0``, ``IQ4_XS`` ... and ``F16``/``BF16``/``F32``; case-insensitive,
 llama-quantize's aliases accepted) are llama-quantize's per-tensor type mixes, written only as GGUF files
@@ -25,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lowbit.errors import SchemeError
+from lowbit.formats.activations import ActKind, ActQuant, ActStrategy, LLMInt8
 from lowbit.formats.affine import AffineCodec
 from lowbit.formats.base import PER_CHANNEL, Block, Codec, group
 
@@ -38,6 +47,13 @@ class Scheme:
     # Builds the codec; its argument is the dtype scales must be stored in for the output format.
     make_codec: Callable[[torch.dtype], Codec] = field(compare=False)
     formats: tuple[str, ...] = ("compressed-tensors",)
+    # How each quantized linear's input is quantized at run time; None: activations stay in float.
+    activations: ActQuant | LLMInt8 | None = None
+
+    @property
+    def static_activations(self) -> bool:
+        """Whether the scheme stores calibrated activation scales (so it needs calibration text)."""
+        return isinstance(self.activations, ActQuant) and not self.activations.dynamic
 
     def codec(self, scale_dtype: torch.dtype = torch.float16) -> Codec:
         return self.make_codec(scale_dtype)
@@ -50,14 +66,14 @@ class Scheme:
 _AFFINE = re.compile(r"^w([2-8])(?:g(\d+))?(?:-(sym|asym))?$")
 
 # Schemes with fixed names (not parsed from a pattern), built lazily so the codec modules load on use.
-_NAMED: dict[str, tuple[str, Callable[[torch.dtype], Codec], tuple[str, ...]]] = {}
+_NAMED: dict[str, tuple[str, Callable[[torch.dtype], Codec], tuple[str, ...], ActQuant | LLMInt8 | None]] = {}
 
 
 def _register(
-    name: str, description: str, formats: tuple[str, ...]
+    name: str, description: str, formats: tuple[str, ...], activations: ActQuant | LLMInt8 | None = None
 ) -> Callable[[Callable[[torch.dtype], Codec]], Callable[[torch.dtype], Codec]]:
     def deco(fn: Callable[[torch.dtype], Codec]) -> Callable[[torch.dtype], Codec]:
-        _NAMED[name] = (description, fn, formats)
+        _NAMED[name] = (description, fn, formats, activations)
         return fn
 
     return deco
@@ -77,6 +93,13 @@ def _nf4_dq(_: torch.dtype) -> Codec:
     return nf4(blocksize=64, double_quant=True)
 
 
+@_register("fp4-dq", "FP4 with double quantization of the absmax values", ("bnb",))
+def _fp4_dq(_: torch.dtype) -> Codec:
+    from lowbit.formats.nf4 import fp4
+
+    return fp4(blocksize=64, double_quant=True)
+
+
 @_register("fp4", "4-bit float e2m1 (bitsandbytes), blocks of 64, fp32 absmax", ("bnb",))
 def _fp4(_: torch.dtype) -> Codec:
     from lowbit.formats.nf4 import fp4
@@ -84,11 +107,49 @@ def _fp4(_: torch.dtype) -> Codec:
     return fp4(blocksize=64)
 
 
-@_register("fp8", "FP8 e4m3 weights, one fp32 scale per output channel", ("compressed-tensors",))
+@_register(
+    "fp8-w",
+    "FP8 e4m3 weights, one fp32 scale per output channel; 16-bit activations",
+    ("compressed-tensors",),
+)
+@_register(
+    "fp8",
+    "W8A8 FP8: e4m3 weights per output channel, e4m3 activations per token (dynamic)",
+    ("compressed-tensors",),
+    ActQuant(ActKind.FLOAT, 8, ActStrategy.TOKEN, dynamic=True),
+)
 def _fp8(_: torch.dtype) -> Codec:
     from lowbit.formats.fp8 import Fp8Codec, Fp8Format
 
     return Fp8Codec(fmt=Fp8Format.E4M3, block=PER_CHANNEL)
+
+
+@_register(
+    "w8a8",
+    "W8A8 int8: weights per output channel (symmetric), activations per token (dynamic)",
+    ("compressed-tensors",),
+    ActQuant(ActKind.INT, 8, ActStrategy.TOKEN, dynamic=True),
+)
+@_register(
+    "w8a8-static",
+    "W8A8 int8: weights per output channel, one calibrated activation scale per linear (needs --calib)",
+    ("compressed-tensors",),
+    ActQuant(ActKind.INT, 8, ActStrategy.TENSOR, dynamic=False),
+)
+def _w8a8(scale_dtype: torch.dtype) -> Codec:
+    return AffineCodec(bits=8, symmetric=True, block=PER_CHANNEL, scale_dtype=scale_dtype)
+
+
+@_register(
+    "int8",
+    "LLM.int8() (bitsandbytes 8-bit): int8 weight rows, int8 per-token activations, outliers >= 6.0 in 16-bit",
+    ("bnb",),
+    LLMInt8(6.0),
+)
+def _int8(_: torch.dtype) -> Codec:
+    from lowbit.formats.int8 import Int8RowCodec
+
+    return Int8RowCodec()
 
 
 @_register("fp8-e5m2", "FP8 e5m2 weights, one fp32 scale per output channel", ("compressed-tensors",))
@@ -175,8 +236,8 @@ def parse_scheme(name: str, fmt: str | None = None) -> Scheme:
             ("compressed-tensors", "gptq", "awq"),
         )
     if key.lower() in _NAMED:
-        desc, fn, formats = _NAMED[key.lower()]
-        return Scheme(key.lower(), desc, fn, formats)
+        desc, fn, formats, acts = _NAMED[key.lower()]
+        return Scheme(key.lower(), desc, fn, formats, acts)
     if mix is not None and (mix not in ("F16", "BF16", "F32") or fmt is not None):
         raise SchemeError(
             f"{mix} is a GGUF mix: it is written only as a GGUF file (--format gguf, the default for it), "
@@ -194,7 +255,7 @@ def scheme_help() -> str:
         "wNgG         N-bit integers, one scale per group of G input columns (e.g. w4g128, w3g64)",
         "wN[gG]-asym  ... with an integer zero point per group (default is -sym)",
     ]
-    lines += [f"{n:<12} {d}" for n, (d, _, _) in _NAMED.items()]
+    lines += [f"{n:<12} {d}" for n, (d, _, _, _) in _NAMED.items()]
     lines.append(
         "GGUF mixes   " + " ".join(GGUF_MIXES) + " IQ* F16 BF16 F32 (llama-quantize's per-tensor mixes, "
         "written as a .gguf file: --format gguf, the default for them; --imatrix FILE for importance-weighted)"

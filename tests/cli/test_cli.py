@@ -120,6 +120,35 @@ def _stories_params() -> list[torch.Tensor]:
         (["eval", str(STORIES), "--ref", str(STORIES), "--text", "{tmp}/missing.txt"], "does not exist"),
         (["eval", str(STORIES), "--ref", str(STORIES), "--text", str(TEXT), "--ctx", "2"], "context"),
         (["inspect", "{tmp}/nothing.gguf"], "does not exist"),
+        (["quantize", str(STORIES), "--scheme", "w8a8-static", "-o", "{tmp}/o"], "--calib"),
+        (["quantize", str(STORIES), "--method", "smoothquant", "-o", "{tmp}/o"], "calibration"),
+        (["quantize", str(STORIES), "--scheme", "w8a8", "--alpha", "0.5", "-o", "{tmp}/o"], "--alpha"),
+        (
+            [
+                "quantize",
+                str(STORIES),
+                "--method",
+                "smoothquant",
+                "--alpha",
+                "2",
+                "--calib",
+                str(TEXT),
+                "-o",
+                "{tmp}/o",
+            ],
+            "[0, 1]",
+        ),
+        (["quantize", str(STORIES), "--method", "llm-int8", "--threshold", "-1", "-o", "{tmp}/o"], "> 0"),
+        (["quantize", str(STORIES), "--scheme", "w4", "--threshold", "6", "-o", "{tmp}/o"], "LLM.int8"),
+        (["quantize", str(STORIES), "--scheme", "w4", "--double-quant", "-o", "{tmp}/o"], "nf4 or fp4"),
+        (
+            ["quantize", str(STORIES), "--scheme", "w8a8", "--format", "awq", "-o", "{tmp}/o"],
+            "cannot be written",
+        ),
+        (
+            ["quantize", str(STORIES), "--scheme", "nf4", "--format", "compressed-tensors", "-o", "{tmp}/o"],
+            "cannot",
+        ),
     ],
 )
 def test_errors_are_one_line_exit_2(
@@ -139,3 +168,33 @@ def test_demo_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert rows["w4g32"]["written_as"].startswith("simulated")  # 172 columns: ragged group
     assert rows["w8"]["kld_mean"] < rows["nf4"]["kld_mean"]
     assert rows["w8"]["top1"] > 0.95
+    assert rows["nf4"]["written_as"] == "bnb"
+
+
+def test_w8a8_quantize_then_eval_quantizes_activations(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sq"
+    q = run_json(
+        capsys,
+        ["quantize", str(STORIES), "--method", "smoothquant", "--alpha", "auto", "--calib", str(TEXT),
+         "--samples", "4", "--seqlen", "128", "-o", str(out), "--json"],
+    )  # fmt: skip
+    assert q["scheme"] == "w8a8" and q["method"] == "smoothquant"
+    res = run_json(
+        capsys,
+        [
+            "eval",
+            str(out),
+            "--ref",
+            str(STORIES),
+            "--text",
+            str(TEXT),
+            "--chunks",
+            "4",
+            "--ctx",
+            "128",
+            "--json",
+        ],
+    )
+    assert 0.0 < res["kld_mean"] < 0.05 and res["top1"] > 0.9

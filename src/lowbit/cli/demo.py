@@ -16,7 +16,9 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-DEFAULT_SCHEMES = ("w8", "w4", "w4-asym", "w4g32", "w3-asym", "w2g32-asym", "nf4", "fp4", "fp8")
+DEFAULT_SCHEMES = (
+    "w8", "w8a8", "int8", "fp8", "w4", "w4-asym", "w4g32", "w3-asym", "w2g32-asym", "nf4", "nf4-dq", "fp4",
+)  # fmt: skip
 
 
 def bundled_model() -> Path:
@@ -67,7 +69,7 @@ def run_scheme(setup: Any, name: str, workdir: Path) -> dict[str, Any]:
                 "seconds": round(time.perf_counter() - t0, 2),
             }
     weights, stats = simulate_scheme(original, scheme.name)
-    result = evaluate_source(setup, original, weights=weights, progress=False)
+    result = evaluate_source(setup, original, weights=weights, progress=False, activations=stats.activations)
     return {
         "scheme": scheme.name,
         **result_dict(result, stats.linear_bits_per_weight),

@@ -6,11 +6,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lowbit.errors import ArgumentError
 from lowbit.methods.base import METHODS
 from lowbit.schemes import scheme_help
 from lowbit.walk.calibrate import CalibConfig
+
+if TYPE_CHECKING:
+    from lowbit.api import QuantizeReport
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -22,16 +26,39 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="Hugging Face model directory (safetensors) or .gguf file")
-    p.add_argument("--scheme", required=True, help="quantization scheme (see above), e.g. w4g128")
     p.add_argument(
-        "--method", default="rtn", help="rtn (default, no calibration), gptq or awq (these need --calib)"
+        "--scheme",
+        default=None,
+        help="quantization scheme (see above), e.g. w4g128; optional for llm-int8 (int8) and smoothquant (w8a8)",
+    )
+    p.add_argument(
+        "--method",
+        default="rtn",
+        help="rtn (default, no calibration); gptq, awq, smoothquant (these need --calib); llm-int8 "
+        "(--calib optional: counts outlier features per layer)",
     )
     p.add_argument(
         "--format",
         dest="fmt",
         default=None,
-        help="output format: compressed-tensors (default for wN schemes and fp8), gptq, awq (GEMM), gguf "
-        "(default for GGUF mixes); bnb for nf4/fp4 is not written yet",
+        help="output format: compressed-tensors (default for wN, w8a8 and fp8 schemes), gptq, awq (GEMM), "
+        "bnb (bitsandbytes: int8, nf4, fp4; the default for them), gguf (default for GGUF mixes)",
+    )
+    p.add_argument(
+        "--alpha",
+        default=None,
+        help="SmoothQuant migration strength in [0, 1] (default 0.5), or 'auto' to search it per layer",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="LLM.int8() outlier threshold: input features reaching it stay in 16-bit (default 6.0)",
+    )
+    p.add_argument(
+        "--double-quant",
+        action="store_true",
+        help="nf4/fp4: quantize the block absmax values to 8 bits too (QLoRA's double quantization)",
     )
     p.add_argument(
         "--imatrix",
@@ -58,18 +85,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace) -> int:
     from lowbit.api import quantize
     from lowbit.methods.base import get_method
+    from lowbit.schemes import GGUF_FORMAT, gguf_mix_name, parse_scheme
 
     method = get_method(args.method)
-    if args.calib is not None and not method.needs_calibration:
+    scheme = args.scheme
+    if args.double_quant:
+        if scheme is None or scheme.lower() not in ("nf4", "fp4", "nf4-dq", "fp4-dq"):
+            raise ArgumentError("--double-quant applies to --scheme nf4 or fp4")
+        scheme = scheme.lower().removesuffix("-dq") + "-dq"
+    gguf = scheme is not None and (args.fmt == GGUF_FORMAT or (args.fmt is None and gguf_mix_name(scheme)))
+    static = scheme is not None and not gguf and parse_scheme(scheme, args.fmt).static_activations
+    if args.calib is not None and not (method.needs_calibration or method.needs or static):
         raise ArgumentError(
             f"--calib is not used by method {args.method!r}; drop it (methods: {', '.join(sorted(METHODS))})"
         )
+    if args.alpha is not None and args.method != "smoothquant":
+        raise ArgumentError("--alpha is SmoothQuant's; use it with --method smoothquant")
+    options = {"alpha": args.alpha} if args.alpha is not None else {}
     calib = None
     if args.calib is not None:
         calib = CalibConfig(Path(args.calib), args.samples, args.seqlen, sequential=not args.non_sequential)
     report = quantize(
         args.model,
-        args.scheme,
+        scheme,
         args.output,
         method=args.method,
         fmt=args.fmt,
@@ -77,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
         calib=calib,
         imatrix=args.imatrix,
+        method_options=options,
+        threshold=args.threshold,
     )
     if args.json:
         print(json.dumps(report.to_json_dict()))
@@ -93,4 +133,16 @@ def run(args: argparse.Namespace) -> int:
             f"{report.file_bytes / 1e6:.2f} MB, mean SQNR {report.mean_sqnr_db:.2f} dB, "
             f"{report.seconds:.1f} s, peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB"
         )
+        _print_outliers(report)
     return 0
+
+
+def _print_outliers(report: QuantizeReport) -> None:
+    """LLM.int8()'s outlier features per layer (when calibration measured them)."""
+    layers = [ls for ls in report.stats.layers if "outlier_features" in ls.notes]
+    if not layers:
+        return
+    print("outlier features (input columns reaching the threshold on calibration text):")
+    for ls in layers:
+        n = int(ls.notes["outlier_features"])
+        print(f"  {ls.name:<48} {n:>5} of {ls.shape[1]:<6} max |x| {ls.notes['input_absmax']:.1f}")

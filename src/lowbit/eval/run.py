@@ -20,6 +20,7 @@ from lowbit.errors import InputFileError
 from lowbit.eval.perplexity import EvalResult, evaluate, load_or_build_reference
 from lowbit.eval.refcache import Reference
 from lowbit.eval.windows import encode_text, read_text_exact, tokenizer_bos_id
+from lowbit.formats.activations import LinearActivation
 from lowbit.walk.sources import GGUFSource, ModelSource, SafetensorsSource, open_model
 from lowbit.walk.torch_model import build_model, logits_fn, threads_for
 
@@ -101,8 +102,12 @@ def evaluate_source(
     model: str | Path | ModelSource,
     weights: Mapping[str, torch.Tensor] | None = None,
     progress: bool | None = None,
+    activations: Mapping[str, LinearActivation] | None = None,
 ) -> EvalResult:
-    """Evaluate ``model`` (or ``weights`` on its architecture) against ``setup``'s reference."""
+    """Evaluate ``model`` (or ``weights`` on its architecture) against ``setup``'s reference.
+
+    Linears whose inputs are quantized at run time (``activations``; default: what the checkpoint
+    says) quantize them during the evaluation, as the runtime does."""
     source = model if isinstance(model, ModelSource) else open_model(model)
     vocab = int(source.config.get("vocab_size", 0))
     ref_vocab = int(setup.ref_source.config.get("vocab_size", 0))
@@ -111,7 +116,7 @@ def evaluate_source(
             f"{source.path} has a vocabulary of {vocab}, the reference {setup.ref_source.path} of {ref_vocab}; "
             "evaluate a model against the original it was quantized from"
         )
-    torch_model = build_model(source, weights)
+    torch_model = build_model(source, weights, activations=activations)
     with threads_for(source.config):
         return evaluate(logits_fn(torch_model), setup.reference, progress=progress)
 

@@ -74,6 +74,7 @@ import torch
 
 from lowbit.errors import InputFileError, SchemeError, ShapeError
 from lowbit.formats import bitpack
+from lowbit.formats.activations import ActKind, ActQuant, ActStrategy
 from lowbit.formats.affine import AffineCodec, AffineQuantized
 from lowbit.formats.base import PER_CHANNEL, PER_TENSOR, Block, group
 from lowbit.formats.fp8 import Fp8Codec, Fp8Format, Fp8Quantized
@@ -83,6 +84,8 @@ logger = logging.getLogger(__name__)
 QUANT_METHOD = "compressed-tensors"
 FORMAT = "pack-quantized"
 FLOAT_FORMAT = "float-quantized"
+INT_FORMAT = "int-quantized"  # int8 weights stored unpacked, for W8A8 (weights + input activations)
+INPUT_SCALE = "input_scale"
 NAIVE_FORMAT = "naive-quantized"  # the same tensors as float-quantized (its base class)
 MIXED_FORMAT = "mixed-precision"  # global format when config groups differ; each group names its own
 #: The compressed-tensors release whose layouts (dense packing, row-packed zero points) this module writes.
@@ -297,6 +300,100 @@ def _read_zero_points(zp: torch.Tensor, gran: Granularity, bits: int, grid: tupl
     return bitpack.unpack_dense(zp2[:n_words].T.contiguous(), bits, out_f).T.to(torch.int16).contiguous()
 
 
+# --------------------------------------------------------------------- int-quantized (W8A8)
+def int_linear_tensors(q: AffineQuantized) -> dict[str, torch.Tensor]:
+    """``int-quantized`` (``IntQuantizationCompressor``): the signed codes as ``weight`` int8 ``(out, in)``
+    and ``weight_scale``; symmetric 8-bit only (what llm-compressor's W8A8 presets write and vLLM runs)."""
+    codec = q.codec
+    if codec.bits != 8 or not codec.symmetric:
+        raise SchemeError(f"compressed-tensors int-quantized holds symmetric 8-bit weights, not {codec.name}")
+    gran = Granularity.of(codec.block)
+    out_f, in_f = check_linear_shape(q.shape, gran)
+    scales = q.scales.reshape(codec.block.grid((out_f, in_f)))
+    if gran.strategy is Strategy.TENSOR:
+        scales = scales.reshape(1)
+    return {
+        WEIGHT: q.codes.reshape(out_f, in_f).to(torch.int8).contiguous(),
+        SCALE: scales.to(codec.scale_dtype).contiguous().clone(),
+    }
+
+
+def read_int_linear(tensors: Mapping[str, torch.Tensor], codec: AffineCodec) -> AffineQuantized:
+    """Inverse of :func:`int_linear_tensors` (also what llm-compressor's W8A8 presets write)."""
+    for key in (WEIGHT, SCALE):
+        if key not in tensors:
+            raise InputFileError(
+                f"compressed-tensors int-quantized Linear lacks '{key}' (has {sorted(tensors)})"
+            )
+    w = tensors[WEIGHT]
+    if w.dtype != torch.int8 or w.ndim != 2:
+        raise InputFileError(
+            f"int-quantized weight is {w.dtype} {tuple(w.shape)}; expected a 2-D int8 tensor"
+        )
+    if codec.bits != 8 or not codec.symmetric:
+        raise InputFileError(
+            f"int-quantized weights with {codec.bits} bits, symmetric={codec.symmetric}: lowbit reads symmetric int8"
+        )
+    out_f, in_f = check_linear_shape(tuple(w.shape), Granularity.of(codec.block))
+    scale = tensors[SCALE]
+    if scale.dtype not in _SCALE_DTYPES:
+        raise InputFileError(f"weight_scale has dtype {scale.dtype}; expected float16, bfloat16 or float32")
+    codec = dataclasses.replace(codec, scale_dtype=scale.dtype)
+    grid = codec.block.grid((out_f, in_f))
+    if scale.numel() != grid[0] * grid[1]:
+        raise InputFileError(
+            f"weight_scale has shape {tuple(scale.shape)}, expected {grid} for shape {(out_f, in_f)}"
+        )
+    zp = tensors.get(ZERO_POINT)
+    if zp is not None and bool(zp.ne(0).any()):
+        raise InputFileError("symmetric scheme but the file holds nonzero weight_zero_point values")
+    return AffineQuantized(
+        shape=(out_f, in_f),
+        codes=w.to(torch.int16),
+        scales=scale.reshape(grid).clone(),
+        zeros=None,
+        codec=codec,
+    )
+
+
+def activation_args(act: ActQuant) -> dict[str, Any]:
+    """The ``input_activations`` QuantizationArgs of a config group for ``act``."""
+    return {
+        "num_bits": act.bits,
+        "type": act.kind.value,
+        "symmetric": True,
+        "group_size": None,
+        "strategy": act.strategy.value,
+        "dynamic": act.dynamic,
+        "observer": None if act.dynamic else "minmax",
+    }
+
+
+def activations_from_config(config_group: Mapping[str, Any]) -> ActQuant | None:
+    """The :class:`ActQuant` of a config group's ``input_activations`` (None when activations stay float);
+    a one-line :class:`SchemeError` for what lowbit cannot simulate."""
+    args = config_group.get("input_activations")
+    if not args:
+        return None
+    if not isinstance(args, Mapping):
+        raise SchemeError(f"input_activations is {args!r}; expected quantization args")
+    kind = config_text(args.get("type", "int"))
+    strategy = config_text(args.get("strategy") or "tensor")
+    dynamic = args.get("dynamic")
+    if not bool(args.get("symmetric", True)):
+        raise SchemeError("asymmetric activation quantization is not supported by lowbit's evaluator")
+    if strategy not in ("token", "tensor"):
+        raise SchemeError(f"activation strategy {strategy!r}: lowbit simulates per-token and per-tensor")
+    if config_text(dynamic) == "local":
+        raise SchemeError("locally dynamic (NVFP4-style) activation scales are not supported by lowbit")
+    try:
+        return ActQuant(
+            ActKind(kind), int(args.get("num_bits", 8)), ActStrategy(strategy), dynamic=bool(dynamic)
+        )
+    except ValueError as e:
+        raise SchemeError(f"input_activations {dict(args)}: {e}") from None
+
+
 # --------------------------------------------------------------------- float-quantized (FP8)
 def fp8_granularity(codec: Fp8Codec) -> Granularity:
     """The strategy of an FP8 codec in float-quantized terms; :class:`SchemeError` for what the format
@@ -402,6 +499,7 @@ def quantization_config(
     targets: Sequence[str] = ("Linear",),
     observer: str = "minmax",
     dequantize_on_load: bool | None = None,
+    activations: ActQuant | None = None,
 ) -> dict[str, Any]:
     """The ``quantization_config`` block of config.json for one config group quantized with ``codec``.
 
@@ -410,10 +508,13 @@ def quantization_config(
     patterns) that match ``targets`` but stay dense, e.g. ``["lm_head"]``. ``observer`` is informational.
     ``dequantize_on_load`` (default: asymmetric integer schemes only) adds transformers' ``"dequantize":
     true`` loading attribute, without which transformers 5.23 cannot load row-packed zero points (see the
-    module docstring).
+    module docstring). ``activations``: how the linears' inputs are quantized (W8A8); integer weights
+    are then stored ``int-quantized`` (llm-compressor's W8A8 layout).
     """
     if isinstance(codec, Fp8Codec):
         weights, fmt, symmetric = fp8_weights_args(codec, observer), FLOAT_FORMAT, True
+    elif activations is not None:
+        weights, fmt, symmetric = weights_args(codec, observer), INT_FORMAT, codec.symmetric
     else:
         weights, fmt, symmetric = weights_args(codec, observer), FORMAT, codec.symmetric
         if codec.bits not in (4, 8):
@@ -425,7 +526,7 @@ def quantization_config(
             "group_0": {
                 "targets": list(targets),
                 "weights": weights,
-                "input_activations": None,
+                "input_activations": None if activations is None else activation_args(activations),
                 "output_activations": None,
                 "format": fmt,
             }
@@ -464,20 +565,20 @@ def codec_from_config(
     args = config_group.get("weights")
     if not isinstance(args, Mapping):
         raise SchemeError("config group has no 'weights' quantization args; nothing for lowbit to read")
-    kind = _text(args.get("type", "int"))
+    kind = config_text(args.get("type", "int"))
     if kind not in ("int", "float"):
         raise SchemeError(
             f"compressed-tensors weights of type {args.get('type')!r}: lowbit reads int and float"
         )
     fmt_value = config_group.get("format") or default_format
-    fmt = _text(fmt_value) if fmt_value is not None else (FORMAT if kind == "int" else FLOAT_FORMAT)
-    readable = (FORMAT,) if kind == "int" else (FLOAT_FORMAT, NAIVE_FORMAT)
+    fmt = config_text(fmt_value) if fmt_value is not None else (FORMAT if kind == "int" else FLOAT_FORMAT)
+    readable = (FORMAT, INT_FORMAT, NAIVE_FORMAT) if kind == "int" else (FLOAT_FORMAT, NAIVE_FORMAT)
     if fmt not in readable:
         raise SchemeError(
             f"config group format {fmt_value!r} with {kind} weights: lowbit reads {kind} weights only as "
             f"{' or '.join(map(repr, readable))}"
         )
-    if args.get("actorder") is True or _text(args.get("actorder")) in ("group", "dynamic"):
+    if args.get("actorder") is True or config_text(args.get("actorder")) in ("group", "dynamic"):
         raise SchemeError(
             "activation-order groups (actorder='group') are not supported; lowbit cannot read g_idx"
         )
@@ -489,7 +590,7 @@ def codec_from_config(
     if strategy is None:  # compressed-tensors infers it from group_size
         strategy = "tensor" if group_size is None else ("channel" if group_size == -1 else "group")
     try:
-        strat = Strategy(_text(strategy))
+        strat = Strategy(config_text(strategy))
     except ValueError:
         raise SchemeError(f"compressed-tensors strategy {strategy!r} is not supported by lowbit") from None
     if strat is Strategy.GROUP and (not isinstance(group_size, int) or group_size <= 0):
@@ -506,7 +607,7 @@ def codec_from_config(
     return AffineCodec(bits=bits, symmetric=symmetric, block=gran.block, scale_dtype=scale_dtype)
 
 
-def _text(value: Any) -> str:
+def config_text(value: Any) -> str:
     """A config value as lower-case text (dicts from ``model_dump()`` hold str-enums, config.json strings)."""
     return str(value.value if isinstance(value, Enum) else value).lower()
 
@@ -516,10 +617,10 @@ def codecs_from_config(
 ) -> dict[str, CtCodec]:
     """Codec of every config group of a ``quantization_config`` block, by group name (groups may differ
     in format: the global format is then ``mixed-precision`` and each group names its own)."""
-    if _text(config.get("quant_method")) != QUANT_METHOD:
+    if config_text(config.get("quant_method")) != QUANT_METHOD:
         raise SchemeError(f"quant_method is {config.get('quant_method')!r}, not {QUANT_METHOD!r}")
     fmt = config.get("format")
-    default = None if fmt is None or _text(fmt) == MIXED_FORMAT else _text(fmt)
+    default = None if fmt is None or config_text(fmt) == MIXED_FORMAT else config_text(fmt)
     groups = config.get("config_groups") or {}
     if not isinstance(groups, Mapping) or not groups:
         raise SchemeError("quantization_config has no config_groups")

@@ -19,6 +19,7 @@ import torch
 from lowbit.errors import InputFileError, SchemeError
 from lowbit.export import compressed_tensors as ct
 from lowbit.export.hf_checkpoint import CheckpointFormat
+from lowbit.formats.activations import ActQuant, LinearActivation, LLMInt8
 from lowbit.formats.affine import AffineCodec, AffineQuantized
 from lowbit.formats.base import Codec, QuantizedTensor
 from lowbit.formats.fp8 import Fp8Codec, Fp8Quantized
@@ -91,6 +92,39 @@ class PackQuantized(Layout):
         return suffix != ct.SHAPE
 
 
+class IntQuantized(Layout):
+    """Symmetric int8 weights, unpacked (W8A8: the weights of llm-compressor's W8A8 presets)."""
+
+    codec_type = AffineCodec
+    format = ct.INT_FORMAT
+    suffixes = (ct.WEIGHT, ct.SCALE, ct.ZERO_POINT)
+
+    def check(self, codec: Codec, shapes: Iterable[tuple[int, ...]]) -> None:
+        assert isinstance(codec, AffineCodec)
+        if codec.bits != 8 or not codec.symmetric:
+            raise SchemeError(
+                f"W8A8 in compressed-tensors stores symmetric int8 weights, not {codec.name}; use w8a8"
+            )
+        gran = ct.Granularity.of(codec.block)
+        for shape in shapes:
+            ct.check_linear_shape(shape, gran)
+
+    def tensors(self, q: QuantizedTensor) -> dict[str, torch.Tensor]:
+        assert isinstance(q, AffineQuantized)
+        return ct.int_linear_tensors(q)
+
+    def decode(self, tensors: Mapping[str, torch.Tensor], codec: Codec) -> torch.Tensor:
+        assert isinstance(codec, AffineCodec)
+        q = ct.read_int_linear(tensors, codec)
+        return q.codec.dequantize(q)
+
+    def shape(self, src: SafetensorsSource, module: str) -> tuple[int, int]:
+        info = src.raw_info(f"{module}.{ct.WEIGHT}")
+        if len(info.shape) != 2:
+            raise InputFileError(f"{module}.{ct.WEIGHT} has shape {info.shape}; expected a 2-D Linear weight")
+        return info.shape[0], info.shape[1]
+
+
 class FloatQuantized(Layout):
     codec_type = Fp8Codec
     format = ct.FLOAT_FORMAT
@@ -118,19 +152,32 @@ class FloatQuantized(Layout):
         return info.shape[0], info.shape[1]
 
 
-#: Codec type -> how compressed-tensors stores it.
+#: Codec type -> how compressed-tensors stores it with float activations (weight-only schemes).
 LAYOUTS: dict[type[Codec], Layout] = {
     layout.codec_type: layout for layout in (PackQuantized(), FloatQuantized())
 }
+#: ... and with quantized activations (W8A8): integer weights are then stored unpacked.
+ACTIVATION_LAYOUTS: dict[type[Codec], Layout] = {
+    layout.codec_type: layout for layout in (IntQuantized(), FloatQuantized())
+}
+#: Config-group format name -> layout, for reading.
+FORMAT_LAYOUTS: dict[str, Layout] = {
+    ct.FORMAT: PackQuantized(),
+    ct.INT_FORMAT: IntQuantized(),
+    ct.FLOAT_FORMAT: FloatQuantized(),
+    ct.NAIVE_FORMAT: FloatQuantized(),
+}
 
 
-def layout_for(codec: Codec) -> Layout:
-    """The :class:`Layout` storing ``codec``; a one-line SchemeError for codecs compressed-tensors cannot hold."""
-    layout = next((LAYOUTS[t] for t in type(codec).__mro__ if t in LAYOUTS), None)
+def layout_for(codec: Codec, activations: bool = False) -> Layout:
+    """The :class:`Layout` storing ``codec`` (``activations``: the scheme quantizes linear inputs too);
+    a one-line SchemeError for codecs compressed-tensors cannot hold."""
+    table = ACTIVATION_LAYOUTS if activations else LAYOUTS
+    layout = next((table[t] for t in type(codec).__mro__ if t in table), None)
     if layout is None:
         raise SchemeError(
-            f"compressed-tensors holds integer (pack-quantized) and FP8 e4m3 (float-quantized) weights, not "
-            f"{codec.name}; choose a wN/wNgG or fp8 scheme, or another output format"
+            f"compressed-tensors holds integer (pack-/int-quantized) and FP8 e4m3 (float-quantized) weights, "
+            f"not {codec.name}; choose a wN/wNgG, w8a8 or fp8 scheme, or another output format"
         )
     return layout
 
@@ -139,22 +186,29 @@ class CompressedTensorsFormat(CheckpointFormat):
     name = "compressed-tensors"
     metadata_suffixes = (ct.SHAPE,)
 
+    def check_activations(self, activations: ActQuant | LLMInt8 | None) -> None:
+        if isinstance(activations, LLMInt8):
+            raise SchemeError(
+                "LLM.int8()'s outlier decomposition is a bitsandbytes runtime feature; write it with --format bnb"
+            )
+
     def scale_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         return ct.scale_dtype_for(model_dtype)
 
     def check(self, codec: Codec, shapes: Iterable[tuple[int, ...]]) -> None:
-        layout_for(codec).check(codec, shapes)
+        layout_for(codec, self.activations is not None).check(codec, shapes)
 
     def linear_tensors(self, q: QuantizedTensor) -> dict[str, torch.Tensor]:
         codec = getattr(q, "codec", None)
         if not isinstance(codec, Codec):
             raise SchemeError(f"compressed-tensors cannot store a {type(q).__name__}: it names no codec")
-        return layout_for(codec).tensors(q)
+        return layout_for(codec, self.activations is not None).tensors(q)
 
     def quantization_config(self, codec: Codec, ignore: list[str]) -> dict[str, Any]:
-        layout_for(codec)  # the one-line SchemeError for codecs compressed-tensors cannot hold
+        layout_for(codec, self.activations is not None)  # the one-line SchemeError
         assert isinstance(codec, AffineCodec | Fp8Codec)
-        return ct.quantization_config(codec, ignore)
+        assert not isinstance(self.activations, LLMInt8)
+        return ct.quantization_config(codec, ignore, activations=self.activations)
 
 
 def _targets_match(targets: Iterable[str], module: str) -> bool:
@@ -165,10 +219,12 @@ def attach_decoders(src: SafetensorsSource, qcfg: Mapping[str, Any]) -> None:
     """Present each quantized Linear of a compressed-tensors checkpoint as a dequantized ``.weight``.
 
     Config groups may use different formats (``mixed-precision``): each module is decoded by the layout
-    of its group's codec. Activation quantization parameters (``input_scale``...) are hidden: lowbit
-    evaluates the quantized weights, with float activations.
+    of its group's format. Groups that quantize input activations record a :class:`LinearActivation`
+    per module in ``src.activations`` (with its stored ``input_scale`` when static), so evaluation
+    quantizes activations as the checkpoint says.
     """
     codecs = ct.codecs_from_config(qcfg)
+    global_fmt = qcfg.get("format")
     groups: Mapping[str, Any] = qcfg.get("config_groups") or {}
     default = next((n for n, g in groups.items() if "Linear" in g.get("targets", [])), next(iter(codecs)))
     raw_names = src.raw_names()
@@ -177,13 +233,14 @@ def attach_decoders(src: SafetensorsSource, qcfg: Mapping[str, Any]) -> None:
     modules = dict.fromkeys(
         name.rpartition(".")[0] for name in raw_names if name.endswith((f".{ct.PACKED}", f".{ct.SCALE}"))
     )
-    activations_hidden = False
     total_bits = 0
     total_params = 0
     for module in modules:
         group = next((n for n, g in groups.items() if _targets_match(g.get("targets", []), module)), default)
         codec = codecs[group]
-        layout = layout_for(codec)
+        fmt = groups[group].get("format") or global_fmt
+        layout = FORMAT_LAYOUTS.get(ct.config_text(fmt)) if fmt else None
+        layout = layout or layout_for(codec)
         parts = {s: f"{module}.{s}" for s in layout.suffixes if f"{module}.{s}" in stored}
         first = layout.suffixes[0]
         if first not in parts:
@@ -204,10 +261,15 @@ def attach_decoders(src: SafetensorsSource, qcfg: Mapping[str, Any]) -> None:
         weight = f"{module}.{ct.WEIGHT}"
         hidden = [p for p in parts.values() if p != weight]
         acts = [f"{module}.{s}" for s in _ACTIVATION_SUFFIXES if f"{module}.{s}" in stored]
-        activations_hidden = activations_hidden or bool(acts)
+        spec = ct.activations_from_config(groups[group]) if group in groups else None
+        if spec is not None:
+            scale = None
+            if not spec.dynamic:
+                if f"{module}.{ct.INPUT_SCALE}" not in stored:
+                    raise InputFileError(
+                        f"{module} quantizes its input with a static scale but the file has no input_scale"
+                    )
+                scale = src.raw(f"{module}.{ct.INPUT_SCALE}").float().reshape(())
+            src.activations[module] = LinearActivation(spec, input_scale=scale)
         src.add_virtual(weight, decode, replaces=hidden + acts, at=parts[first])
-    if activations_hidden:
-        log.warning(
-            "%s quantizes activations too; lowbit reads its weights and runs activations in float", src.path
-        )
     src.linear_bits_per_weight = total_bits / total_params if total_params else None

@@ -21,6 +21,7 @@ import torch
 from lowbit.errors import SchemeError
 from lowbit.export.atomic import atomic_dir
 from lowbit.export.safetensors_writer import StreamingSafetensorsWriter
+from lowbit.formats.activations import ActQuant, LLMInt8
 from lowbit.formats.base import Codec, QuantizedTensor
 from lowbit.walk.quantize_walk import WalkItem
 from lowbit.walk.sources import ModelSource, SafetensorsSource
@@ -53,6 +54,19 @@ class CheckpointFormat(ABC):
         if getattr(cls, "name", None):
             FORMATS[cls.name] = cls
 
+    def __init__(self, activations: ActQuant | LLMInt8 | None = None) -> None:
+        self.check_activations(activations)
+        #: How the scheme quantizes linear inputs at run time (None: float activations).
+        self.activations = activations
+
+    def check_activations(self, activations: ActQuant | LLMInt8 | None) -> None:
+        """One-line :class:`SchemeError` if the format cannot say how activations are quantized."""
+        if activations is not None:
+            raise SchemeError(
+                f"{self.name} checkpoints store weights only; a scheme that quantizes activations "
+                f"({activations.label}) needs compressed-tensors (w8a8, fp8) or bnb (int8)"
+            )
+
     @abstractmethod
     def scale_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The dtype the format stores scales in for a model of ``model_dtype``."""
@@ -73,17 +87,18 @@ class CheckpointFormat(ABC):
 
 def available_formats() -> list[str]:
     """Names of the Hugging Face checkpoint formats lowbit writes (importing them registers them)."""
-    from lowbit.export import ct_format, hf_awq, hf_gptq  # noqa: F401
+    from lowbit.export import bnb, ct_format, hf_awq, hf_gptq  # noqa: F401
 
     return sorted(FORMATS)
 
 
-def get_format(name: str) -> CheckpointFormat:
+def get_format(name: str, activations: ActQuant | LLMInt8 | None = None) -> CheckpointFormat:
+    """The writer of format ``name`` for a scheme whose linear inputs are quantized as ``activations``."""
     available_formats()
     cls = FORMATS.get(name)
     if cls is None:
         raise SchemeError(f"unknown output format {name!r}; available: {', '.join(sorted(FORMATS))}")
-    return cls()
+    return cls(activations)
 
 
 def model_dtype(source: ModelSource) -> torch.dtype:
@@ -132,6 +147,8 @@ def write_checkpoint(
                     writer.add(f"{prefix}.{suffix}", t)
                     if suffix not in fmt.metadata_suffixes:
                         linear_bits += t.numel() * t.element_size() * 8
+                if item.input_scale is not None:
+                    writer.add(f"{prefix}.input_scale", item.input_scale.reshape(1).to(torch.float32))
         config = {k: v for k, v in source.config.items() if not k.startswith("_")}
         config["dtype"] = str(dtype).removeprefix("torch.")
         config.pop("torch_dtype", None)

@@ -70,6 +70,7 @@ import lowbit
 from lowbit.errors import InputFileError, SchemeError, ShapeError
 from lowbit.export.hf_checkpoint import CheckpointFormat
 from lowbit.formats import bitpack
+from lowbit.formats.activations import ActQuant, LLMInt8
 from lowbit.formats.affine import AffineCodec, AffineQuantized
 from lowbit.formats.base import PER_CHANNEL, Codec, QuantizedTensor, group
 from lowbit.methods.gptq import GPTQQuantized, GPTQReport
@@ -403,7 +404,8 @@ class GptqFormat(CheckpointFormat):
     name = "gptq"
     metadata_suffixes = (G_IDX,)  # the column -> group map, 32 bits per input column
 
-    def __init__(self) -> None:
+    def __init__(self, activations: ActQuant | LLMInt8 | None = None) -> None:
+        super().__init__(activations)
         self._desc_act = False
 
     def scale_dtype(self, model_dtype: torch.dtype) -> torch.dtype:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from lowbit.errors import SchemeError
+from lowbit.errors import ArgumentError, SchemeError
+from lowbit.formats.activations import ActQuant, LLMInt8
 from lowbit.formats.base import Codec, QuantizedTensor
 
 if TYPE_CHECKING:
@@ -33,6 +34,9 @@ class BlockContext:
     otherwise the linear's own relative name (``"self_attn.o_proj"``).
     ``run``: runs the block with the given weights on the sampled calibration hidden states and returns
     its output ``(samples, seq, hidden)``; the block's original output is ``run(weights)``.
+    ``stats``: the accumulated statistics the method declared in ``needs`` over *all* calibration tokens,
+    keyed like ``inputs`` (e.g. ``stats["input_layernorm"]["absmax"]``).
+    ``activations``: how the scheme quantizes the linears' inputs at run time (None: float).
     """
 
     index: int
@@ -41,6 +45,8 @@ class BlockContext:
     codec: Codec
     inputs: Mapping[str, torch.Tensor]
     run: Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
+    stats: Mapping[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)
+    activations: ActQuant | LLMInt8 | None = None
 
 
 class Method(ABC):
@@ -55,14 +61,24 @@ class Method(ABC):
         if getattr(cls, "name", None):
             METHODS[cls.name] = cls
 
+    # The scheme a method implies when none is given (LLM.int8() -> "int8").
+    default_scheme: ClassVar[str | None] = None
+    # Methods that use calibration statistics only for reporting (LLM.int8()'s outlier counts) run
+    # without calibration text too.
+    calibration_optional: ClassVar[bool] = False
+
     # Block-level methods edit a whole block's float weights (scales folded into norms, clipping) before
     # its linears are quantized; the walk then captures sampled inputs and calls transform_block.
     transforms_block: ClassVar[bool] = False
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether the method runs on calibration data (statistics or a block-level search)."""
-        return bool(self.needs) or self.transforms_block
+        """Whether the method cannot run without calibration data (statistics or a block-level search)."""
+        return (bool(self.needs) or self.transforms_block) and not self.calibration_optional
+
+    def describe_layer(self, stats: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Numbers worth reporting about one linear from its calibration statistics (default: none)."""
+        return {}
 
     def transform_block(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
         """New float weights for the block (all of ``ctx.weights``' names). Default: unchanged."""
@@ -75,11 +91,19 @@ class Method(ABC):
         """Quantize one linear weight ``(out, in)`` with ``codec``."""
 
 
-def get_method(name: str) -> Method:
+def get_method(name: str, **options: Any) -> Method:
+    """The method ``name`` configured with ``options`` (e.g. ``alpha`` for SmoothQuant); a one-line
+    error for an unknown method or an option it does not take."""
     # Import the built-in methods so that they register.
-    from lowbit.methods import awq, gptq, rtn  # noqa: F401
+    from lowbit.methods import awq, gptq, llm_int8, rtn, smoothquant  # noqa: F401
 
     cls = METHODS.get(name)
     if cls is None:
         raise SchemeError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    return cls()
+    opts = {k: v for k, v in options.items() if v is not None}
+    try:
+        return cls(**opts)
+    except TypeError:
+        raise ArgumentError(
+            f"method {name} takes no option {', '.join(sorted(opts))}; see lowbit quantize --help"
+        ) from None

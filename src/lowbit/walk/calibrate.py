@@ -16,6 +16,7 @@ Peak memory: one block's weights + the calibration activations (2 x samples x se
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from lowbit.calib.absmean import AbsMaxAccumulator, AbsMeanAccumulator
 from lowbit.calib.hessian import HessianAccumulator
 from lowbit.errors import ArgumentError, InputFileError
+from lowbit.formats.activations import ActQuant, LLMInt8
 from lowbit.formats.base import Codec, sqnr_db
 from lowbit.methods.base import BlockContext, Method
 from lowbit.walk.blocks import BlockRunner
@@ -118,9 +120,16 @@ def calibrate_walk(
     config: CalibConfig,
     stats: WalkStats | None = None,
     progress: bool = True,
+    activations: ActQuant | LLMInt8 | None = None,
 ) -> Iterator[WalkItem]:
     """Yield every tensor of ``source`` in block order, block linears quantized with calibration
-    statistics (the same stream as :func:`lowbit.walk.quantize_walk.walk_quantize`)."""
+    statistics (the same stream as :func:`lowbit.walk.quantize_walk.walk_quantize`).
+
+    ``activations``: how the scheme quantizes linear inputs at run time. With a static scale, each
+    quantized linear's ``input_scale`` is calibrated on the inputs it sees in the *quantized* (and, for
+    block-level methods, transformed) block, and carried on its :class:`WalkItem`.
+    """
+    static = isinstance(activations, ActQuant) and not activations.dynamic
     runner = BlockRunner(source)
     arch = source.arch
     ids = calibration_tokens(source, config)
@@ -192,11 +201,14 @@ def calibrate_walk(
                 codec=codec,
                 inputs={k: torch.cat(v)[: config.block_sample_tokens] for k, v in samples.items()},
                 run=run,
+                stats={k: {n: a.result() for n, a in v.items()} for k, v in accs.items()},
+                activations=activations,
             )
             # Statistics above were taken on the original block: a block-level method quantizes its
             # transformed weights without them (AWQ: RTN after scaling and clipping).
             weights = method.transform_block(ctx)
         quantized: dict[str, torch.Tensor] = {}
+        items: list[WalkItem] = []
         for rel, w in weights.items():
             name = prefix + rel
             if rel[: -len(".weight")] in keys and rel.endswith(".weight"):
@@ -205,24 +217,56 @@ def calibrate_walk(
                 lin_stats = {need: acc.result() for need, acc in accs[keys[lin]].items()}
                 q = method.quantize_linear(w, codec, lin_stats)
                 deq = codec.dequantize(q)
+                check_finite(name, deq)
                 quantized[rel] = deq
                 if stats is not None:
                     bits = codec.storage_bits(tuple(w.shape))
-                    stats.layers.append(LayerStat(name, tuple(w.shape), bits, sqnr_db(w, deq)))
+                    notes = method.describe_layer(lin_stats)
+                    stats.layers.append(LayerStat(name, tuple(w.shape), bits, sqnr_db(w, deq), notes))
                     stats.quantized_params += w.numel()
                     stats.quantized_bits += bits
-                yield WalkItem(name, w, q)
+                items.append(WalkItem(name, w, q))
             else:
                 if stats is not None:
                     stats.other_params += w.numel()
                     stats.other_bits += w.numel() * w.element_size() * 8
-                yield WalkItem(name, w)
-        if config.sequential:
+                items.append(WalkItem(name, w))
+        if config.sequential or static:
             layer = runner.layer(i, {**weights, **quantized})
-            outputs = [
+            ranges: dict[str, torch.Tensor] = {}
+            range_handles = []
+            if static:
+                for lin in rel_linears:
+
+                    def range_hook(
+                        _m: torch.nn.Module,
+                        args: tuple[torch.Tensor, ...],
+                        lin: str = lin,
+                        ranges: dict[str, torch.Tensor] = ranges,
+                    ) -> None:
+                        m = args[0].detach().abs().amax().float()
+                        ranges[lin] = torch.maximum(ranges[lin], m) if lin in ranges else m
+
+                    range_handles.append(
+                        dict(layer.named_modules())[lin].register_forward_pre_hook(range_hook)
+                    )
+            rerun = [
                 runner.run_layer(layer, hidden[b : b + config.batch], pos)
                 for b in range(0, hidden.shape[0], config.batch)
             ]
+            for h in range_handles:
+                h.remove()
+            if config.sequential:
+                outputs = rerun
+            if static:
+                assert isinstance(activations, ActQuant)
+                for k, item in enumerate(items):
+                    lin = item.name[len(prefix) : -len(".weight")]
+                    if item.quantized is not None and lin in ranges:
+                        items[k] = dataclasses.replace(
+                            item, input_scale=activations.scale_from_absmax(ranges[lin]).reshape(1)
+                        )
+        yield from items
         hidden = torch.cat(outputs)
         del layer, weights, quantized
         bar.update()

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lowbit.errors import NonFiniteWeightError
+from lowbit.formats.activations import LinearActivation
 from lowbit.formats.base import Codec, QuantizedTensor, sqnr_db
 from lowbit.methods.base import Method
 from lowbit.walk.sources import ModelSource
@@ -30,6 +31,8 @@ class WalkItem:
     name: str
     tensor: torch.Tensor
     quantized: QuantizedTensor | None = None
+    # Static activation quantization: the calibrated scale of this linear's input.
+    input_scale: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class LayerStat:
     shape: tuple[int, ...]
     bits: int
     sqnr_db: float
+    # What the method reports about this layer from calibration (e.g. LLM.int8()'s outlier features).
+    notes: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -49,6 +54,8 @@ class WalkStats:
     quantized_bits: int = 0
     other_params: int = 0
     other_bits: int = 0
+    # Simulation of a scheme that quantizes activations: module name -> how its input is quantized.
+    activations: dict[str, LinearActivation] = field(default_factory=dict)
 
     @property
     def linear_bits_per_weight(self) -> float:

@@ -36,8 +36,14 @@ def attach_quantized_decoders(src: SafetensorsSource) -> None:
 
         hf_awq.attach_decoders(src, qcfg)
         return
+    if method == "bitsandbytes":
+        from lowbit.export import bnb
+
+        bnb.attach_decoders(src, qcfg)
+        return
     from lowbit.errors import InputFileError
 
     raise InputFileError(
-        f"{src.path} is quantized with {method!r}, which lowbit cannot read yet; supported: compressed-tensors, gptq, awq"
+        f"{src.path} is quantized with {method!r}, which lowbit cannot read yet; supported: "
+        "compressed-tensors, gptq, awq, bitsandbytes"
     )

@@ -17,13 +17,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from lowbit.errors import InputFileError
 from lowbit.models.registry import GGUF_TO_MODEL_TYPE, Architecture, get_architecture
+
+if TYPE_CHECKING:
+    from lowbit.formats.activations import LinearActivation
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,12 @@ class ModelSource(ABC):
     path: Path
     config: dict[str, Any]
     arch: Architecture
+
+    @property
+    def activations(self) -> dict[str, LinearActivation]:
+        """Module name -> how that linear's input is quantized at run time (W8A8 / LLM.int8()
+        checkpoints); empty when activations run in float."""
+        return self.__dict__.setdefault("_activations", {})
 
     @abstractmethod
     def names(self) -> list[str]:

@@ -7,6 +7,7 @@ file — through the same ``transformers`` architecture in float32, so they are 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from lowbit.errors import InputFileError
+from lowbit.formats.activations import LinearActivation
 from lowbit.walk.sources import ModelSource
 
 log = logging.getLogger(__name__)
@@ -31,12 +33,53 @@ def hf_config(source: ModelSource) -> Any:
         raise InputFileError(f"transformers cannot build a {model_type} model from {source.path}: {e}") from e
 
 
+class ActQuantLinear(torch.nn.Module):
+    """A linear layer whose input is quantized at run time as :class:`LinearActivation` says (W8A8's
+    fake-quantized activations, or LLM.int8()'s mixed int8/16-bit matmul on the stored codes)."""
+
+    def __init__(self, linear: torch.nn.Linear, act: LinearActivation) -> None:
+        super().__init__()
+        self.weight = linear.weight
+        self.bias = linear.bias
+        w8 = act.int8_weight
+        # Resolve a lazily read int8 weight once, not on every forward.
+        self.act = dataclasses.replace(act, int8_weight=w8() if callable(w8) else w8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act.linear(x, self.weight, self.bias)
+
+
+def quantize_activations(model: Any, activations: Mapping[str, LinearActivation]) -> int:
+    """Replace each ``nn.Linear`` named in ``activations`` (module name -> how its input is quantized)
+    by an :class:`ActQuantLinear`; returns how many were replaced. A name that matches no linear is an
+    :class:`InputFileError` (the checkpoint and the architecture disagree)."""
+    modules = dict(model.named_modules())
+    for name, act in activations.items():
+        mod = modules.get(name)
+        if not isinstance(mod, torch.nn.Linear):
+            raise InputFileError(
+                f"activation quantization names {name!r}, which is not a linear of the model"
+            )
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, ActQuantLinear(mod, act))
+    if activations:
+        kinds = sorted({a.spec.label for a in activations.values()})
+        log.info("quantizing the inputs of %d linears at run time: %s", len(activations), "; ".join(kinds))
+    return len(activations)
+
+
 def build_model(
     source: ModelSource,
     weights: Mapping[str, torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
+    activations: Mapping[str, LinearActivation] | None = None,
 ) -> Any:
-    """A ``transformers`` causal LM in eval mode with ``weights`` (default: every tensor of ``source``)."""
+    """A ``transformers`` causal LM in eval mode with ``weights`` (default: every tensor of ``source``).
+
+    Linears whose inputs the scheme quantizes (``activations``, default: what the checkpoint says in
+    ``source.activations``) quantize them at run time, so W8A8 and LLM.int8() models are judged on what
+    their runtime computes.
+    """
     from transformers import AutoModelForCausalLM
 
     cfg = hf_config(source)
@@ -54,6 +97,7 @@ def build_model(
         )
     if tied:
         model.tie_weights()
+    quantize_activations(model, source.activations if activations is None else activations)
     model.eval()
     return model
 
