@@ -92,12 +92,23 @@ class PackQuantized(Layout):
         return suffix != ct.SHAPE
 
 
-class IntQuantized(Layout):
+class UnpackedLayout(Layout):
+    """Formats that store the codes as a plain ``weight`` tensor of the Linear's shape."""
+
+    suffixes = (ct.WEIGHT, ct.SCALE, ct.ZERO_POINT)
+
+    def shape(self, src: SafetensorsSource, module: str) -> tuple[int, int]:
+        info = src.raw_info(f"{module}.{ct.WEIGHT}")
+        if len(info.shape) != 2:
+            raise InputFileError(f"{module}.{ct.WEIGHT} has shape {info.shape}; expected a 2-D Linear weight")
+        return info.shape[0], info.shape[1]
+
+
+class IntQuantized(UnpackedLayout):
     """Symmetric int8 weights, unpacked (W8A8: the weights of llm-compressor's W8A8 presets)."""
 
     codec_type = AffineCodec
     format = ct.INT_FORMAT
-    suffixes = (ct.WEIGHT, ct.SCALE, ct.ZERO_POINT)
 
     def check(self, codec: Codec, shapes: Iterable[tuple[int, ...]]) -> None:
         assert isinstance(codec, AffineCodec)
@@ -105,9 +116,7 @@ class IntQuantized(Layout):
             raise SchemeError(
                 f"W8A8 in compressed-tensors stores symmetric int8 weights, not {codec.name}; use w8a8"
             )
-        gran = ct.Granularity.of(codec.block)
-        for shape in shapes:
-            ct.check_linear_shape(shape, gran)
+        PackQuantized().check(codec, shapes)
 
     def tensors(self, q: QuantizedTensor) -> dict[str, torch.Tensor]:
         assert isinstance(q, AffineQuantized)
@@ -118,17 +127,10 @@ class IntQuantized(Layout):
         q = ct.read_int_linear(tensors, codec)
         return q.codec.dequantize(q)
 
-    def shape(self, src: SafetensorsSource, module: str) -> tuple[int, int]:
-        info = src.raw_info(f"{module}.{ct.WEIGHT}")
-        if len(info.shape) != 2:
-            raise InputFileError(f"{module}.{ct.WEIGHT} has shape {info.shape}; expected a 2-D Linear weight")
-        return info.shape[0], info.shape[1]
 
-
-class FloatQuantized(Layout):
+class FloatQuantized(UnpackedLayout):
     codec_type = Fp8Codec
     format = ct.FLOAT_FORMAT
-    suffixes = (ct.WEIGHT, ct.SCALE, ct.ZERO_POINT)
 
     def check(self, codec: Codec, shapes: Iterable[tuple[int, ...]]) -> None:
         assert isinstance(codec, Fp8Codec)
@@ -144,12 +146,6 @@ class FloatQuantized(Layout):
         assert isinstance(codec, Fp8Codec)
         q = ct.read_fp8_linear(tensors, codec)
         return q.codec.dequantize(q)
-
-    def shape(self, src: SafetensorsSource, module: str) -> tuple[int, int]:
-        info = src.raw_info(f"{module}.{ct.WEIGHT}")
-        if len(info.shape) != 2:
-            raise InputFileError(f"{module}.{ct.WEIGHT} has shape {info.shape}; expected a 2-D Linear weight")
-        return info.shape[0], info.shape[1]
 
 
 #: Codec type -> how compressed-tensors stores it with float activations (weight-only schemes).
