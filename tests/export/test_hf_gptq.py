@@ -450,3 +450,25 @@ def test_loader_disagrees_when_the_zero_convention_is_mislabelled(tmp_path: Path
     for name, w in written.items():
         w_loader = loaded.get_submodule(name.removesuffix(".weight")).dequantize_weight().T
         assert not torch.equal(w_loader, w.to(torch.float16)), name
+
+
+# GPTQModel's own output (tests/data/gptqmodel, made by GPTQModel 7.6.0 on a CPU): lowbit reads it, and in
+# the gptqmodel virtualenv every weight equals what GPTQModel's loader dequantizes and the logits agree.
+GPTQMODEL_DATA = Path(__file__).resolve().parents[1] / "data" / "gptqmodel"
+
+
+@pytest.mark.parametrize("name", ["stories260K-gptq-w4", "stories260K-gptq-w4g32-act"])
+def test_reads_gptqmodel_checkpoints(name: str) -> None:
+    src = open_model(GPTQMODEL_DATA / name)
+    cfg = json.loads((GPTQMODEL_DATA / name / "config.json").read_text())["quantization_config"]
+    assert cfg["quantizer"] if "quantizer" in cfg else cfg["meta"]["quantizer"][0].startswith("gptqmodel")
+    ref = open_model(MODEL_DIR)
+    for n in ref.names():
+        w, w0 = src.read(n), ref.read(n)
+        assert w.shape == w0.shape, n
+        if n.endswith("proj.weight"):  # 4-bit: close to the original, not equal
+            assert 0 < float((w - w0).norm() / w0.norm()) < 0.2, n
+    assert src.linear_bits_per_weight is not None and 4.0 < src.linear_bits_per_weight < 5.0
+    _require_loader()
+    rel, control = _check_loaded(GPTQMODEL_DATA / name, torch.float32, "torch")
+    assert rel <= 2e-3, f"logits differ by {rel:.2e} relative (fp16 rounding alone: {control:.2e})"

@@ -147,12 +147,14 @@ class GptqLayout:
         block = PER_CHANNEL if self.group_size is None else group(self.group_size)
         return AffineCodec(bits=self.bits, symmetric=self.symmetric, block=block, scale_dtype=scale_dtype)
 
-    def check_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
-        """``(out, in)``; a one-line :class:`ShapeError` for a weight GPTQ cannot store."""
+    def check_shape(self, shape: tuple[int, ...], ragged_ok: bool = False) -> tuple[int, int]:
+        """``(out, in)``; a one-line :class:`ShapeError` for a weight GPTQ cannot store. ``ragged_ok``:
+        reading, where a ragged last group (which GPTQModel itself writes, e.g. 172 inputs in groups of
+        32) is read as its ``g_idx`` says; lowbit never writes one."""
         if len(shape) != 2:
             raise ShapeError(f"GPTQ stores 2-D Linear weights, not shape {tuple(shape)}")
         out_f, in_f = shape
-        if self.group_size is not None and in_f % self.group_size:
+        if self.group_size is not None and in_f % self.group_size and not ragged_ok:
             raise ShapeError(
                 f"GPTQ cannot hold a ragged last group: input width {in_f} is not a multiple of group size "
                 f"{self.group_size} (GPTQModel's 4-bit CPU kernels and Marlin refuse it); use a group size "
@@ -281,7 +283,7 @@ def read_linear(tensors: Mapping[str, torch.Tensor], layout: GptqLayout, fmt: Ze
     g_idx_t = tensors.get(G_IDX)
     # Old AutoGPTQ files without g_idx: the packed length (they never padded).
     in_f = g_idx_t.numel() if g_idx_t is not None else qweight.shape[0] * 32 // bits
-    out_f, in_f = layout.check_shape((out_f, in_f))
+    out_f, in_f = layout.check_shape((out_f, in_f), ragged_ok=True)
     g, want_groups = layout.groups(in_f)
     n_words_in, n_words_out = math.ceil(in_f * bits / 32), math.ceil(out_f * bits / 32)
     if qweight.dtype != torch.int32 or tuple(qweight.shape) != (n_words_in, out_f):
