@@ -19,10 +19,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-
-import torch
+from typing import TYPE_CHECKING
 
 from lowbit.errors import SchemeError
+
+# The scheme vocabulary (lowbit.schemes) names these specs without loading torch (GGUF mixes run on numpy
+# alone); the functions that compute import it when called.
+if TYPE_CHECKING:
+    import torch
 
 
 class ActKind(StrEnum):
@@ -73,6 +77,8 @@ class ActQuant:
 
     def scale_from_absmax(self, absmax: torch.Tensor) -> torch.Tensor:
         """The scale(s) for inputs whose largest magnitude is ``absmax`` (never zero)."""
+        import torch
+
         return (absmax.float() / self.half_range).clamp(min=torch.finfo(torch.float32).eps)
 
     def dynamic_scale(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,6 +90,8 @@ class ActQuant:
     def fake_quantize(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` quantized and dequantized (same shape and dtype). ``scale``: the static scale (required
         when not dynamic)."""
+        import torch
+
         if scale is None:
             if not self.dynamic:
                 raise SchemeError("static activation quantization needs its calibrated input_scale")
@@ -131,6 +139,8 @@ def llm_int8_linear(
     absmax is taken; the int8 product skips the outlier columns, which are added back as the original
     input times the dequantized weight columns.
     """
+    import torch
+
     shape = x.shape
     a = x.reshape(-1, shape[-1])
     a16 = a.to(torch.float16)
@@ -161,6 +171,8 @@ _EXACT_CHUNK = 1024
 def _exact_int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b.T`` for integer-valued ``a`` (m, k) and int8 ``b`` (n, k), exactly, as float64: float32
     matmuls over chunks of 1024 columns (exact, and fast) summed in float64."""
+    import torch
+
     af, bf = a.float(), b.float()
     k = af.shape[1]
     out = torch.zeros(af.shape[0], bf.shape[0], dtype=torch.float64)
@@ -195,6 +207,8 @@ class LinearActivation:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The runtime's ``x @ weight.T + bias`` with this input quantization."""
+        import torch
+
         if isinstance(self.spec, LLMInt8):
             assert self.int8_weight is not None
             w8 = self.int8_weight
