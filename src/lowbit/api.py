@@ -6,20 +6,27 @@ import logging
 import math
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from lowbit.calib.imatrix import Imatrix, load_imatrix
 from lowbit.errors import ArgumentError, SchemeError
 from lowbit.export.atomic import check_output
-from lowbit.export.hf_checkpoint import get_format, model_dtype, write_checkpoint
-from lowbit.methods.base import get_method
 from lowbit.schemes import GGUF_FORMAT, gguf_mix_name, parse_scheme
-from lowbit.walk.calibrate import CalibConfig, calibrate_walk
-from lowbit.walk.quantize_walk import WalkStats, simulate, walk_quantize
-from lowbit.walk.sources import ModelSource, open_model
+from lowbit.walk.stats import WalkStats
+
+# torch and the model walk load only for the paths that need them: GGUF mixes from a GGUF file run on
+# numpy alone (torch's import is ~1.7 s and ~190 MB of the process).
+if TYPE_CHECKING:
+    import torch
+
+    from lowbit.formats.base import Codec
+    from lowbit.methods.base import Method
+    from lowbit.walk.calibrate import CalibConfig
+    from lowbit.walk.quantize_walk import WalkItem
+    from lowbit.walk.sources import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +98,11 @@ def quantize(
         return _quantize_gguf(model, scheme, out_path, method, force, progress, calib, imatrix)
     if imatrix is not None:
         raise ArgumentError("--imatrix is used only when writing GGUF (--format gguf with a GGUF mix)")
+    from lowbit.export.hf_checkpoint import get_format, model_dtype, write_checkpoint
+    from lowbit.methods.base import get_method
+    from lowbit.walk.calibrate import calibrate_walk
+    from lowbit.walk.sources import ModelSource, open_model
+
     sch = parse_scheme(scheme, fmt)
     fmt_name = fmt or sch.default_format
     if fmt_name not in sch.formats:
@@ -130,6 +142,15 @@ def quantize(
     )
 
 
+def walk_quantize(
+    source: ModelSource, codec: Codec, method: Method, stats: WalkStats | None = None, progress: bool = True
+) -> Iterator[WalkItem]:
+    """:func:`lowbit.walk.quantize_walk.walk_quantize`, imported on first use."""
+    from lowbit.walk.quantize_walk import walk_quantize as walk
+
+    return walk(source, codec, method, stats, progress=progress)
+
+
 def _quantize_gguf(
     model: str | Path | ModelSource,
     scheme: str,
@@ -147,7 +168,10 @@ def _quantize_gguf(
     from lowbit.formats.gguf.types import is_quantized
 
     sch = parse_scheme(scheme, GGUF_FORMAT)
-    if get_method(method).name != "rtn" or calib is not None:
+    if method != "rtn" or calib is not None:
+        from lowbit.methods.base import get_method
+
+        get_method(method)  # an unknown name: the error that lists the methods
         raise ArgumentError(
             "GGUF mixes are quantized by ggml's own quantizers, guided by --imatrix FILE if given; "
             "--method and --calib do not apply to --format gguf"
@@ -191,6 +215,13 @@ def simulate_scheme(
     Scales are in the dtype the scheme's output format stores for this model (fp16 where lowbit has no
     writer for that format yet), so the weights equal what :func:`quantize` writes, read back.
     """
+    import torch
+
+    from lowbit.export.hf_checkpoint import get_format, model_dtype
+    from lowbit.methods.base import get_method
+    from lowbit.walk.calibrate import calibrate_walk
+    from lowbit.walk.quantize_walk import simulate
+
     sch = parse_scheme(scheme)
     try:
         scale_dtype = get_format(sch.default_format).scale_dtype(model_dtype(source))

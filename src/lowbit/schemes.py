@@ -21,12 +21,14 @@ import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from lowbit.errors import SchemeError
-from lowbit.formats.affine import AffineCodec
-from lowbit.formats.base import PER_CHANNEL, Block, Codec, group
+
+if TYPE_CHECKING:  # the codecs (torch) load when a scheme's codec is built, not to parse its name
+    import torch
+
+    from lowbit.formats.base import Block, Codec
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,12 @@ class Scheme:
     make_codec: Callable[[torch.dtype], Codec] = field(compare=False)
     formats: tuple[str, ...] = ("compressed-tensors",)
 
-    def codec(self, scale_dtype: torch.dtype = torch.float16) -> Codec:
+    def codec(self, scale_dtype: torch.dtype | None = None) -> Codec:
+        """The codec; scales in ``scale_dtype`` (float16 if None)."""
+        if scale_dtype is None:
+            import torch
+
+            scale_dtype = torch.float16
         return self.make_codec(scale_dtype)
 
     @property
@@ -86,6 +93,7 @@ def _fp4(_: torch.dtype) -> Codec:
 
 @_register("fp8", "FP8 e4m3 weights, one fp32 scale per output channel", ("compressed-tensors",))
 def _fp8(_: torch.dtype) -> Codec:
+    from lowbit.formats.base import PER_CHANNEL
     from lowbit.formats.fp8 import Fp8Codec, Fp8Format
 
     return Fp8Codec(fmt=Fp8Format.E4M3, block=PER_CHANNEL)
@@ -93,6 +101,7 @@ def _fp8(_: torch.dtype) -> Codec:
 
 @_register("fp8-e5m2", "FP8 e5m2 weights, one fp32 scale per output channel", ("compressed-tensors",))
 def _fp8_e5m2(_: torch.dtype) -> Codec:
+    from lowbit.formats.base import PER_CHANNEL
     from lowbit.formats.fp8 import Fp8Codec, Fp8Format
 
     return Fp8Codec(fmt=Fp8Format.E5M2, block=PER_CHANNEL)
@@ -117,6 +126,8 @@ EXAMPLE_AFFINE: tuple[str, ...] = (
 
 
 def _affine(bits: int, symmetric: bool, block: Block, scale_dtype: torch.dtype) -> Codec:
+    from lowbit.formats.affine import AffineCodec
+
     return AffineCodec(bits=bits, symmetric=symmetric, block=block, scale_dtype=scale_dtype)
 
 
@@ -159,6 +170,8 @@ def parse_scheme(name: str, fmt: str | None = None) -> Scheme:
         return _gguf_mix_scheme(mix)
     m = _AFFINE.match(key.lower())
     if m:
+        from lowbit.formats.base import PER_CHANNEL, group
+
         bits = int(m.group(1))
         g = int(m.group(2)) if m.group(2) else None
         sym = m.group(3) != "asym"

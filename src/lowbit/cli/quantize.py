@@ -8,9 +8,7 @@ import sys
 from pathlib import Path
 
 from lowbit.errors import ArgumentError
-from lowbit.methods.base import METHODS
 from lowbit.schemes import scheme_help
-from lowbit.walk.calibrate import CalibConfig
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -57,15 +55,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lowbit.api import quantize
-    from lowbit.methods.base import get_method
 
-    method = get_method(args.method)
-    if args.calib is not None and not method.needs_calibration:
-        raise ArgumentError(
-            f"--calib is not used by method {args.method!r}; drop it (methods: {', '.join(sorted(METHODS))})"
-        )
     calib = None
     if args.calib is not None:
+        # torch-based methods load only when calibration is asked for (GGUF mixes need neither)
+        from lowbit.methods.base import METHODS, get_method
+        from lowbit.walk.calibrate import CalibConfig
+
+        if not get_method(args.method).needs_calibration:
+            raise ArgumentError(
+                f"--calib is not used by method {args.method!r}; drop it (methods: {', '.join(sorted(METHODS))})"
+            )
         calib = CalibConfig(Path(args.calib), args.samples, args.seqlen, sequential=not args.non_sequential)
     report = quantize(
         args.model,
