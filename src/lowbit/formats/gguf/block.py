@@ -324,16 +324,23 @@ def min_first(x: np.ndarray) -> F32Array:
     The minimum; where it is zero, the first zero of the block with its sign (``np.min`` does not say
     which zero it returns). Finite input.
     """
-    m = x.min(axis=0)
-    first_zero = x[np.argmax(x == 0, axis=0), np.arange(x.shape[1])]
-    return np.where(m == 0, first_zero, m).astype(F32)
+    return _zero_first(x, x.min(axis=0))
 
 
 def max_first(x: np.ndarray) -> F32Array:
     """As :func:`min_first` for ``if (x[i] > max) max = x[i];``."""
-    m = x.max(axis=0)
-    first_zero = x[np.argmax(x == 0, axis=0), np.arange(x.shape[1])]
-    return np.where(m == 0, first_zero, m).astype(F32)
+    return _zero_first(x, x.max(axis=0))
+
+
+def _zero_first(x: np.ndarray, m: np.ndarray) -> F32Array:
+    """``m`` with each zero replaced by the first zero of its column (with that zero's sign); the
+    search runs only on those columns (few: real blocks rarely have a zero extreme)."""
+    m = np.asarray(m, dtype=F32)
+    cols = np.nonzero(m == 0)[0]
+    if cols.size:
+        sub = x[:, cols]
+        m[cols] = sub[np.argmax(sub == 0, axis=0), np.arange(cols.size)]
+    return m
 
 
 def fp16_round(v: np.ndarray) -> F32Array:
