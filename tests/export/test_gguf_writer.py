@@ -393,11 +393,11 @@ def test_failure_midway_leaves_no_file(tmp_path: Path, monkeypatch: pytest.Monke
     calls = {"n": 0}
     real = gguf_export._tensor_bytes
 
-    def flaky(item: Any, qw: Any) -> np.ndarray:
+    def flaky(item: Any, qw: Any, pool: Any = None) -> np.ndarray:
         calls["n"] += 1
         if calls["n"] == 5:
             raise OSError("disk full")
-        return real(item, qw)
+        return real(item, qw, pool)
 
     monkeypatch.setattr(gguf_export, "_tensor_bytes", flaky)
     out = tmp_path / "out.gguf"

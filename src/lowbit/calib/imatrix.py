@@ -52,7 +52,6 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from lowbit.errors import ArgumentError, InputFileError, ShapeError, UnsupportedArchitectureError
 from lowbit.export.atomic import atomic_file
@@ -655,6 +654,8 @@ def compute_imatrix(
             [runner.embed(windows[b : b + cfg.batch]) for b in range(0, plan.n_chunks, cfg.batch)]
         )  # (chunks, ctx, hidden)
         pos = runner.position_embeddings(hidden[:1])
+        from tqdm.auto import tqdm
+
         bar = tqdm(
             total=runner.num_layers,
             desc="imatrix",

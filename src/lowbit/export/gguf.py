@@ -37,14 +37,15 @@ import json
 import logging
 import math
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from lowbit.calib.imatrix import Imatrix
 from lowbit.errors import InputFileError, SchemeError, UnsupportedArchitectureError
@@ -72,8 +73,9 @@ log = logging.getLogger(__name__)
 QUANTIZATION_VERSION = 2
 """ggml's ``GGML_QNT_VERSION``: what ``general.quantization_version`` says in every file llama.cpp writes."""
 
-# Rows converted at a time: bounds the float32 scratch (and the codecs' intermediates) per tensor.
-_CHUNK_ELEMENTS = 1 << 22
+# Rows converted at a time by one thread (whole rows, at least one): bounds the float32 scratch and
+# the codecs' intermediates, and is fine enough for two threads to share out a tensor evenly.
+_PIECE_ELEMENTS = 1 << 18
 
 _PLAIN_FLOATS = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})
 _SPLIT_KEYS = frozenset({"split.no", "split.count", "split.tensors.count"})
@@ -283,13 +285,15 @@ def _plan_hf(source: SafetensorsSource) -> list[_Planned]:
             heads = n_kv
         # the converter keeps 1-D tensors in F32; decoded quantized checkpoints count as F32
         src_type = GGMLType.F32 if len(shape) <= 1 else _HF_STORAGE_TYPE.get(info.storage, GGMLType.F32)
+        rows, release = _hf_float_rows(source, name, shape, heads)
         items.append(
             _Planned(
                 name=gname,
                 shape=shape,
                 src_type=src_type,
                 dst_type=src_type,
-                float_rows=_hf_float_rows(source, name, shape, heads),
+                float_rows=rows,
+                release=release,
             )
         )
     return items
@@ -297,26 +301,25 @@ def _plan_hf(source: SafetensorsSource) -> list[_Planned]:
 
 def _hf_float_rows(
     source: SafetensorsSource, name: str, shape: tuple[int, ...], heads: int | None
-) -> Callable[[int, int], np.ndarray]:
+) -> tuple[Callable[[int, int], np.ndarray], Callable[[], None]]:
+    """float32 rows of an HF tensor (read once, rotary-permuted, widened), and its release."""
     cache: dict[str, np.ndarray] = {}
+    lock = threading.Lock()
     ne0 = int(shape[-1])
 
     def rows(start: int, stop: int) -> np.ndarray:
-        if "w" not in cache:
-            cache.clear()
-            w = source.read(name)
-            if heads is not None:
-                from lowbit.walk.sources import permute_qk
+        with lock:  # pieces are converted by several threads: the first one reads the tensor
+            if "w" not in cache:
+                w = source.read(name)
+                if heads is not None:
+                    from lowbit.walk.sources import permute_qk
 
-                w = permute_qk(w, heads)
-            # widening bf16/f16 to float32 is exact
-            cache["w"] = np.ascontiguousarray(w.float().numpy()).reshape(-1, ne0)
-        out = cache["w"][start:stop]
-        if stop >= cache["w"].shape[0]:
-            cache.clear()  # the last chunk: release the tensor
-        return out
+                    w = permute_qk(w, heads)
+                # widening bf16/f16 to float32 is exact
+                cache["w"] = np.ascontiguousarray(w.float().numpy()).reshape(-1, ne0)
+            return cache["w"][start:stop]
 
-    return rows
+    return rows, cache.clear
 
 
 # ------------------------------------------------------------------------------------ conversion
@@ -328,11 +331,16 @@ def _encode(x: np.ndarray, t: GGMLType, qw: np.ndarray | None) -> np.ndarray:
         return np.ascontiguousarray(quantize(x, t)).view(np.uint8).reshape(x.shape[0], -1)
     from lowbit.formats.gguf.block import get_codec
 
-    return get_codec(t).quantize_rows(x, qw)
+    return get_codec(t).quantize_rows(x, qw, threads=1)  # the caller runs the threads
 
 
-def _tensor_bytes(item: _Planned, qw: np.ndarray | None) -> np.ndarray:
-    """The bytes of ``item`` in its destination type, converted ``_CHUNK_ELEMENTS`` at a time.
+def _tensor_bytes(
+    item: _Planned, qw: np.ndarray | None, pool: ThreadPoolExecutor | None = None
+) -> np.ndarray:
+    """The bytes of ``item`` in its destination type, converted in pieces of about ``_PIECE_ELEMENTS``
+    by ``pool``'s threads (numpy releases the GIL in its loops; None: one thread), each piece read,
+    converted and its input pages released on its own. A small tensor is still cut into a few pieces
+    per thread, so that both cores work on it.
 
     ``qw`` is the importance vector (n_per_row * n_mat,): one (n_per_row,) slice per stacked matrix
     (expert), as llama-quantize quantizes each expert with its own slice.
@@ -344,13 +352,28 @@ def _tensor_bytes(item: _Planned, qw: np.ndarray | None) -> np.ndarray:
     out = np.empty((n_rows, tensor_nbytes(item.dst_type, (ne0,))), dtype=np.uint8)
     rows_per_mat = int(item.shape[-2]) if len(item.shape) >= 2 else 1
     n_mat = n_rows // rows_per_mat
-    chunk = max(1, _CHUNK_ELEMENTS // max(ne0, 1))
-    for m in range(n_mat):
+    from lowbit.formats.gguf.block import n_workers
+
+    threads = n_workers() if pool is not None else 1
+    step = max(1, min(_PIECE_ELEMENTS // max(ne0, 1), -(-rows_per_mat // (2 * threads))))
+    pieces = [
+        (m, a, min(a + step, (m + 1) * rows_per_mat))
+        for m in range(n_mat)
+        for a in range(m * rows_per_mat, (m + 1) * rows_per_mat, step)
+    ]
+
+    def work(piece: tuple[int, int, int]) -> None:
+        m, a, b = piece
         w = None if qw is None else qw[m * ne0 : (m + 1) * ne0]
-        for a in range(m * rows_per_mat, (m + 1) * rows_per_mat, chunk):
-            b = min(a + chunk, (m + 1) * rows_per_mat)
-            out[a:b] = _encode(item.float_rows(a, b), item.dst_type, w)
-            item.release_rows(a, b)
+        out[a:b] = _encode(item.float_rows(a, b), item.dst_type, w)
+        item.release_rows(a, b)
+
+    if pool is None or len(pieces) == 1:
+        for piece in pieces:
+            work(piece)
+    else:
+        for _ in pool.map(work, pieces):
+            pass
     return out.reshape(-1)
 
 
@@ -763,13 +786,19 @@ def write_gguf(
     ]
     records: list[GGUFTensorRecord] = []
     used = 0
-    with atomic_file(out_path, force) as tmp, tmp.open("wb") as f:
+    from lowbit.formats.gguf.block import n_workers
+
+    with (
+        atomic_file(out_path, force) as tmp,
+        tmp.open("wb") as f,
+        ThreadPoolExecutor(max_workers=n_workers(), thread_name_prefix="lowbit-gguf") as pool,
+    ):
         writer = GGUFStreamWriter(f, alignment)
         writer.write_header(kvs, table)
         for it in _progress(items, progress, spec.name):
             qw = _imatrix_for(it, im)
             used += qw is not None
-            data = _tensor_bytes(it, qw)
+            data = _tensor_bytes(it, qw, pool)
             writer.write_tensor(data)
             it.release()
             records.append(
@@ -846,4 +875,9 @@ def _has_gguf_magic(p: Path) -> bool:
 
 
 def _progress(items: Sequence[_Planned], enabled: bool, desc: str) -> Iterator[_Planned]:
-    yield from tqdm(items, desc=desc, unit="tensor", disable=not enabled, leave=False)
+    if not enabled:  # tqdm (and asyncio, which tqdm.auto imports) load only for a progress bar
+        yield from items
+        return
+    from tqdm.auto import tqdm
+
+    yield from tqdm(items, desc=desc, unit="tensor", leave=False)

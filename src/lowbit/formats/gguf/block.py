@@ -105,11 +105,14 @@ class GGMLBlockCodec(ABC):
     def row_bytes(self, n_per_row: int) -> int:
         return type_info(self.ggml_type).row_bytes(n_per_row)
 
-    def quantize_rows(self, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    def quantize_rows(
+        self, x: np.ndarray, imatrix: np.ndarray | None = None, threads: int | None = None
+    ) -> np.ndarray:
         """Quantize ``x`` float (rows, n_per_row) -> uint8 (rows, row_bytes), byte for byte as ggml.
 
         ``imatrix`` is float32 (n_per_row,), the importance of each column (llama-imatrix's values),
-        or None; it is ggml's ``quant_weights`` argument of ``ggml_quantize_chunk``.
+        or None; it is ggml's ``quant_weights`` argument of ``ggml_quantize_chunk``. ``threads``: how
+        many threads share the rows (None: one per CPU; callers that run their own pool pass 1).
         """
         x = np.asarray(x)
         if x.ndim != 2:
@@ -145,7 +148,7 @@ class GGMLBlockCodec(ABC):
             out[a:b] = part
 
         starts = range(0, rows, step)
-        workers = min(len(starts), n_workers())
+        workers = min(len(starts), n_workers() if threads is None else max(1, threads))
         if workers <= 1:
             for a in starts:
                 run(a)
