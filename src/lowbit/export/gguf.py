@@ -32,7 +32,9 @@ plain mapping of GGUF names to vectors works too.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -40,7 +42,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -334,26 +336,27 @@ def _encode(x: np.ndarray, t: GGMLType, qw: np.ndarray | None) -> np.ndarray:
     return get_codec(t).quantize_rows(x, qw, threads=1)  # the caller runs the threads
 
 
-def _tensor_bytes(
+def _tensor_pieces(
     item: _Planned, qw: np.ndarray | None, pool: ThreadPoolExecutor | None = None
-) -> np.ndarray:
-    """The bytes of ``item`` in its destination type, converted in pieces of about ``_PIECE_ELEMENTS``
-    by ``pool``'s threads (numpy releases the GIL in its loops; None: one thread), each piece read,
-    converted and its input pages released on its own. A small tensor is still cut into a few pieces
-    per thread, so that both cores work on it.
+) -> Iterator[np.ndarray]:
+    """The bytes of ``item`` in its destination type, in file order, one piece of rows at a time.
+
+    Pieces of about ``_PIECE_ELEMENTS`` are read, converted and their input pages released by
+    ``pool``'s threads (numpy releases the GIL in its loops; None: in this thread); at most two pieces
+    per thread are in flight, so memory holds a few pieces, never a whole tensor. A small tensor is
+    still cut into a few pieces per thread, so that both cores work on it.
 
     ``qw`` is the importance vector (n_per_row * n_mat,): one (n_per_row,) slice per stacked matrix
     (expert), as llama-quantize quantizes each expert with its own slice.
     """
     if item.raw is not None and item.src_type == item.dst_type:
-        return np.ascontiguousarray(item.raw()).reshape(-1).view(np.uint8)
-    ne0 = item.ne0
-    n_rows = item.n_rows
-    out = np.empty((n_rows, tensor_nbytes(item.dst_type, (ne0,))), dtype=np.uint8)
-    rows_per_mat = int(item.shape[-2]) if len(item.shape) >= 2 else 1
-    n_mat = n_rows // rows_per_mat
+        yield np.ascontiguousarray(item.raw()).reshape(-1).view(np.uint8)
+        return
     from lowbit.formats.gguf.block import n_workers
 
+    ne0 = item.ne0
+    rows_per_mat = int(item.shape[-2]) if len(item.shape) >= 2 else 1
+    n_mat = item.n_rows // rows_per_mat
     threads = n_workers() if pool is not None else 1
     step = max(1, min(_PIECE_ELEMENTS // max(ne0, 1), -(-rows_per_mat // (2 * threads))))
     pieces = [
@@ -362,19 +365,31 @@ def _tensor_bytes(
         for a in range(m * rows_per_mat, (m + 1) * rows_per_mat, step)
     ]
 
-    def work(piece: tuple[int, int, int]) -> None:
+    def work(piece: tuple[int, int, int]) -> np.ndarray:
         m, a, b = piece
         w = None if qw is None else qw[m * ne0 : (m + 1) * ne0]
-        out[a:b] = _encode(item.float_rows(a, b), item.dst_type, w)
+        data = _encode(item.float_rows(a, b), item.dst_type, w)
         item.release_rows(a, b)
+        return data.reshape(-1)
 
     if pool is None or len(pieces) == 1:
         for piece in pieces:
-            work(piece)
-    else:
-        for _ in pool.map(work, pieces):
-            pass
-    return out.reshape(-1)
+            yield work(piece)
+        return
+    in_flight: collections.deque[Future[np.ndarray]] = collections.deque()
+    todo = iter(pieces)
+    for piece in itertools.islice(todo, 2 * threads):
+        in_flight.append(pool.submit(work, piece))
+    try:
+        while in_flight:
+            data = in_flight.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                in_flight.append(pool.submit(work, nxt))
+            yield data
+    finally:
+        for f in in_flight:  # an error, or the consumer stopped: finish nothing more
+            f.cancel()
 
 
 def _imatrix_for(item: _Planned, imatrix: _ImatrixUse | None) -> np.ndarray | None:
@@ -798,19 +813,13 @@ def write_gguf(
         for it in _progress(items, progress, spec.name):
             qw = _imatrix_for(it, im)
             used += qw is not None
-            data = _tensor_bytes(it, qw, pool)
-            writer.write_tensor(data)
+            nbytes = writer.write_tensor_pieces(_tensor_pieces(it, qw, pool))
             it.release()
             records.append(
                 GGUFTensorRecord(
-                    it.name,
-                    it.shape,
-                    it.dst_type.name,
-                    int(data.nbytes),
-                    allows_quantization(it.name, it.shape),
+                    it.name, it.shape, it.dst_type.name, nbytes, allows_quantization(it.name, it.shape)
                 )
             )
-            del data
         writer.close()
     counts: dict[str, int] = {}
     for r in records:

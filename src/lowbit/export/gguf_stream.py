@@ -10,7 +10,7 @@ llama.cpp's: version 3, tensors at offsets padded to the alignment, each tensor'
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -120,18 +120,28 @@ class GGUFStreamWriter:
         self._pending = list(reversed(tensors))
 
     def write_tensor(self, data: np.ndarray | memoryview) -> None:
+        """The next tensor of the table, whole."""
+        self.write_tensor_pieces([data])
+
+    def write_tensor_pieces(self, pieces: Iterable[np.ndarray | memoryview]) -> int:
+        """The next tensor of the table from consecutive pieces of its bytes; returns its size. Too
+        many bytes fail before they are written, too few after (the caller discards the file)."""
         if not self._pending:
             raise AssertionError("every tensor of the table is written already")
-        t = self._pending[-1]
-        payload: Any = np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data.cast("B")
-        nbytes = int(payload.nbytes)
+        t = self._pending.pop()
+        nbytes = 0
+        for data in pieces:
+            payload: Any = np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data.cast("B")
+            nbytes += int(payload.nbytes)
+            if nbytes > t.nbytes:
+                raise AssertionError(f"tensor {t.name}: more than the {t.nbytes} bytes the table says")
+            self._write(payload)
         if nbytes != t.nbytes:
             raise AssertionError(f"tensor {t.name}: {nbytes} bytes, the table says {t.nbytes}")
-        self._pending.pop()
-        self._write(payload)
         pad = _pad(nbytes, self._alignment)
         if pad:
             self._write(bytes(pad))
+        return nbytes
 
     def close(self) -> None:
         if self._pending:
