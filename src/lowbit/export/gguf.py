@@ -10,8 +10,8 @@ Two inputs, two tools imitated:
   llama.cpp's order (by layer, then by name: llama-quantize walks a sorted map), each with the type
   :func:`lowbit.formats.gguf.mixes.tensor_types` chooses. The input's metadata entries are copied as
   the bytes they are in the file (the tokenizer's arrays are never decoded). A tensor whose type does
-  not change is copied byte for byte; the others are read raw (already in llama.cpp's rotary layout, so never un-permuted),
-  dequantized to float32 and quantized with lowbit's bit-exact ggml codecs. The result is the very file
+  not change is copied byte for byte; the others are read raw (already in llama.cpp's rotary layout,
+  so never un-permuted), dequantized to float32 and quantized with lowbit's bit-exact ggml codecs. The result is the very file
   llama-quantize writes, byte for byte, wherever the codecs of its types are available.
 * **A Hugging Face directory** (:class:`~lowbit.walk.sources.SafetensorsSource`, llama family): lowbit
   acts as llama.cpp's ``convert_hf_to_gguf.py`` with ``--outtype`` the source's float type, followed by
@@ -19,10 +19,11 @@ Two inputs, two tools imitated:
   ``Metadata``, ``SpecialVocab`` and ``LlamaHfVocab`` do part of it), the tensors keep the checkpoint's
   order, q/k rows get llama.cpp's rotary permutation, and tied embeddings leave no ``output.weight``.
 
-Peak memory is about one tensor: the header, metadata and tensor table are written first
-(:class:`lowbit.export.gguf_stream.GGUFStreamWriter`), then each tensor is read from the memory map,
-converted in chunks of rows (each chunk's rows quantized by two or more threads) and written, and its
-input pages are released.
+Peak memory is a few pieces of rows, not a tensor: the header, metadata and tensor table are written
+first (:class:`lowbit.export.gguf_stream.GGUFStreamWriter`), then each tensor is read from the memory
+map in pieces of rows that a pool of threads (one per CPU) converts; the pieces are written in order as
+they complete, and each piece's input pages are released once it is converted. No torch is imported
+for GGUF input.
 The output appears only when complete (:func:`lowbit.export.atomic.atomic_file`).
 
 Importance matrices: :class:`lowbit.calib.imatrix.Imatrix` (``load_imatrix`` reads llama-imatrix's GGUF
