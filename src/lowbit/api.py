@@ -7,24 +7,28 @@ import logging
 import math
 import resource
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from lowbit.calib.imatrix import Imatrix, load_imatrix
 from lowbit.errors import ArgumentError, SchemeError
 from lowbit.export.atomic import check_output
-from lowbit.export.hf_checkpoint import get_format, model_dtype, write_checkpoint
 from lowbit.formats.activations import ActQuant, LinearActivation, LLMInt8
-from lowbit.formats.int8 import Int8RowQuantized
-from lowbit.methods.base import get_method
 from lowbit.schemes import GGUF_FORMAT, Scheme, gguf_mix_name, parse_scheme
-from lowbit.walk.calibrate import CalibConfig, calibrate_walk
-from lowbit.walk.quantize_walk import WalkItem, WalkStats, simulate, walk_quantize
-from lowbit.walk.sources import ModelSource, open_model
+from lowbit.walk.stats import WalkStats
+
+# torch and the model walk load only for the paths that need them: GGUF mixes from a GGUF file run on
+# numpy alone (torch's import is ~1.7 s and ~190 MB of the process).
+if TYPE_CHECKING:
+    import torch
+
+    from lowbit.formats.base import Codec
+    from lowbit.methods.base import Method
+    from lowbit.walk.calibrate import CalibConfig
+    from lowbit.walk.quantize_walk import WalkItem
+    from lowbit.walk.sources import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +83,8 @@ def _activation_sites(
 ) -> tuple[list[WalkItem], dict[str, LinearActivation]]:
     """The walk's items, and how each quantized linear's input is quantized at run time."""
     out = list(items)
+    from lowbit.formats.int8 import Int8RowQuantized
+
     sites: dict[str, LinearActivation] = {}
     if acts is None:
         return out, sites
@@ -101,7 +107,7 @@ def resolve_scheme(
     """The scheme to quantize with: ``scheme``, or the one ``method`` implies (llm-int8 -> int8,
     smoothquant -> w8a8); ``threshold`` sets LLM.int8()'s outlier threshold."""
     if scheme is None:
-        from lowbit.methods.base import METHODS
+        from lowbit.methods.base import METHODS, get_method
 
         get_method(method)  # registers the built-ins; a one-line error for an unknown method
         scheme = METHODS[method].default_scheme
@@ -146,6 +152,11 @@ def quantize(
         return _quantize_gguf(model, scheme, out_path, method, force, progress, calib, imatrix)
     if imatrix is not None:
         raise ArgumentError("--imatrix is used only when writing GGUF (--format gguf with a GGUF mix)")
+    from lowbit.export.hf_checkpoint import get_format, model_dtype, write_checkpoint
+    from lowbit.methods.base import get_method
+    from lowbit.walk.calibrate import calibrate_walk
+    from lowbit.walk.sources import ModelSource, open_model
+
     sch = resolve_scheme(scheme, method, fmt, threshold)
     fmt_name = fmt or sch.default_format
     if fmt_name not in sch.formats:
@@ -194,6 +205,15 @@ def quantize(
     )
 
 
+def walk_quantize(
+    source: ModelSource, codec: Codec, method: Method, stats: WalkStats | None = None, progress: bool = True
+) -> Iterator[WalkItem]:
+    """:func:`lowbit.walk.quantize_walk.walk_quantize`, imported on first use."""
+    from lowbit.walk.quantize_walk import walk_quantize as walk
+
+    return walk(source, codec, method, stats, progress=progress)
+
+
 def _quantize_gguf(
     model: str | Path | ModelSource,
     scheme: str,
@@ -211,7 +231,10 @@ def _quantize_gguf(
     from lowbit.formats.gguf.types import is_quantized
 
     sch = parse_scheme(scheme, GGUF_FORMAT)
-    if get_method(method).name != "rtn" or calib is not None:
+    if method != "rtn" or calib is not None:
+        from lowbit.methods.base import get_method
+
+        get_method(method)  # an unknown name: the error that lists the methods
         raise ArgumentError(
             "GGUF mixes are quantized by ggml's own quantizers, guided by --imatrix FILE if given; "
             "--method and --calib do not apply to --format gguf"
@@ -258,6 +281,13 @@ def simulate_scheme(
     scheme that quantizes activations, ``stats.activations`` says how each linear's input is quantized
     (pass it to the evaluator).
     """
+    import torch
+
+    from lowbit.export.hf_checkpoint import get_format, model_dtype
+    from lowbit.methods.base import get_method
+    from lowbit.walk.calibrate import calibrate_walk
+    from lowbit.walk.quantize_walk import simulate
+
     sch = resolve_scheme(scheme, method)
     try:
         scale_dtype = get_format(sch.default_format, sch.activations).scale_dtype(model_dtype(source))

@@ -29,13 +29,15 @@ import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from lowbit.errors import SchemeError
 from lowbit.formats.activations import ActKind, ActQuant, ActStrategy, LLMInt8
-from lowbit.formats.affine import AffineCodec
-from lowbit.formats.base import PER_CHANNEL, Block, Codec, group
+
+if TYPE_CHECKING:  # the codecs (torch) load when a scheme's codec is built, not to parse its name
+    import torch
+
+    from lowbit.formats.base import Block, Codec
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,12 @@ class Scheme:
         """Whether the scheme stores calibrated activation scales (so it needs calibration text)."""
         return isinstance(self.activations, ActQuant) and not self.activations.dynamic
 
-    def codec(self, scale_dtype: torch.dtype = torch.float16) -> Codec:
+    def codec(self, scale_dtype: torch.dtype | None = None) -> Codec:
+        """The codec; scales in ``scale_dtype`` (float16 if None)."""
+        if scale_dtype is None:
+            import torch
+
+            scale_dtype = torch.float16
         return self.make_codec(scale_dtype)
 
     @property
@@ -119,6 +126,7 @@ def _fp4(_: torch.dtype) -> Codec:
     ActQuant(ActKind.FLOAT, 8, ActStrategy.TOKEN, dynamic=True),
 )
 def _fp8(_: torch.dtype) -> Codec:
+    from lowbit.formats.base import PER_CHANNEL
     from lowbit.formats.fp8 import Fp8Codec, Fp8Format
 
     return Fp8Codec(fmt=Fp8Format.E4M3, block=PER_CHANNEL)
@@ -137,7 +145,9 @@ def _fp8(_: torch.dtype) -> Codec:
     ActQuant(ActKind.INT, 8, ActStrategy.TENSOR, dynamic=False),
 )
 def _w8a8(scale_dtype: torch.dtype) -> Codec:
-    return AffineCodec(bits=8, symmetric=True, block=PER_CHANNEL, scale_dtype=scale_dtype)
+    from lowbit.formats.base import PER_CHANNEL
+
+    return _affine(8, True, PER_CHANNEL, scale_dtype)
 
 
 @_register(
@@ -154,6 +164,7 @@ def _int8(_: torch.dtype) -> Codec:
 
 @_register("fp8-e5m2", "FP8 e5m2 weights, one fp32 scale per output channel", ("compressed-tensors",))
 def _fp8_e5m2(_: torch.dtype) -> Codec:
+    from lowbit.formats.base import PER_CHANNEL
     from lowbit.formats.fp8 import Fp8Codec, Fp8Format
 
     return Fp8Codec(fmt=Fp8Format.E5M2, block=PER_CHANNEL)
@@ -178,6 +189,8 @@ EXAMPLE_AFFINE: tuple[str, ...] = (
 
 
 def _affine(bits: int, symmetric: bool, block: Block, scale_dtype: torch.dtype) -> Codec:
+    from lowbit.formats.affine import AffineCodec
+
     return AffineCodec(bits=bits, symmetric=symmetric, block=block, scale_dtype=scale_dtype)
 
 
@@ -220,6 +233,8 @@ def parse_scheme(name: str, fmt: str | None = None) -> Scheme:
         return _gguf_mix_scheme(mix)
     m = _AFFINE.match(key.lower())
     if m:
+        from lowbit.formats.base import PER_CHANNEL, group
+
         bits = int(m.group(1))
         g = int(m.group(2)) if m.group(2) else None
         sym = m.group(3) != "asym"

@@ -16,6 +16,7 @@ import json
 import math
 import re
 import subprocess
+import sys
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -391,15 +392,15 @@ def test_existing_output_needs_force(tmp_path: Path, capsys: Any) -> None:
 def test_failure_midway_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An error after some tensors were written removes the temporary file; the old output survives."""
     calls = {"n": 0}
-    real = gguf_export._tensor_bytes
+    real = gguf_export._tensor_pieces
 
-    def flaky(item: Any, qw: Any) -> np.ndarray:
+    def flaky(item: Any, qw: Any, pool: Any = None) -> Any:
         calls["n"] += 1
         if calls["n"] == 5:
             raise OSError("disk full")
-        return real(item, qw)
+        return real(item, qw, pool)
 
-    monkeypatch.setattr(gguf_export, "_tensor_bytes", flaky)
+    monkeypatch.setattr(gguf_export, "_tensor_pieces", flaky)
     out = tmp_path / "out.gguf"
     with pytest.raises(OSError, match="disk full"):
         write_gguf(_stories_dir(), "Q8_0", out)
@@ -445,6 +446,28 @@ def test_non_llama_hf_checkpoint_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "x.gguf").exists()
 
 
+def test_gguf_to_gguf_runs_without_torch(tmp_path: Path) -> None:
+    """`lowbit quantize X.gguf` needs numpy and gguf-py only: torch (~1.7 s and ~190 MB to import),
+    transformers and safetensors stay unloaded, and the tokenizer arrays are never decoded."""
+    src = tmp_path / "s.gguf"
+    write_gguf(_stories_dir(), "F32", src)
+    code = (
+        "import sys\n"
+        "import lowbit.walk.gguf_read as r\n"
+        "real = r.GGUFFile.value\n"
+        "def value(self, key):\n"
+        "    assert not self.entries[key].is_string_array, f'{key} was decoded'\n"
+        "    return real(self, key)\n"
+        "r.GGUFFile.value = value\n"
+        "from lowbit.cli.main import main\n"
+        f"assert main(['quantize', {str(src)!r}, '--scheme', 'Q4_K_M', '-o', {str(tmp_path / 'q.gguf')!r}]) == 0\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "q.gguf").read_bytes()[:4] == b"GGUF"
+
+
 def test_quantize_api_report(tmp_path: Path) -> None:
     rep = quantize(_stories_dir(), "q4_k_m", tmp_path / "s.gguf", progress=False)
     assert (rep.scheme, rep.format, rep.method) == ("Q4_K_M", "gguf", "ggml")
@@ -468,7 +491,8 @@ def _smollm2() -> Path:
 def test_smollm2_requantize_equals_llama_quantize(
     mix: str, llama_quantize: Any, shared_file: Callable[[str], Path], tmp_path: Path
 ) -> None:
-    """Q4_1 -> mix (llama-quantize --allow-requantize): the same file; about one tensor in memory."""
+    """Q4_1 -> mix (llama-quantize --allow-requantize): the same file; a few pieces of rows in memory
+    (numpy's allocations peak far below one float32 copy of the largest tensor)."""
     inp = _smollm2()
     out = tmp_path / "ours.gguf"
     tracemalloc.start()
@@ -478,7 +502,7 @@ def test_smollm2_requantize_equals_llama_quantize(
     finally:
         tracemalloc.stop()
     largest_f32 = max(math.prod(t.shape) for t in rep.tensors) * 4  # token_embd: 113 MB
-    assert peak < 2 * largest_f32
+    assert peak < largest_f32 / 4  # measured: 5 MiB (Q8_0) to 11 MiB (Q4_K_M) of 108 MiB
     ref = llama_quantize(inp, mix)
     _assert_same_file(out, ref)
     if mix == "Q4_K_M":  # and it runs in llama.cpp on WikiText-2 like llama-quantize's file

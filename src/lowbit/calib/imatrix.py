@@ -49,15 +49,17 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
 from lowbit.errors import ArgumentError, InputFileError, ShapeError, UnsupportedArchitectureError
 from lowbit.export.atomic import atomic_file
-from lowbit.walk.sources import ModelSource
+
+if TYPE_CHECKING:  # torch is imported where activations are computed, not to read or write files
+    import torch
+
+    from lowbit.walk.sources import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -557,6 +559,8 @@ def read_token_ids(path: Path, source: ModelSource) -> tuple[torch.Tensor, int |
         ) from e
     if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
         raise InputFileError(f"{path} is not a list of integer token ids")
+    import torch
+
     tokens = torch.tensor(ids, dtype=torch.int64)
     bos = source.config.get("bos_token_id")
     bos_id = int(bos) if isinstance(bos, int) and tokens.numel() and int(tokens[0]) == bos else None
@@ -567,11 +571,15 @@ class _SquareSum:
     """``Σ_t x_t²`` (in,) in float64 and the token count, fed ``(..., in)`` activations by a hook."""
 
     def __init__(self, in_features: int) -> None:
+        import torch
+
         self.in_features = in_features
         self.sum = torch.zeros(in_features, dtype=torch.float64)
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
+        import torch
+
         if x.shape[-1] != self.in_features:
             raise ShapeError(f"expected inputs of shape (..., {self.in_features}), got {tuple(x.shape)}")
         x2 = x.detach().reshape(-1, self.in_features).float()  # (T, in)
@@ -618,6 +626,8 @@ def compute_imatrix(
         ArgumentError: ``ctx`` < 8, ``chunks`` < 1, or fewer tokens than one chunk.
         UnsupportedArchitectureError: a MoE model (expert collection is not implemented yet).
     """
+    import torch
+
     from lowbit.eval.windows import check_tokens, plan_windows, progress_enabled
     from lowbit.walk.blocks import BlockRunner
     from lowbit.walk.torch_model import threads_for
@@ -644,6 +654,8 @@ def compute_imatrix(
             [runner.embed(windows[b : b + cfg.batch]) for b in range(0, plan.n_chunks, cfg.batch)]
         )  # (chunks, ctx, hidden)
         pos = runner.position_embeddings(hidden[:1])
+        from tqdm.auto import tqdm
+
         bar = tqdm(
             total=runner.num_layers,
             desc="imatrix",
@@ -694,6 +706,8 @@ def _block_linears(
     source: ModelSource, i: int, layer: torch.nn.Module
 ) -> Iterator[tuple[str, int, torch.nn.Module]]:
     """``(GGUF name, in_features, module)`` of every linear of block ``i`` that has a GGUF name."""
+    import torch
+
     arch = source.arch
     prefix = arch.block_prefix.format(i=i)
     for rel, module in layer.named_modules():
@@ -711,6 +725,7 @@ def _collect_output(
 ) -> None:
     """``output.weight``'s inputs: the final norm of the last block's outputs (llama-imatrix
     ``--process-output``). Tied embeddings have no output tensor, as in llama.cpp."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     arch = source.arch

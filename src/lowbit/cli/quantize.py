@@ -9,9 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lowbit.errors import ArgumentError
-from lowbit.methods.base import METHODS
 from lowbit.schemes import scheme_help
-from lowbit.walk.calibrate import CalibConfig
 
 if TYPE_CHECKING:
     from lowbit.api import QuantizeReport
@@ -84,26 +82,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lowbit.api import quantize
-    from lowbit.methods.base import get_method
     from lowbit.schemes import GGUF_FORMAT, gguf_mix_name, parse_scheme
 
-    method = get_method(args.method)
     scheme = args.scheme
     if args.double_quant:
         if scheme is None or scheme.lower() not in ("nf4", "fp4", "nf4-dq", "fp4-dq"):
             raise ArgumentError("--double-quant applies to --scheme nf4 or fp4")
         scheme = scheme.lower().removesuffix("-dq") + "-dq"
-    gguf = scheme is not None and (args.fmt == GGUF_FORMAT or (args.fmt is None and gguf_mix_name(scheme)))
-    static = scheme is not None and not gguf and parse_scheme(scheme, args.fmt).static_activations
-    if args.calib is not None and not (method.needs_calibration or method.needs or static):
-        raise ArgumentError(
-            f"--calib is not used by method {args.method!r}; drop it (methods: {', '.join(sorted(METHODS))})"
-        )
     if args.alpha is not None and args.method != "smoothquant":
         raise ArgumentError("--alpha is SmoothQuant's; use it with --method smoothquant")
     options = {"alpha": args.alpha} if args.alpha is not None else {}
     calib = None
     if args.calib is not None:
+        # torch-based methods load only when calibration is asked for (GGUF mixes need neither)
+        from lowbit.methods.base import METHODS, get_method
+        from lowbit.walk.calibrate import CalibConfig
+
+        method = get_method(args.method)
+        gguf = scheme is not None and (args.fmt == GGUF_FORMAT or (args.fmt is None and gguf_mix_name(scheme)))
+        static = scheme is not None and not gguf and parse_scheme(scheme, args.fmt).static_activations
+        if not (method.needs_calibration or method.needs or static):
+            raise ArgumentError(
+                f"--calib is not used by method {args.method!r}; drop it (methods: {', '.join(sorted(METHODS))})"
+            )
         calib = CalibConfig(Path(args.calib), args.samples, args.seqlen, sequential=not args.non_sequential)
     report = quantize(
         args.model,

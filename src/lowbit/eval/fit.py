@@ -46,11 +46,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lowbit.errors import ArgumentError, InputFileError, SchemeError
-from lowbit.formats.affine import AffineCodec
-from lowbit.formats.base import PER_CHANNEL, group
 from lowbit.formats.gguf.mixes import MIX_ALIASES, MIXES, TensorSpec, get_mix, tensor_types
 from lowbit.formats.gguf.types import GGMLType, row_bytes, tensor_nbytes
 from lowbit.models.presets import (
@@ -60,6 +58,9 @@ from lowbit.models.presets import (
     load_hf_config,
     preset_names,
 )
+
+if TYPE_CHECKING:  # torch-based codecs load only when one is built
+    from lowbit.formats.affine import AffineCodec
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,9 @@ class IntScheme(_LinearOnlyScheme):
         self.codec()
 
     def codec(self) -> AffineCodec:
+        from lowbit.formats.affine import AffineCodec
+        from lowbit.formats.base import PER_CHANNEL, group
+
         block = PER_CHANNEL if self.group_size is None else group(self.group_size)
         return AffineCodec(bits=self.bits, symmetric=not self.asymmetric, block=block)
 

@@ -2,15 +2,16 @@
 
 Two inputs, two tools imitated:
 
-* **A GGUF file** (:class:`~lowbit.walk.sources.GGUFSource`): lowbit acts as ``llama-quantize``
+* **A GGUF file** (read by :func:`lowbit.walk.gguf_read.read_gguf`): lowbit acts as ``llama-quantize``
   (with ``--allow-requantize``). Every metadata key of the input is copied in its order;
   ``general.quantization_version`` (2) and ``general.file_type`` (the mix's ftype) are then set again,
   which moves them to the end, as ggml's ``gguf_set_val_u32`` does; the ``split.*`` keys are dropped;
   ``quantize.imatrix.*`` keys follow when an importance matrix is used. Tensors are written in
   llama.cpp's order (by layer, then by name: llama-quantize walks a sorted map), each with the type
-  :func:`lowbit.formats.gguf.mixes.tensor_types` chooses. A tensor whose type does not change is copied
-  byte for byte; the others are read raw (already in llama.cpp's rotary layout, so never un-permuted),
-  dequantized to float32 and quantized with lowbit's bit-exact ggml codecs. The result is the very file
+  :func:`lowbit.formats.gguf.mixes.tensor_types` chooses. The input's metadata entries are copied as
+  the bytes they are in the file (the tokenizer's arrays are never decoded). A tensor whose type does
+  not change is copied byte for byte; the others are read raw (already in llama.cpp's rotary layout,
+  so never un-permuted), dequantized to float32 and quantized with lowbit's bit-exact ggml codecs. The result is the very file
   llama-quantize writes, byte for byte, wherever the codecs of its types are available.
 * **A Hugging Face directory** (:class:`~lowbit.walk.sources.SafetensorsSource`, llama family): lowbit
   acts as llama.cpp's ``convert_hf_to_gguf.py`` with ``--outtype`` the source's float type, followed by
@@ -18,8 +19,11 @@ Two inputs, two tools imitated:
   ``Metadata``, ``SpecialVocab`` and ``LlamaHfVocab`` do part of it), the tensors keep the checkpoint's
   order, q/k rows get llama.cpp's rotary permutation, and tied embeddings leave no ``output.weight``.
 
-Peak memory is about one tensor: the header, metadata and tensor table are written first (gguf-py's
-``GGUFWriter`` in its streaming mode), then each tensor is read, converted in chunks of rows and written.
+Peak memory is a few pieces of rows, not a tensor: the header, metadata and tensor table are written
+first (:class:`lowbit.export.gguf_stream.GGUFStreamWriter`), then each tensor is read from the memory
+map in pieces of rows that a pool of threads (one per CPU) converts; the pieces are written in order as
+they complete, and each piece's input pages are released once it is converted. No torch is imported
+for GGUF input.
 The output appears only when complete (:func:`lowbit.export.atomic.atomic_file`).
 
 Importance matrices: :class:`lowbit.calib.imatrix.Imatrix` (``load_imatrix`` reads llama-imatrix's GGUF
@@ -29,25 +33,27 @@ plain mapping of GGUF names to vectors works too.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import json
 import logging
 import math
-import mmap as mmap_module
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
 from lowbit.calib.imatrix import Imatrix
 from lowbit.errors import InputFileError, SchemeError, UnsupportedArchitectureError
 from lowbit.export.atomic import atomic_file, check_output
+from lowbit.export.gguf_stream import GGUFStreamWriter, TensorEntry, encode_kv
 from lowbit.formats.gguf.mixes import (
     Category,
     ModelInfo,
@@ -60,19 +66,23 @@ from lowbit.formats.gguf.mixes import (
     tensor_types,
 )
 from lowbit.formats.gguf.types import GGMLType, is_quantized, tensor_nbytes
-from lowbit.walk.sources import GGUFSource, ModelSource, SafetensorsSource, open_model, permute_qk
+from lowbit.walk.gguf_read import T_STRING, T_UINT32, GGUFFile, GGUFTensorInfo, read_gguf
+
+if TYPE_CHECKING:  # torch-based sources are imported only for Hugging Face input
+    from lowbit.walk.sources import ModelSource, SafetensorsSource
 
 log = logging.getLogger(__name__)
 
 QUANTIZATION_VERSION = 2
 """ggml's ``GGML_QNT_VERSION``: what ``general.quantization_version`` says in every file llama.cpp writes."""
 
-# Rows converted at a time: bounds the float32 scratch (and the codecs' intermediates) per tensor.
-_CHUNK_ELEMENTS = 1 << 22
+# Rows converted at a time by one thread (whole rows, at least one): bounds the float32 scratch and
+# the codecs' intermediates, and is fine enough for two threads to share out a tensor evenly.
+_PIECE_ELEMENTS = 1 << 18
 
 _PLAIN_FLOATS = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})
 _SPLIT_KEYS = frozenset({"split.no", "split.count", "split.tensors.count"})
-_ALIGNMENT_KEY = "general.alignment"
+_DEFAULT_ALIGNMENT = 32  # GGUF_DEFAULT_ALIGNMENT
 
 
 # ---------------------------------------------------------------------------------------- imatrix
@@ -168,6 +178,8 @@ class _Planned:
     raw: Callable[[], np.ndarray] | None = field(default=None, compare=False)
     # drops the input pages of this tensor from memory once it is written (they are re-readable)
     release: Callable[[], None] = field(default=lambda: None, compare=False)
+    # the same for rows [start, stop) once converted: a large tensor never sits whole in memory
+    release_rows: Callable[[int, int], None] = field(default=lambda a, b: None, compare=False)
 
     @property
     def n_rows(self) -> int:
@@ -188,18 +200,20 @@ def _plain_to_float(data: np.ndarray, t: GGMLType) -> np.ndarray:
     return (u16.astype(np.uint32) << 16).view(np.float32)
 
 
-def _gguf_float_rows(t: Any, shape: tuple[int, ...]) -> Callable[[int, int], np.ndarray]:
-    from gguf.quants import dequantize
-
-    ttype = GGMLType(int(t.tensor_type))
-    ne0 = int(shape[-1])
+def _gguf_float_rows(g: GGUFFile, t: GGUFTensorInfo) -> Callable[[int, int], np.ndarray]:
+    """float32 rows [start, stop) of tensor ``t`` viewed as (rows, ne0): a view of the map for F32,
+    a widening for F16/BF16, gguf-py's ``dequantize`` (bit-exact with ggml's) for block types."""
+    ttype = GGMLType(t.type)
+    ne0 = int(t.ne[0])
 
     def rows(start: int, stop: int) -> np.ndarray:
-        data = np.asarray(t.data)
+        data = g.tensor_data(t)
         if ttype in _PLAIN_FLOATS:
-            flat = data.reshape(-1).view(np.float32 if ttype == GGMLType.F32 else np.uint16)
+            flat = data.view(np.float32 if ttype == GGMLType.F32 else np.uint16)
             return _plain_to_float(flat[start * ne0 : stop * ne0], ttype).reshape(stop - start, ne0)
-        raw = data.reshape(-1, data.shape[-1]) if data.ndim > 1 else data.reshape(1, -1)
+        from gguf.quants import dequantize
+
+        raw = data.reshape(-1, tensor_nbytes(ttype, (ne0,)))
         try:
             out = dequantize(raw[start:stop], ttype)
         except (ValueError, NotImplementedError) as e:
@@ -209,57 +223,37 @@ def _gguf_float_rows(t: Any, shape: tuple[int, ...]) -> Callable[[int, int], np.
     return rows
 
 
-def _page_releaser(reader: Any, offset: int, nbytes: int) -> Callable[[], None]:
-    """``madvise(DONTNEED)`` over a tensor's span of the reader's memory map: the walk touches every page
-    of the input once, and without this the file-backed pages stay in the process's RSS until the end
-    (the whole input file), although nothing reads them again."""
-    mm = getattr(reader.data, "_mmap", None)
-
-    def release() -> None:
-        if mm is None or not hasattr(mmap_module, "MADV_DONTNEED"):
-            return
-        start = offset - offset % mmap_module.PAGESIZE
-        with contextlib.suppress(OSError, ValueError):  # not fatal: memory use only
-            mm.madvise(mmap_module.MADV_DONTNEED, start, offset + nbytes - start)
-
-    return release
-
-
-def _raw_reader(t: Any) -> Callable[[], np.ndarray]:
-    def raw() -> np.ndarray:
-        return np.asarray(t.data)
-
-    return raw
-
-
-def _plan_gguf(reader: Any) -> tuple[list[_Planned], dict[str, Any]]:
-    """Tensors of a GGUF input (a ``gguf.GGUFReader``) in llama.cpp's order, and its metadata values."""
-    from gguf import GGUFValueType
-
+def _plan_gguf(g: GGUFFile) -> tuple[list[_Planned], dict[str, Any]]:
+    """Tensors of a GGUF input in llama.cpp's order, and its metadata values (arrays of strings, the
+    tokenizer's, are not decoded: they are copied through as bytes)."""
     items: list[_Planned] = []
-    for t in reader.tensors:
-        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-        ttype = GGMLType(int(t.tensor_type))
+    for t in g.tensors:
+        ttype = GGMLType(t.type)
+
+        def raw(t: GGUFTensorInfo = t) -> np.ndarray:
+            return g.tensor_data(t)
+
+        def release(t: GGUFTensorInfo = t) -> None:
+            g.release(t.offset, t.nbytes)
+
+        def release_rows(a: int, b: int, t: GGUFTensorInfo = t) -> None:
+            rb = tensor_nbytes(GGMLType(t.type), (t.ne[0],))
+            g.release(t.offset + a * rb, (b - a) * rb)
+
         items.append(
             _Planned(
                 name=t.name,
-                shape=shape,
+                shape=t.shape,
                 src_type=ttype,
                 dst_type=ttype,
-                float_rows=_gguf_float_rows(t, shape),
-                raw=_raw_reader(t),
-                release=_page_releaser(reader, int(t.data_offset), int(t.n_bytes)),
+                float_rows=_gguf_float_rows(g, t),
+                raw=raw,
+                release=release,
+                release_rows=release_rows,
             )
         )
     items.sort(key=lambda it: llama_order_key(it.name))
-    values: dict[str, Any] = {}
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or not f.types:
-            continue
-        if f.types[0] == GGUFValueType.ARRAY and f.types[-1] == GGUFValueType.STRING:
-            continue  # token lists: not model facts, and slow to decode
-        values[key] = f.contents()
-    return items, values
+    return items, g.values()
 
 
 # safetensors dtype -> the type convert_hf_to_gguf stores 2-D tensors in (--outtype = the source's type)
@@ -294,13 +288,15 @@ def _plan_hf(source: SafetensorsSource) -> list[_Planned]:
             heads = n_kv
         # the converter keeps 1-D tensors in F32; decoded quantized checkpoints count as F32
         src_type = GGMLType.F32 if len(shape) <= 1 else _HF_STORAGE_TYPE.get(info.storage, GGMLType.F32)
+        rows, release = _hf_float_rows(source, name, shape, heads)
         items.append(
             _Planned(
                 name=gname,
                 shape=shape,
                 src_type=src_type,
                 dst_type=src_type,
-                float_rows=_hf_float_rows(source, name, shape, heads),
+                float_rows=rows,
+                release=release,
             )
         )
     return items
@@ -308,24 +304,25 @@ def _plan_hf(source: SafetensorsSource) -> list[_Planned]:
 
 def _hf_float_rows(
     source: SafetensorsSource, name: str, shape: tuple[int, ...], heads: int | None
-) -> Callable[[int, int], np.ndarray]:
+) -> tuple[Callable[[int, int], np.ndarray], Callable[[], None]]:
+    """float32 rows of an HF tensor (read once, rotary-permuted, widened), and its release."""
     cache: dict[str, np.ndarray] = {}
+    lock = threading.Lock()
     ne0 = int(shape[-1])
 
     def rows(start: int, stop: int) -> np.ndarray:
-        if "w" not in cache:
-            cache.clear()
-            w = source.read(name)
-            if heads is not None:
-                w = permute_qk(w, heads)
-            # widening bf16/f16 to float32 is exact
-            cache["w"] = np.ascontiguousarray(w.to(torch.float32).numpy()).reshape(-1, ne0)
-        out = cache["w"][start:stop]
-        if stop >= cache["w"].shape[0]:
-            cache.clear()  # the last chunk: release the tensor
-        return out
+        with lock:  # pieces are converted by several threads: the first one reads the tensor
+            if "w" not in cache:
+                w = source.read(name)
+                if heads is not None:
+                    from lowbit.walk.sources import permute_qk
 
-    return rows
+                    w = permute_qk(w, heads)
+                # widening bf16/f16 to float32 is exact
+                cache["w"] = np.ascontiguousarray(w.float().numpy()).reshape(-1, ne0)
+            return cache["w"][start:stop]
+
+    return rows, cache.clear
 
 
 # ------------------------------------------------------------------------------------ conversion
@@ -337,29 +334,63 @@ def _encode(x: np.ndarray, t: GGMLType, qw: np.ndarray | None) -> np.ndarray:
         return np.ascontiguousarray(quantize(x, t)).view(np.uint8).reshape(x.shape[0], -1)
     from lowbit.formats.gguf.block import get_codec
 
-    return get_codec(t).quantize_rows(x, qw)
+    return get_codec(t).quantize_rows(x, qw, threads=1)  # the caller runs the threads
 
 
-def _tensor_bytes(item: _Planned, qw: np.ndarray | None) -> np.ndarray:
-    """The bytes of ``item`` in its destination type, converted ``_CHUNK_ELEMENTS`` at a time.
+def _tensor_pieces(
+    item: _Planned, qw: np.ndarray | None, pool: ThreadPoolExecutor | None = None
+) -> Iterator[np.ndarray]:
+    """The bytes of ``item`` in its destination type, in file order, one piece of rows at a time.
+
+    Pieces of about ``_PIECE_ELEMENTS`` are read, converted and their input pages released by
+    ``pool``'s threads (numpy releases the GIL in its loops; None: in this thread); at most two pieces
+    per thread are in flight, so memory holds a few pieces, never a whole tensor. A small tensor is
+    still cut into a few pieces per thread, so that both cores work on it.
 
     ``qw`` is the importance vector (n_per_row * n_mat,): one (n_per_row,) slice per stacked matrix
     (expert), as llama-quantize quantizes each expert with its own slice.
     """
     if item.raw is not None and item.src_type == item.dst_type:
-        return np.ascontiguousarray(item.raw()).reshape(-1).view(np.uint8)
+        yield np.ascontiguousarray(item.raw()).reshape(-1).view(np.uint8)
+        return
+    from lowbit.formats.gguf.block import n_workers
+
     ne0 = item.ne0
-    n_rows = item.n_rows
-    out = np.empty((n_rows, tensor_nbytes(item.dst_type, (ne0,))), dtype=np.uint8)
     rows_per_mat = int(item.shape[-2]) if len(item.shape) >= 2 else 1
-    n_mat = n_rows // rows_per_mat
-    chunk = max(1, _CHUNK_ELEMENTS // max(ne0, 1))
-    for m in range(n_mat):
+    n_mat = item.n_rows // rows_per_mat
+    threads = n_workers() if pool is not None else 1
+    step = max(1, min(_PIECE_ELEMENTS // max(ne0, 1), -(-rows_per_mat // (2 * threads))))
+    pieces = [
+        (m, a, min(a + step, (m + 1) * rows_per_mat))
+        for m in range(n_mat)
+        for a in range(m * rows_per_mat, (m + 1) * rows_per_mat, step)
+    ]
+
+    def work(piece: tuple[int, int, int]) -> np.ndarray:
+        m, a, b = piece
         w = None if qw is None else qw[m * ne0 : (m + 1) * ne0]
-        for a in range(m * rows_per_mat, (m + 1) * rows_per_mat, chunk):
-            b = min(a + chunk, (m + 1) * rows_per_mat)
-            out[a:b] = _encode(item.float_rows(a, b), item.dst_type, w)
-    return out.reshape(-1)
+        data = _encode(item.float_rows(a, b), item.dst_type, w)
+        item.release_rows(a, b)
+        return data.reshape(-1)
+
+    if pool is None or len(pieces) == 1:
+        for piece in pieces:
+            yield work(piece)
+        return
+    in_flight: collections.deque[Future[np.ndarray]] = collections.deque()
+    todo = iter(pieces)
+    for piece in itertools.islice(todo, 2 * threads):
+        in_flight.append(pool.submit(work, piece))
+    try:
+        while in_flight:
+            data = in_flight.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                in_flight.append(pool.submit(work, nxt))
+            yield data
+    finally:
+        for f in in_flight:  # an error, or the consumer stopped: finish nothing more
+            f.cancel()
 
 
 def _imatrix_for(item: _Planned, imatrix: _ImatrixUse | None) -> np.ndarray | None:
@@ -392,52 +423,26 @@ def _imatrix_for(item: _Planned, imatrix: _ImatrixUse | None) -> np.ndarray | No
 class _KV:
     key: str
     value: Any
-    vtype: Any  # gguf.GGUFValueType
-    sub_type: Any = None
+    vtype: int  # GGUF value type (gguf.GGUFValueType)
+    sub_type: int | None = None
+
+    def encode(self) -> bytes:
+        return encode_kv(self.key, self.value, self.vtype, self.sub_type)
 
 
-def _field_kv(f: Any) -> _KV:
-    """A metadata field of a GGUFReader, with strings kept as raw bytes (copied exactly)."""
-    from gguf import GGUFValueType
+def _gguf_metadata(g: GGUFFile, file_type: int, imatrix: _ImatrixUse | None) -> list[bytes | memoryview]:
+    """The input's entries as stored (raw bytes, the tokenizer's arrays included), then the keys
+    llama-quantize sets, as its ``gguf_set_val_*`` does (remove, then append)."""
+    kvs: dict[str, bytes | memoryview] = {
+        key: g.raw(e) for key, e in g.entries.items() if key not in _SPLIT_KEYS
+    }
 
-    types = list(f.types)
-    main = types[0]
-    if main == GGUFValueType.ARRAY:
-        if len(types) != 2:
-            raise InputFileError(f"metadata key {f.name} is a nested array, which lowbit cannot copy yet")
-        sub = types[1]
-        if sub == GGUFValueType.STRING:
-            vals: list[Any] = [bytes(f.parts[i]) for i in f.data]
-        else:
-            vals = [x.item() for i in f.data for x in np.asarray(f.parts[i]).reshape(-1)]
-        return _KV(f.name, vals, main, sub)
-    if main == GGUFValueType.STRING:
-        return _KV(f.name, bytes(f.parts[f.data[0]]), main)
-    val = np.asarray(f.parts[f.data[0]]).reshape(-1)[0].item()
-    if main == GGUFValueType.BOOL:
-        val = bool(val)
-    return _KV(f.name, val, main)
-
-
-def _gguf_metadata(reader: Any, file_type: int, imatrix: _ImatrixUse | None) -> list[_KV]:
-    from gguf import GGUFValueType
-
-    kvs: dict[str, _KV] = {}
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key in _SPLIT_KEYS:
-            continue
-        kv = _field_kv(f)
-        if kv.vtype == GGUFValueType.ARRAY and not kv.value:
-            log.warning("metadata key %s is an empty array, which gguf-py cannot write; dropped", key)
-            continue
-        kvs[key] = kv
-
-    def set_val(kv: _KV) -> None:  # ggml's gguf_set_val_*: remove, then append
+    def set_val(kv: _KV) -> None:
         kvs.pop(kv.key, None)
-        kvs[kv.key] = kv
+        kvs[kv.key] = kv.encode()
 
-    set_val(_KV("general.quantization_version", QUANTIZATION_VERSION, GGUFValueType.UINT32))
-    set_val(_KV("general.file_type", file_type, GGUFValueType.UINT32))
+    set_val(_KV("general.quantization_version", QUANTIZATION_VERSION, T_UINT32))
+    set_val(_KV("general.file_type", file_type, T_UINT32))
     for kv in _imatrix_kvs(imatrix):
         set_val(kv)
     return list(kvs.values())
@@ -445,24 +450,22 @@ def _gguf_metadata(reader: Any, file_type: int, imatrix: _ImatrixUse | None) -> 
 
 def _imatrix_kvs(imatrix: _ImatrixUse | None) -> list[_KV]:
     """The keys llama-quantize adds for an importance matrix (strings cut at 127 bytes, as it does)."""
-    from gguf import GGUFValueType
-
     if imatrix is None:
         return []
     kvs = []
     if imatrix.file is not None:
-        kvs.append(_KV("quantize.imatrix.file", imatrix.file.encode()[:127], GGUFValueType.STRING))
+        kvs.append(_KV("quantize.imatrix.file", imatrix.file.encode()[:127], T_STRING))
     if imatrix.dataset is not None:
-        kvs.append(_KV("quantize.imatrix.dataset", imatrix.dataset.encode()[:127], GGUFValueType.STRING))
-    kvs.append(_KV("quantize.imatrix.entries_count", imatrix.n_entries, GGUFValueType.UINT32))
+        kvs.append(_KV("quantize.imatrix.dataset", imatrix.dataset.encode()[:127], T_STRING))
+    kvs.append(_KV("quantize.imatrix.entries_count", imatrix.n_entries, T_UINT32))
     if imatrix.chunk_count > 0:
-        kvs.append(_KV("quantize.imatrix.chunks_count", imatrix.chunk_count, GGUFValueType.UINT32))
+        kvs.append(_KV("quantize.imatrix.chunks_count", imatrix.chunk_count, T_UINT32))
     return kvs
 
 
 def _hf_metadata(
     source: SafetensorsSource, file_type: int, items: Sequence[_Planned], imatrix: _ImatrixUse | None
-) -> list[_KV]:
+) -> list[bytes | memoryview]:
     """convert_hf_to_gguf's metadata for a llama-family checkpoint, key for key and in its order."""
     import gguf
 
@@ -515,8 +518,11 @@ def _hf_metadata(
         )
     w.add_quantization_version(QUANTIZATION_VERSION)
     _add_tokenizer(w, source.path, cfg)
-    kvs = [_KV(k, v.value, v.type, v.sub_type) for k, v in w.kv_data[0].items()]
-    return kvs + _imatrix_kvs(imatrix)
+    kvs = [
+        _KV(k, v.value, int(v.type), None if v.sub_type is None else int(v.sub_type))
+        for k, v in w.kv_data[0].items()
+    ]
+    return [kv.encode() for kv in kvs + _imatrix_kvs(imatrix)]
 
 
 # ------------------------------------------------------------------------------------- tokenizer
@@ -708,7 +714,7 @@ def _check_hf_architecture(source: SafetensorsSource) -> None:
 def _assign_types(mix: str, items: list[_Planned], model: ModelInfo, has_imatrix: bool) -> list[_Planned]:
     specs = [TensorSpec(it.name, it.shape, it.src_type) for it in items]
     chosen = tensor_types(mix, specs, model, imatrix=has_imatrix)
-    return [_Planned(it.name, it.shape, it.src_type, chosen[it.name], it.float_rows, it.raw) for it in items]
+    return [replace(it, dst_type=chosen[it.name]) for it in items]
 
 
 def _check_plan(mix: str, items: Sequence[_Planned], imatrix: _ImatrixUse | None) -> None:
@@ -748,8 +754,6 @@ def write_gguf(
     directory (converted as convert_hf_to_gguf does, then quantized). ``imatrix`` maps GGUF tensor
     names to importance vectors (see :class:`Imatrix`). ``out`` appears only when complete.
     """
-    import gguf
-
     t0 = time.perf_counter()
     spec = get_mix(mix)
     out_path = Path(out)
@@ -757,21 +761,21 @@ def write_gguf(
     src = _open_input(source)
     im = _imatrix_use(imatrix, imatrix_file)
 
-    if not isinstance(src, ModelSource):  # a gguf.GGUFReader
+    kvs: list[bytes | memoryview]
+    if isinstance(src, GGUFFile):
         kind = "gguf"
         items, values = _plan_gguf(src)
         split = values.get("split.count")
         if split is not None and int(split) > 1:
             raise InputFileError(
-                f"{src.data.filename} is one part of a split GGUF; merge the parts first (llama-gguf-split --merge)"
+                f"{src.path} is one part of a split GGUF; merge the parts first (llama-gguf-split --merge)"
             )
         model = ModelInfo.from_gguf_fields(values, [it.name for it in items])
         items = _assign_types(spec.name, items, model, im is not None)
-        arch = str(values.get("general.architecture", "llama"))
-        alignment = int(values.get(_ALIGNMENT_KEY, gguf.GGUF_DEFAULT_ALIGNMENT))
+        alignment = src.alignment
         _check_plan(spec.name, items, im)
         kvs = _gguf_metadata(src, spec.file_type, im)
-    elif isinstance(src, SafetensorsSource):
+    elif _is_safetensors_source(src):
         kind = "hf"
         _check_hf_architecture(src)
         items = _plan_hf(src)
@@ -784,52 +788,40 @@ def write_gguf(
             arch=src.arch.gguf_arch,
         )
         items = _assign_types(spec.name, items, model, im is not None)
-        arch = src.arch.gguf_arch
-        alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+        alignment = _DEFAULT_ALIGNMENT
         _check_plan(spec.name, items, im)
         kvs = _hf_metadata(src, spec.file_type, items, im)
     else:
         raise InputFileError(f"lowbit cannot write GGUF from a {src.format_name}")
 
-    with _quiet_gguf_writer():
-        writer = gguf.GGUFWriter(path=None, arch=arch)
-    writer.kv_data[0].clear()  # the keys below include general.architecture, in the input's order
-    writer.data_alignment = alignment
-    for kv in kvs:
-        writer.add_key_value(kv.key, kv.value, kv.vtype, kv.sub_type)
-    for it in items:
-        writer.add_tensor_info(
-            it.name,
-            it.shape,
-            np.dtype(np.float32),
-            tensor_nbytes(it.dst_type, it.shape),
-            raw_dtype=it.dst_type,
+    table = [
+        TensorEntry(
+            it.name, tuple(reversed(it.shape)), int(it.dst_type), tensor_nbytes(it.dst_type, it.shape)
         )
-
+        for it in items
+    ]
     records: list[GGUFTensorRecord] = []
     used = 0
-    with atomic_file(out_path, force) as tmp, _quiet_gguf_writer():
-        try:
-            writer.write_header_to_file(tmp)
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            for it in _progress(items, progress, spec.name):
-                qw = _imatrix_for(it, im)
-                used += qw is not None
-                data = _tensor_bytes(it, qw)
-                writer.write_tensor_data(data)
-                it.release()
-                records.append(
-                    GGUFTensorRecord(
-                        it.name,
-                        it.shape,
-                        it.dst_type.name,
-                        int(data.nbytes),
-                        allows_quantization(it.name, it.shape),
-                    )
+    from lowbit.formats.gguf.block import n_workers
+
+    with (
+        atomic_file(out_path, force) as tmp,
+        tmp.open("wb") as f,
+        ThreadPoolExecutor(max_workers=n_workers(), thread_name_prefix="lowbit-gguf") as pool,
+    ):
+        writer = GGUFStreamWriter(f, alignment)
+        writer.write_header(kvs, table)
+        for it in _progress(items, progress, spec.name):
+            qw = _imatrix_for(it, im)
+            used += qw is not None
+            nbytes = writer.write_tensor_pieces(_tensor_pieces(it, qw, pool))
+            it.release()
+            records.append(
+                GGUFTensorRecord(
+                    it.name, it.shape, it.dst_type.name, nbytes, allows_quantization(it.name, it.shape)
                 )
-        finally:
-            writer.close()
+            )
+        writer.close()
     counts: dict[str, int] = {}
     for r in records:
         counts[r.type] = counts.get(r.type, 0) + 1
@@ -859,21 +851,29 @@ def _quiet_gguf_writer() -> Iterator[None]:
 
 
 def _open_input(source: ModelSource | str | Path) -> Any:
-    """A GGUF input as its ``gguf.GGUFReader``, any other input as a :class:`ModelSource`.
+    """A GGUF input as a :class:`GGUFFile` (its header only), any other input as a :class:`ModelSource`.
 
-    A GGUF path is opened with the reader alone: :class:`GGUFSource` would also derive a Hugging Face
-    config through transformers, which nothing here needs (13 s of 20 s for SmolLM2's header).
+    A GGUF path is opened with the header reader alone: :class:`GGUFSource` would also decode the whole
+    metadata through gguf-py (seconds for a 49 K vocabulary) and import torch, which nothing here needs.
     """
-    if isinstance(source, GGUFSource):
-        return source.reader
-    if isinstance(source, ModelSource):
-        return source
-    p = Path(source)
-    if p.is_file() and (p.suffix.lower() == ".gguf" or _has_gguf_magic(p)):
-        from lowbit.walk.gguf_read import open_gguf
+    if isinstance(source, (str, Path)):
+        p = Path(source)
+        if p.is_file() and (p.suffix.lower() == ".gguf" or _has_gguf_magic(p)):
+            return read_gguf(p)
+        from lowbit.walk.sources import open_model
 
-        return open_gguf(p)
-    return open_model(p)
+        return open_model(p)
+    from lowbit.walk.sources import GGUFSource
+
+    if isinstance(source, GGUFSource):
+        return read_gguf(source.path)
+    return source
+
+
+def _is_safetensors_source(src: Any) -> bool:
+    from lowbit.walk.sources import SafetensorsSource
+
+    return isinstance(src, SafetensorsSource)
 
 
 def _has_gguf_magic(p: Path) -> bool:
@@ -885,4 +885,9 @@ def _has_gguf_magic(p: Path) -> bool:
 
 
 def _progress(items: Sequence[_Planned], enabled: bool, desc: str) -> Iterator[_Planned]:
-    yield from tqdm(items, desc=desc, unit="tensor", disable=not enabled, leave=False)
+    if not enabled:  # tqdm (and asyncio, which tqdm.auto imports) load only for a progress bar
+        yield from items
+        return
+    from tqdm.auto import tqdm
+
+    yield from tqdm(items, desc=desc, unit="tensor", leave=False)

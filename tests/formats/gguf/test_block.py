@@ -9,6 +9,7 @@ from ggml_oracle import c_nearest_int
 
 import lowbit.formats.gguf as gguf_pkg
 from lowbit.errors import NonFiniteWeightError, SchemeError, ShapeError
+from lowbit.formats.gguf import block
 from lowbit.formats.gguf.block import (
     CODECS,
     GGMLBlockCodec,
@@ -110,6 +111,27 @@ def test_quantize_accepts_other_float_dtypes_and_layouts() -> None:
     ref = codec.quantize_rows(np.ascontiguousarray(x.T))
     assert np.array_equal(codec.quantize_rows(x.T), ref)  # non-contiguous view
     assert np.array_equal(codec.quantize_rows(x.T.astype(np.float64)), ref)  # float64 is cast first
+
+
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["none", "imatrix"])
+@pytest.mark.parametrize("name", sorted(set(MY_TYPES) | {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}))
+def test_threaded_pieces_give_the_same_bytes(
+    monkeypatch: pytest.MonkeyPatch, name: str, with_imatrix: bool
+) -> None:
+    """quantize_rows cuts the rows into pieces for worker threads: any cut, any thread count, the same
+    bytes as one call on all rows (every statistic ggml computes is per block, super-block or row)."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_t(3, (13, 512)) * 0.02).astype(np.float32)
+    x[4] = 0.0  # an all-zero row among others
+    imatrix = np.exp(rng.normal(0, 1, 512)).astype(np.float32) if with_imatrix else None
+    codec = get_codec(name)
+    monkeypatch.setattr(block, "n_workers", lambda: 1)
+    monkeypatch.setattr(block, "PIECE_ELEMENTS", 1 << 20)
+    whole = codec.quantize_rows(x, imatrix)
+    for piece_rows, threads in ((1, 2), (3, 2), (4, 3)):
+        monkeypatch.setattr(block, "PIECE_ELEMENTS", 512 * piece_rows)
+        monkeypatch.setattr(block, "n_workers", lambda t=threads: t)
+        assert np.array_equal(codec.quantize_rows(x, imatrix), whole), (piece_rows, threads)
 
 
 # ------------------------------------------------------------------------------------------ numerics

@@ -31,7 +31,7 @@ from gguf import quants as gguf_quants
 
 import lowbit.formats.gguf.kquants as kq
 from lowbit.errors import NonFiniteWeightError, ShapeError
-from lowbit.formats.gguf import get_codec
+from lowbit.formats.gguf import block, get_codec
 from lowbit.formats.gguf.types import GGMLType, ggml_type
 
 KTYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -177,9 +177,10 @@ def test_rows_are_independent_of_chunking_and_threads(
     codec = get_codec(type_name)
     whole = codec.quantize_rows(x, imatrix)
     monkeypatch.setattr(kq, "_CHUNK", 5)  # chunks that straddle rows
-    monkeypatch.setattr(kq, "_n_workers", lambda: 3)
+    monkeypatch.setattr(block, "PIECE_ELEMENTS", 1536)  # pieces of two rows, three threads
+    monkeypatch.setattr(block, "n_workers", lambda: 3)
     assert np.array_equal(codec.quantize_rows(x, imatrix), whole)
-    monkeypatch.setattr(kq, "_n_workers", lambda: 1)
+    monkeypatch.setattr(block, "n_workers", lambda: 1)
     for r in range(x.shape[0]):
         assert np.array_equal(codec.quantize_rows(x[r : r + 1], imatrix), whole[r : r + 1])
 

@@ -26,7 +26,9 @@ are the one implementation every codec uses for that (the scale searches built o
 from __future__ import annotations
 
 import importlib
+import os
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
 import numpy as np
@@ -47,6 +49,20 @@ _PROVIDERS: tuple[str, ...] = (
     "lowbit.formats.gguf.ternary",
     "lowbit.formats.gguf.kquants",
 )
+
+
+PIECE_ELEMENTS = 1 << 17
+"""Elements (whole rows) per piece of work handed to a thread by :meth:`GGMLBlockCodec.quantize_rows`:
+small enough that two threads share out a tensor evenly on a busy machine, large enough that numpy's
+per-call overhead stays small."""
+
+
+def n_workers() -> int:
+    """Threads for independent pieces: the CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def register_all_codecs() -> None:
@@ -89,11 +105,14 @@ class GGMLBlockCodec(ABC):
     def row_bytes(self, n_per_row: int) -> int:
         return type_info(self.ggml_type).row_bytes(n_per_row)
 
-    def quantize_rows(self, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    def quantize_rows(
+        self, x: np.ndarray, imatrix: np.ndarray | None = None, threads: int | None = None
+    ) -> np.ndarray:
         """Quantize ``x`` float (rows, n_per_row) -> uint8 (rows, row_bytes), byte for byte as ggml.
 
         ``imatrix`` is float32 (n_per_row,), the importance of each column (llama-imatrix's values),
-        or None; it is ggml's ``quant_weights`` argument of ``ggml_quantize_chunk``.
+        or None; it is ggml's ``quant_weights`` argument of ``ggml_quantize_chunk``. ``threads``: how
+        many threads share the rows (None: one per CPU; callers that run their own pool pass 1).
         """
         x = np.asarray(x)
         if x.ndim != 2:
@@ -113,13 +132,32 @@ class GGMLBlockCodec(ABC):
                 )
             if not np.isfinite(qw).all():
                 raise NonFiniteWeightError(f"the importance vector for {self.name} holds NaN or Inf values")
-        if x.shape[0] == 0:
-            return np.zeros((0, self.row_bytes(n_per_row)), dtype=np.uint8)
-        # ggml overflows and divides by zero silently (huge inputs, zero blocks), so does numpy here;
-        # np.errstate is per thread: codecs that use threads set it again in their workers
-        with np.errstate(all="ignore"):
-            out = self._quantize(x, qw)
-        assert out.dtype == np.uint8 and out.shape == (x.shape[0], self.row_bytes(n_per_row))
+        rows = int(x.shape[0])
+        out = np.empty((rows, self.row_bytes(n_per_row)), dtype=np.uint8)
+        if rows == 0:
+            return out
+        step = max(1, PIECE_ELEMENTS // max(n_per_row, 1))
+
+        def run(a: int) -> None:
+            b = min(a + step, rows)
+            # ggml overflows and divides by zero silently (huge inputs, zero blocks), so does numpy
+            # here; np.errstate is per thread, hence set in the worker
+            with np.errstate(all="ignore"):
+                part = self._quantize(x[a:b], qw)
+            assert part.dtype == np.uint8 and part.shape == (b - a, out.shape[1])
+            out[a:b] = part
+
+        starts = range(0, rows, step)
+        workers = min(len(starts), n_workers() if threads is None else max(1, threads))
+        if workers <= 1:
+            for a in starts:
+                run(a)
+        else:
+            # numpy releases the GIL inside its loops; rows are independent (every statistic ggml
+            # computes is per block, super-block or row), so the bytes do not depend on the threads
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for _ in pool.map(run, starts):
+                    pass
         return out
 
     def dequantize_rows(self, data: np.ndarray, n_per_row: int) -> np.ndarray:
@@ -139,7 +177,10 @@ class GGMLBlockCodec(ABC):
 
     @abstractmethod
     def _quantize(self, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-        """x float32 (rows, n_per_row), C-contiguous, finite; imatrix float32 (n_per_row,) or None."""
+        """x float32 (rows, n_per_row), C-contiguous, finite; imatrix float32 (n_per_row,) or None.
+
+        Called from worker threads on disjoint pieces of whole rows (:meth:`quantize_rows`): it must
+        keep no state between calls."""
 
     def _dequantize(self, data: np.ndarray, n_per_row: int) -> np.ndarray:
         out = gguf_quants.dequantize(data, self.ggml_type)
@@ -286,16 +327,23 @@ def min_first(x: np.ndarray) -> F32Array:
     The minimum; where it is zero, the first zero of the block with its sign (``np.min`` does not say
     which zero it returns). Finite input.
     """
-    m = x.min(axis=0)
-    first_zero = x[np.argmax(x == 0, axis=0), np.arange(x.shape[1])]
-    return np.where(m == 0, first_zero, m).astype(F32)
+    return _zero_first(x, x.min(axis=0))
 
 
 def max_first(x: np.ndarray) -> F32Array:
     """As :func:`min_first` for ``if (x[i] > max) max = x[i];``."""
-    m = x.max(axis=0)
-    first_zero = x[np.argmax(x == 0, axis=0), np.arange(x.shape[1])]
-    return np.where(m == 0, first_zero, m).astype(F32)
+    return _zero_first(x, x.max(axis=0))
+
+
+def _zero_first(x: np.ndarray, m: np.ndarray) -> F32Array:
+    """``m`` with each zero replaced by the first zero of its column (with that zero's sign); the
+    search runs only on those columns (few: real blocks rarely have a zero extreme)."""
+    m = np.asarray(m, dtype=F32)
+    cols = np.nonzero(m == 0)[0]
+    if cols.size:
+        sub = x[:, cols]
+        m[cols] = sub[np.argmax(sub == 0, axis=0), np.arange(cols.size)]
+    return m
 
 
 def fp16_round(v: np.ndarray) -> F32Array:

@@ -30,9 +30,7 @@ Byte layouts (one super-block of 256, little-endian; ``L`` = code, ``e`` = eleme
 
 from __future__ import annotations
 
-import os
 from abc import abstractmethod
-from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
 import numpy as np
@@ -67,14 +65,6 @@ QK_K = 256
 # Super-blocks per numpy pass: the (32, 8*chunk) float32 temporaries stay in cache (fastest on a
 # 4096x4096 tensor among 128..2048).
 _CHUNK = 512
-
-
-def _n_workers() -> int:
-    """Threads for independent chunks: the CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _sub_t(a: np.ndarray, n: int) -> np.ndarray:
@@ -230,27 +220,13 @@ class _KQuant(GGMLBlockCodec):
         per_row = n // QK_K
         nb = xb.shape[0]
         out = np.empty((nb, self.type_size), dtype=np.uint8)
-
-        def run(s: int) -> None:
+        for s in range(0, nb, _CHUNK):
             e = min(s + _CHUNK, nb)
-            # np.errstate is per thread: set it in the worker
-            with np.errstate(all="ignore"):
-                if qwb is None:
-                    out[s:e] = self._quantize_ref(xb[s:e])
-                else:
-                    # block b of the flattened tensor is block b % per_row of its row
-                    out[s:e] = self._quantize_impl(xb[s:e], qwb[np.arange(s, e) % per_row])
-
-        starts = range(0, nb, _CHUNK)
-        workers = min(len(starts), _n_workers())
-        if workers <= 1:
-            for s in starts:
-                run(s)
-        else:
-            # numpy releases the GIL inside its loops; chunks are independent, so the bytes do not
-            # depend on the number of threads.
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                list(pool.map(run, starts))
+            if qwb is None:
+                out[s:e] = self._quantize_ref(xb[s:e])
+            else:
+                # block b of the flattened rows is block b % per_row of its row
+                out[s:e] = self._quantize_impl(xb[s:e], qwb[np.arange(s, e) % per_row])
         return out.reshape(rows, self.row_bytes(n))
 
     def _dequantize(self, data: np.ndarray, n_per_row: int) -> np.ndarray:

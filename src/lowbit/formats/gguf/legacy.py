@@ -28,12 +28,12 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
+from gguf import quants as gguf_quants
 
 from lowbit.formats.gguf.block import (
     F32,
     F32Array,
     GGMLBlockCodec,
-    GGUFPyCodec,
     U8Array,
     absmax_first,
     c_int8,
@@ -52,6 +52,7 @@ from lowbit.formats.gguf.types import GGMLType
 QK = 32
 # Blocks handled per numpy pass: keeps the (32, chunk) float32 temporaries in cache.
 _CHUNK = 2048
+_BELOW_HALF = np.nextafter(F32(0.5), F32(0.0))
 
 
 def _to_blocks_t(a: np.ndarray) -> np.ndarray:
@@ -94,7 +95,13 @@ class _Symmetric(_Legacy):
         _, mx = absmax_first(xt)  # +0 for an all-zero block: d = +0 / -nmax = -0, as ggml stores
         d = mx / F32(-self.nmax)
         idd = inv_or_zero(d)
-        v = xt * idd + F32(self.nmax + 0.5)
+        v = np.multiply(xt, idd)
+        v += F32(self.nmax + 0.5)
+        if np.isfinite(idd).all():
+            # |x*id| <= nmax to a few ulps when id is finite: v lies in [0, 2*nmax + 1), where C's
+            # (int8_t) is a truncation, and truncation commutes with the clamp at 2*nmax - 1
+            np.minimum(v, F32(2 * self.nmax - 1), out=v)
+            return self._pack_t(d, v.astype(np.uint8))
         L = np.minimum(c_int8(c_trunc_int(v)), 2 * self.nmax - 1) & 0xFF  # MIN(2nmax-1, (int8_t)v), stored u8
         return self._pack(d, L.T)
 
@@ -110,6 +117,10 @@ class _Symmetric(_Legacy):
         parts.append(pack_nibbles(L))
         return np.concatenate(parts, axis=1)
 
+    def _pack_t(self, d: F32Array, Lt: U8Array) -> U8Array:
+        """:meth:`_pack` of codes given as columns, ``Lt (32, B)`` uint8."""
+        return _pack_blocks_t([fp16_bytes(d)], Lt, high_bits=self.nmax > 8)
+
 
 class _WithMin(_Legacy):
     """Q4_1, Q5_1: ``x = d * L + m``."""
@@ -119,7 +130,17 @@ class _WithMin(_Legacy):
         mx = max_first(xt)
         d = (mx - mn) / F32(self.nmax)
         idd = inv_or_zero(d)
-        codes = c_trunc_int((xt - mn) * idd + F32(0.5))
+        v = np.subtract(xt, mn)
+        v *= idd
+        v += F32(0.5)
+        if np.isfinite(idd).all():
+            # 0 <= (x - min)*id <= nmax to a few ulps when id is finite: the codes truncate values in
+            # [0, nmax + 1); Q4_1's clamp at 15 commutes with the truncation; Q5_1 has none (bit 5 of
+            # a 32 is dropped by the packing, as in ggml)
+            if self.nmax == 15:
+                np.minimum(v, F32(15.0), out=v)
+            return _pack_blocks_t([fp16_bytes(d), fp16_bytes(mn)], v.astype(np.uint8), self.nmax > 15)
+        codes = c_trunc_int(v)
         # Q4_1: MIN(15, (int8_t)v); Q5_1: (uint8_t)v with no clamp (bits above 4 are dropped)
         L = np.minimum(c_int8(codes), self.nmax) & 0xFF if self.nmax == 15 else codes & 0xFF
         return self._pack(d, mn, L.T)
@@ -135,6 +156,28 @@ class _WithMin(_Legacy):
             parts.append(pack_high_bits(L))
         parts.append(pack_nibbles(L))
         return np.concatenate(parts, axis=1)
+
+
+def _pack_blocks_t(head: list[U8Array], Lt: U8Array, high_bits: bool) -> U8Array:
+    """Blocks ``head (B, k) ... | [qh:u32] | qs[16]`` from codes as columns, ``Lt (32, B)`` uint8: the
+    nibble and bit packing run along B (vectorized), only the packed bytes are transposed."""
+    B = Lt.shape[1]
+    k = sum(h.shape[1] for h in head)
+    out = np.empty((B, k + (4 if high_bits else 0) + 16), dtype=np.uint8)
+    col = 0
+    for h in head:
+        out[:, col : col + h.shape[1]] = h
+        col += h.shape[1]
+    if high_bits:  # bit 4 of code j at bit j of a little-endian uint32
+        bits = (Lt >> 4).astype(np.uint32)
+        bits &= 1
+        bits <<= np.arange(QK, dtype=np.uint32)[:, None]
+        out[:, col : col + 4] = np.bitwise_or.reduce(bits, axis=0).astype("<u4").view(np.uint8).reshape(B, 4)
+        col += 4
+    lo = Lt[:16] & 0x0F
+    lo |= Lt[16:] << 4
+    out[:, col:] = lo.T
+    return out
 
 
 class Q4_0(_Symmetric):
@@ -157,8 +200,28 @@ class Q5_1(_WithMin):
     nmax = 31
 
 
-class Q8_0(GGUFPyCodec):
-    """ggml's ``quantize_row_q8_0_ref`` (``d = amax/127``, codes ``roundf(x/d)``) ignores the
-    importance vector; gguf-py's quantizer is byte for byte the same."""
+class Q8_0(_Legacy):
+    """ggml's ``quantize_row_q8_0_ref``: ``d = amax/127``, codes ``roundf(x*id)``; the importance vector
+    is ignored. gguf-py's quantizer gives the same bytes (the path for degenerate scales); the common
+    case is computed here in fewer passes, blocks as columns."""
 
     ggml_type = GGMLType.Q8_0
+    uses_imatrix = False
+    nmax = 127
+
+    def _ref_blocks(self, xt: F32Array) -> U8Array:
+        amax = np.maximum(xt.max(axis=0), -xt.min(axis=0))  # max |x|: exact (no sums)
+        amax += F32(0.0)  # fabsf's max is +0 for an all-zero block (np.maximum may keep -0)
+        d = amax / F32(127.0)
+        idd = inv_or_zero(d)
+        if not np.isfinite(idd).all():
+            out = gguf_quants.quantize(np.ascontiguousarray(xt.T), self.ggml_type)
+            return np.asarray(out, dtype=np.uint8).reshape(xt.shape[1], -1)
+        v = np.multiply(xt, idd)
+        # roundf (half away from zero) for |v| <= 127: add the float just below 0.5 with v's sign and
+        # truncate (the int8 conversion); the sum rounds to the next integer exactly when |frac| >= 0.5
+        v += np.copysign(_BELOW_HALF, v)
+        out = np.empty((xt.shape[1], 2 + QK), dtype=np.uint8)
+        out[:, :2] = fp16_bytes(d)
+        out[:, 2:] = v.astype(np.int8).T.view(np.uint8)
+        return out

@@ -21,6 +21,8 @@ Used by the legacy types (Q4_0..Q5_1 with an importance vector) and the k-quants
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from lowbit.formats.gguf.block import (
@@ -125,6 +127,42 @@ def make_qx_quants(x: F32Array, nmax: int, qw: F32Array | None = None) -> tuple[
     return np.where(zero, F32(0.0), scale).astype(F32), L
 
 
+def _coordinate_descent(
+    n: int,
+    L: I32Array,
+    sumlx: F32Array,
+    suml2: F32Array,
+    data: tuple[F32Array, ...],
+    refine: Callable[[int, I32Array, F32Array, F32Array, tuple[F32Array, ...]], np.ndarray],
+    passes: int = 5,
+) -> None:
+    """Up to ``passes`` sweeps of ggml's code-by-code refinement (``make_q3_quants``, ``make_qp_quants``),
+    in place on ``L (n, S)``, ``sumlx, suml2 (S,)``.
+
+    ``refine(i, L_c, sumlx_c, suml2_c, data_c)`` updates element ``i`` of the columns still running (given
+    as their sub-arrays: the state, updated in place, and ``data``'s ``(n, S)`` arrays) and returns where
+    it changed a code. ggml stops a block after a
+    sweep that changes nothing, and such a sweep leaves the block as it was: so a column drops out of
+    later sweeps as soon as one of its sweeps changes nothing, which gives ggml's result and usually
+    ends after one or two sweeps instead of five.
+    """
+    cols = np.arange(L.shape[1])
+    for sweep in range(passes):
+        if cols.size == 0:
+            return
+        if sweep == 0:  # every column: work on the arrays themselves
+            Lc, slx, sl2, dc = L, sumlx, suml2, data
+        else:
+            Lc, slx, sl2 = L[:, cols], sumlx[cols], suml2[cols]
+            dc = tuple(a[:, cols] for a in data)
+        changed = np.zeros(cols.size, dtype=bool)
+        for i in range(n):
+            changed |= refine(i, Lc, slx, sl2, dc)
+        if sweep > 0:
+            L[:, cols], sumlx[cols], suml2[cols] = Lc, slx, sl2
+        cols = cols[changed]
+
+
 # ---------------------------------------------------------------------------------------------------
 # make_q3_quants: Q3_K reference path, x*x-weighted coordinate descent on the codes
 # ---------------------------------------------------------------------------------------------------
@@ -143,21 +181,25 @@ def make_q3_quants(x: F32Array, nmax: int) -> tuple[F32Array, I32Array]:
         lf = to_f32(L)
         sumlx = seq_sum(wx * lf)
         suml2 = seq_sum(w * lf * lf)
-        # ggml stops after a pass that changes nothing; such a pass leaves the state as it was, so
-        # running all 5 passes on every column gives the same result.
-        for _ in range(5):
-            for i in range(n):
-                li = to_f32(L[i])
-                slx = sumlx - wx[i] * li
-                sl2 = suml2 - w[i] * li * li
-                new_l = np.clip(nearest_int(x[i] * sl2 / slx), -nmax, nmax - 1)
-                nl = to_f32(new_l)
-                slx2 = slx + wx[i] * nl
-                sl22 = sl2 + w[i] * nl * nl
-                take = (slx > 0) & (new_l != L[i]) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-                L[i] = np.where(take, new_l, L[i])
-                sumlx = np.where(take, slx2, sumlx)
-                suml2 = np.where(take, sl22, suml2)
+
+        def refine(
+            i: int, L: I32Array, sumlx: F32Array, suml2: F32Array, d: tuple[F32Array, ...]
+        ) -> np.ndarray:
+            li = to_f32(L[i])
+            xi, wi, wxi = d[0][i], d[1][i], d[2][i]
+            slx = sumlx - wxi * li
+            sl2 = suml2 - wi * li * li
+            new_l = np.clip(nearest_int(xi * sl2 / slx), -nmax, nmax - 1)
+            nl = to_f32(new_l)
+            slx2 = slx + wxi * nl
+            sl22 = sl2 + wi * nl * nl
+            take = (slx > 0) & (new_l != L[i]) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            L[i] = np.where(take, new_l, L[i])
+            sumlx[:] = np.where(take, slx2, sumlx)
+            suml2[:] = np.where(take, sl22, suml2)
+            return take
+
+        _coordinate_descent(n, L, sumlx, suml2, (x, w, wx), refine)
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0.0))
     zero = amax < GROUP_MAX_EPS
     scale = np.where(zero, F32(0.0), scale)
@@ -314,19 +356,25 @@ def make_qp_quants(x: F32Array, nmax: int, qw: F32Array) -> tuple[F32Array, I32A
         sumlx = seq_sum(wx * lf)
         suml2 = seq_sum(qw * lf * lf)
         L = li & 0xFF  # stored in uint8_t
-        for _ in range(5):  # see make_q3_quants: a pass without change is a fixed point
-            for i in range(n):
-                Li = to_f32(L[i])
-                slx = sumlx - wx[i] * Li
-                sl2 = suml2 - qw[i] * Li * Li
-                new_l = np.minimum(nearest_int(x[i] * sl2 / slx), nmax)
-                nl = to_f32(new_l)
-                slx2 = slx + wx[i] * nl
-                sl22 = sl2 + qw[i] * nl * nl
-                take = (slx > 0) & (sl2 > 0) & (new_l != L[i]) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-                L[i] = np.where(take, new_l & 0xFF, L[i])
-                sumlx = np.where(take, slx2, sumlx)
-                suml2 = np.where(take, sl22, suml2)
+
+        def refine(
+            i: int, L: I32Array, sumlx: F32Array, suml2: F32Array, d: tuple[F32Array, ...]
+        ) -> np.ndarray:
+            Li = to_f32(L[i])
+            xi, qi, wxi = d[0][i], d[1][i], d[2][i]
+            slx = sumlx - wxi * Li
+            sl2 = suml2 - qi * Li * Li
+            new_l = np.minimum(nearest_int(xi * sl2 / slx), nmax)
+            nl = to_f32(new_l)
+            slx2 = slx + wxi * nl
+            sl22 = sl2 + qi * nl * nl
+            take = (slx > 0) & (sl2 > 0) & (new_l != L[i]) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            L[i] = np.where(take, new_l & 0xFF, L[i])
+            sumlx[:] = np.where(take, slx2, sumlx)
+            suml2[:] = np.where(take, sl22, suml2)
+            return take
+
+        _coordinate_descent(n, L, sumlx, suml2, (x, qw, wx), refine)
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0.0))
     zero = mx < GROUP_MAX_EPS
     scale = np.where(zero, F32(0.0), scale)
