@@ -78,7 +78,9 @@ def main() -> None:
         help="keep the reference cache, the anchor's HF copy and token files here between runs "
         "(default: a temporary directory)",
     )
+    ap.add_argument("--results", default="gptq_awq", help="name of bench/results/NAME.json")
     args = ap.parse_args()
+    meta = {"samples": args.samples, "seqlen": args.seqlen, "chunks": args.chunks, "argv": sys.argv[1:]}
     methods = args.methods.split(",")
     if any(m in LLMC_METHODS for m in methods) and not args.anchor_python.is_file():
         sys.exit(f"{args.anchor_python} is missing: run bench/anchors/setup_llmc.sh or pass --anchor-python")
@@ -125,6 +127,8 @@ def main() -> None:
                         **extra,
                     )
                     rows.append(row)
+                    # Partial results survive an interrupted (hours-long) run.
+                    write_results(args.results, {**meta, "complete": False, "rows": rows})
                     print(
                         f"  {scheme} {method} {calib}: KLD {row['kld_mean']:.4f} PPL {row['ppl']:.3f} "
                         f"{m.seconds:.0f} s {row['peak_rss_mib']:.0f} MiB",
@@ -154,9 +158,7 @@ def main() -> None:
     for r in rows:
         if "error" in r:
             print(f"{r['scheme']} {r['method']} {r['calib']}: failed: {r['error']}")
-    print(
-        f"wrote {write_results('gptq_awq', {'samples': args.samples, 'seqlen': args.seqlen, 'rows': rows})}"
-    )
+    print(f"wrote {write_results(args.results, {**meta, 'complete': True, 'rows': rows})}")
 
 
 def run_lowbit(

@@ -8,7 +8,8 @@
 * :func:`compare_with_transformers_gguf`: the largest difference between lowbit's GGUF weights and
   transformers' own GGUF loader (which undoes the permutation independently).
 
-Usage (one-off check): python bench/anchors/prepare.py MODEL.gguf OUT_DIR [--verify]
+Usage: python bench/anchors/prepare.py MODEL [--hf OUT_DIR [--verify]]
+                                             [--calib TEXT --samples N --seqlen L --ids OUT.npy]
 """
 
 from __future__ import annotations
@@ -90,16 +91,27 @@ def compare_with_transformers_gguf(gguf: Path, hf_dir: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", type=Path)
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--verify", action="store_true", help="compare with transformers' GGUF loader")
+    ap.add_argument("model", type=Path, help="model directory or .gguf file, as lowbit reads it")
+    ap.add_argument("--hf", type=Path, help="write the float32 Hugging Face copy here")
+    ap.add_argument("--verify", action="store_true", help="compare the copy with transformers' GGUF loader")
+    ap.add_argument("--calib", type=Path, help="calibration text: write its token windows to --ids")
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--ids", type=Path, help="output .npy of (samples, seqlen) token ids")
     args = ap.parse_args()
-    hf_directory(args.model, args.out)
-    print(f"wrote {args.out}")
-    if args.verify:
-        diff = compare_with_transformers_gguf(args.model, args.out)
-        print(f"max |lowbit - transformers gguf loader| over all tensors: {diff:.3g}")
-        sys.exit(0 if diff == 0.0 else 1)
+    if args.hf is not None:
+        hf_directory(args.model, args.hf)
+        print(f"wrote {args.hf}")
+        if args.verify:
+            diff = compare_with_transformers_gguf(args.model, args.hf)
+            print(f"max |lowbit - transformers gguf loader| over all tensors: {diff:.3g}")
+            if diff != 0.0:
+                sys.exit(1)
+    if args.calib is not None:
+        if args.ids is None:
+            ap.error("--calib needs --ids OUT.npy")
+        calibration_file(args.model, args.calib, args.samples, args.seqlen, args.ids)
+        print(f"wrote {args.ids}")
 
 
 if __name__ == "__main__":
