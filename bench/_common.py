@@ -9,6 +9,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -59,13 +60,19 @@ def run_measured(
 ) -> Measured:
     """Run ``argv`` as a child: wall time and the child's own peak RSS.
 
+    ``capture_stderr``: the child's stderr is merged into ``stdout`` (tools that report there); otherwise
+    it is kept in a temporary file whose last lines end the error message if the child fails.
+
     The peak is the child's ``VmHWM`` after exec, sampled while it runs. ``wait4``'s ``ru_maxrss`` keeps
     the forked parent's pre-exec high-water mark, so a 3 GB benchmark process would report 3 GB for every
     child; it is used only when it cannot be inflated that way (the parent is smaller)."""
     t0 = time.perf_counter()
-    with open(os.devnull, "wb") as devnull:
+    with tempfile.TemporaryFile() as errf:
         proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=devnull, env={**os.environ, **(env or {})}
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if capture_stderr else errf,
+            env={**os.environ, **(env or {})},
         )
         assert proc.stdout is not None
         peak = 0
@@ -84,10 +91,15 @@ def run_measured(
         stop.set()
         sampler.join()
         _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv[:3])} ... failed with exit code {proc.returncode}")
+        seconds = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            errf.seek(0)
+            text = errf.read().decode(errors="replace") if not capture_stderr else out.decode()
+            tail = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()][-3:]
+            raise RuntimeError(
+                f"{' '.join(argv[:3])} ... failed with exit code {proc.returncode}: {' | '.join(tail)}"
+            )
     own_rss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
     maxrss = int(usage.ru_maxrss) * 1024
     return Measured(seconds, peak if peak and maxrss >= own_rss else maxrss, out.decode())

@@ -6,22 +6,55 @@ TinyStories (out of domain). Each quantization runs as a child process (``lowbit
 time and peak RSS are its own; the checkpoints are then judged by the same evaluator. Group sizes that do
 not divide 576 (g128) cannot be stored in compressed-tensors: those rows are simulated in memory.
 
-The llm-compressor anchor (same model, samples, evaluation) needs its own virtualenv; not run yet.
-Usage: python bench/gptq_awq.py [--samples 128] [--seqlen 512] [--settings w4g64,w3g64] [--methods rtn,gptq,awq]
+The llm-compressor anchor (methods ``llmc-gptq``, ``llmc-gptq-noact``, ``llmc-awq``) runs
+``bench/anchors/llmc_quantize.py`` in llm-compressor's own virtualenv (``bench/anchors/setup_llmc.sh``;
+``--anchor-python``) on the same model (a float32 Hugging Face copy of the weights lowbit reads), the same
+calibration windows (lowbit's ``calibration_tokens``, handed over as token ids) and the same evaluation (its
+compressed-tensors checkpoint read by lowbit). Making that copy and the token file is charged to neither tool.
+``llmc-gptq`` is llm-compressor's default GPTQ (static activation order), ``llmc-gptq-noact`` the same without
+activation order (as lowbit's ``gptq``); ``llmc-awq`` its default AWQ mappings, grid and clipping.
+
+Usage: python bench/gptq_awq.py [--samples 128] [--seqlen 512] [--settings w4g64,w3g64]
+       [--methods rtn,gptq,awq,llmc-gptq,llmc-awq] [--calib wikitext,tinystories] [--anchor-python PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
-from _common import print_table, run_measured, shared_path, smollm2_gguf, write_results
+from _common import ROOT, Measured, print_table, run_measured, shared_path, smollm2_gguf, write_results
+from anchors.prepare import calibration_file, hf_directory
 
-from lowbit.eval.run import evaluate_source, prepare_reference, result_dict
+from lowbit.eval.run import evaluate_source, prepare_reference, result_dict, source_bits_per_weight
 from lowbit.walk.sources import open_model
+
+ANCHOR_SCRIPT = Path(__file__).resolve().parent / "anchors" / "llmc_quantize.py"
+#: bench method -> (llm-compressor method, extra arguments of llmc_quantize.py)
+LLMC_METHODS: dict[str, tuple[str, list[str]]] = {
+    "llmc-gptq": ("gptq", []),
+    "llmc-gptq-noact": ("gptq", ["--actorder", "none"]),
+    "llmc-awq": ("awq", []),
+}
+
+
+def default_anchor_python() -> Path:
+    """The llm-compressor virtualenv's python: $LOWBIT_LLMC_VENV, else ../venvs/llmc beside the repo."""
+    venv = Path(os.environ.get("LOWBIT_LLMC_VENV", ROOT.parent / "venvs" / "llmc"))
+    return venv / "bin" / "python"
+
+
+def last_json_line(text: str) -> dict[str, Any]:
+    lines = [ln for ln in text.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"no JSON line in the child's output: {text[-300:]!r}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
 
 
 def main() -> None:
@@ -32,7 +65,25 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=40)
+    ap.add_argument(
+        "--anchor-python",
+        type=Path,
+        default=default_anchor_python(),
+        help="python of llm-compressor's virtualenv (default: $LOWBIT_LLMC_VENV or ../venvs/llmc)",
+    )
+    ap.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="keep the reference cache, the anchor's HF copy and token files here between runs "
+        "(default: a temporary directory)",
+    )
+    ap.add_argument("--results", default="gptq_awq", help="name of bench/results/NAME.json")
     args = ap.parse_args()
+    meta = {"samples": args.samples, "seqlen": args.seqlen, "chunks": args.chunks, "argv": sys.argv[1:]}
+    methods = args.methods.split(",")
+    if any(m in LLMC_METHODS for m in methods) and not args.anchor_python.is_file():
+        sys.exit(f"{args.anchor_python} is missing: run bench/anchors/setup_llmc.sh or pass --anchor-python")
     model = smollm2_gguf()
     texts = {
         "wikitext": shared_path("data/text/wikitext-2-raw-test-calib.txt"),
@@ -41,60 +92,56 @@ def main() -> None:
     eval_text = shared_path("data/text/wikitext-2-raw-test.txt")
     rows = []
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as tmp:
-        setup = prepare_reference(model, eval_text, 512, args.chunks, cache_dir=Path(tmp) / "cache")
+        work = args.work_dir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        setup = prepare_reference(model, eval_text, 512, args.chunks, cache_dir=work / "cache")
         for scheme in args.settings.split(","):
-            for method in args.methods.split(","):
+            for method in methods:
                 for calib in ["-"] if method == "rtn" else args.calib.split(","):
                     out = Path(tmp) / f"{scheme}-{method}-{calib}"
-                    argv = [
-                        sys.executable,
-                        "-m",
-                        "lowbit",
-                        "-q",
-                        "quantize",
-                        str(model),
-                        "--scheme",
-                        scheme,
-                        "--method",
-                        method,
-                        "-o",
-                        str(out),
-                        "--json",
-                    ]
-                    if method != "rtn":
-                        argv += [
-                            "--calib",
-                            str(texts[calib]),
-                            "--samples",
-                            str(args.samples),
-                            "--seqlen",
-                            str(args.seqlen),
-                        ]
-                    m = run_measured(argv)
-                    rep = json.loads(m.stdout)
+                    row: dict[str, Any] = {"scheme": scheme, "method": method, "calib": calib}
+                    try:
+                        if method in LLMC_METHODS:
+                            # Not charged to either tool: the HF copy and the token file.
+                            hf = hf_directory(model, work / "hf-f32")
+                            ids = calibration_file(
+                                model,
+                                texts[calib],
+                                args.samples,
+                                args.seqlen,
+                                work / f"calib-{calib}-{args.samples}x{args.seqlen}.npy",
+                            )
+                            m, bpw, extra = run_llmc(args.anchor_python, method, hf, ids, scheme, out)
+                        else:
+                            m, bpw, extra = run_lowbit(model, method, scheme, texts.get(calib), args, out)
+                    except RuntimeError as e:
+                        row["error"] = str(e)[-400:]
+                        rows.append(row)
+                        print(f"  {scheme} {method} {calib}: FAILED {row['error']}", flush=True)
+                        continue
                     res = evaluate_source(setup, open_model(out))
-                    row = {
-                        "scheme": scheme,
-                        "method": method,
-                        "calib": calib,
-                        **result_dict(res, rep["bpw"]),
-                        "seconds": m.seconds,
-                        "peak_rss_mib": m.peak_rss_bytes / 2**20,
-                    }
+                    row.update(
+                        **result_dict(res, bpw),
+                        seconds=m.seconds,
+                        peak_rss_mib=m.peak_rss_bytes / 2**20,
+                        **extra,
+                    )
                     rows.append(row)
+                    # Partial results survive an interrupted (hours-long) run.
+                    write_results(args.results, {**meta, "complete": False, "rows": rows})
                     print(
                         f"  {scheme} {method} {calib}: KLD {row['kld_mean']:.4f} PPL {row['ppl']:.3f} "
                         f"{m.seconds:.0f} s {row['peak_rss_mib']:.0f} MiB",
                         flush=True,
                     )
-    rtn = {r["scheme"]: r["kld_mean"] for r in rows if r["method"] == "rtn"}
+    rtn = {r["scheme"]: r["kld_mean"] for r in rows if r["method"] == "rtn" and "kld_mean" in r}
     for r in rows:
-        r["kld_vs_rtn"] = r["kld_mean"] / rtn[r["scheme"]] if r["scheme"] in rtn else None
+        r["kld_vs_rtn"] = r["kld_mean"] / rtn[r["scheme"]] if r["scheme"] in rtn and "kld_mean" in r else None
     print(
         f"SmolLM2-135M on WikiText-2 test, ctx 512, {args.chunks} chunks; calibration {args.samples}x{args.seqlen}"
     )
     print_table(
-        rows,
+        [r for r in rows if "error" not in r],
         [
             ("scheme", "scheme", "s"),
             ("method", "method", "s"),
@@ -108,9 +155,49 @@ def main() -> None:
             ("peak_rss_mib", "RSS MiB", ".0f"),
         ],
     )
-    print(
-        f"wrote {write_results('gptq_awq', {'samples': args.samples, 'seqlen': args.seqlen, 'rows': rows})}"
-    )
+    for r in rows:
+        if "error" in r:
+            print(f"{r['scheme']} {r['method']} {r['calib']}: failed: {r['error']}")
+    print(f"wrote {write_results(args.results, {**meta, 'complete': True, 'rows': rows})}")
+
+
+def run_lowbit(
+    model: Path, method: str, scheme: str, text: Path | None, args: argparse.Namespace, out: Path
+) -> tuple[Measured, float | None, dict[str, Any]]:
+    """``lowbit quantize`` as a measured child; (measurement, bits/weight, extra row fields)."""
+    argv = [
+        sys.executable,
+        "-m",
+        "lowbit",
+        "-q",
+        "quantize",
+        str(model),
+        "--scheme",
+        scheme,
+        "--method",
+        method,
+        "-o",
+        str(out),
+        "--json",
+    ]
+    if method != "rtn":
+        assert text is not None
+        argv += ["--calib", str(text), "--samples", str(args.samples), "--seqlen", str(args.seqlen)]
+    m = run_measured(argv)
+    return m, last_json_line(m.stdout)["bpw"], {}
+
+
+def run_llmc(
+    python: Path, method: str, hf: Path, ids: Path, scheme: str, out: Path
+) -> tuple[Measured, float | None, dict[str, Any]]:
+    """llm-compressor in its virtualenv as a measured child; its checkpoint's bits/weight as lowbit reads it."""
+    base, extra_args = LLMC_METHODS[method]
+    argv = [str(python), str(ANCHOR_SCRIPT), str(hf), str(ids), "--scheme", scheme, "--method", base]
+    m = run_measured([*argv, *extra_args, "-o", str(out)], env={"TOKENIZERS_PARALLELISM": "false"})
+    rep = last_json_line(m.stdout)
+    with open_model(out) as src:
+        bpw = source_bits_per_weight(src)
+    return m, bpw, {"tool_quantize_seconds": rep["quantize_seconds"]}
 
 
 if __name__ == "__main__":
