@@ -263,7 +263,7 @@ def calibrate_walk(
             layer = runner.layer(i, {**blk.weights, **quantized})
             outputs = [runner.run_layer(layer, hidden[sl], pos) for sl in batches]
             del layer
-        hidden = torch.cat(outputs)
+        hidden = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         del blk, quantized, outputs
         bar.update()
     bar.close()
