@@ -117,6 +117,31 @@ def _stories_params() -> list[torch.Tensor]:
             "unknown method",
         ),
         (["quantize", str(STORIES), "--scheme", "w4", "-o", "{tmp}"], "exists; pass --force"),
+        (
+            ["quantize", str(STORIES), "--scheme", "w4", "--method", "gptq", "--calib", "{tmp}/no.txt"]
+            + ["-o", "{tmp}/o"],
+            "does not exist",
+        ),
+        (
+            ["quantize", str(STORIES), "--scheme", "w4", "--method", "awq", "--calib", "{tmp}/empty.txt"]
+            + ["-o", "{tmp}/o"],
+            "is empty",
+        ),
+        (
+            ["quantize", str(STORIES), "--scheme", "w4", "--method", "gptq", "--calib", "{tmp}/short.txt"]
+            + ["-o", "{tmp}/o"],
+            "fewer than one window",
+        ),
+        (
+            ["quantize", str(STORIES), "--scheme", "w4g32", "--method", "gptq", "--format", "gptq"]
+            + ["--calib", str(TEXT), "-o", "{tmp}/o"],
+            "ragged last group",
+        ),
+        (
+            ["quantize", str(STORIES), "--scheme", "w4g32-asym", "--method", "awq", "--format", "awq"]
+            + ["--calib", str(TEXT), "-o", "{tmp}/o"],
+            "must divide the input width",
+        ),
         (["eval", str(STORIES), "--ref", str(STORIES), "--text", "{tmp}/missing.txt"], "does not exist"),
         (["eval", str(STORIES), "--ref", str(STORIES), "--text", str(TEXT), "--ctx", "2"], "context"),
         (["inspect", "{tmp}/nothing.gguf"], "does not exist"),
@@ -155,10 +180,13 @@ def test_errors_are_one_line_exit_2(
     argv: list[str], pattern: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("Once upon a time.")
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and pattern in err[0], err
     assert not list(tmp_path.glob(".*lowbit-tmp*")) and not (tmp_path / "o").exists()
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_demo_json(capsys: pytest.CaptureFixture[str]) -> None:

@@ -267,3 +267,27 @@ def test_config_is_checked() -> None:
         AWQConfig(clip_max_shrink=1.0)
     with pytest.raises(SchemeError):
         AWQConfig(clip_sample_tokens=0)
+
+
+def test_architecture_without_mappings_is_a_one_line_error(contexts: list[BlockContext]) -> None:
+    ctx = dataclasses.replace(contexts[0], arch=dataclasses.replace(contexts[0].arch, mappings=()))
+    with pytest.raises(SchemeError, match="lists no such mapping") as e:
+        AWQ().transform_block(ctx)
+    assert "\n" not in str(e.value)
+
+
+def test_linears_no_mapping_reaches_are_clipped_only(
+    contexts: list[BlockContext], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without the MLP mappings, gate/up/down keep their scale (the norm before them is untouched) and
+    the block still only changes by clipping there; the log says which linears were not scaled."""
+    ctx = contexts[1]
+    attn_only = tuple(m for m in ctx.arch.mappings if not m.source.startswith(("post_", "mlp.")))
+    ctx = dataclasses.replace(ctx, arch=dataclasses.replace(ctx.arch, mappings=attn_only))
+    with caplog.at_level("INFO", logger="lowbit.methods.awq"):
+        new = AWQ().transform_block(ctx)
+    assert "post_attention_layernorm.weight" in new
+    assert torch.equal(new["post_attention_layernorm.weight"], ctx.weights["post_attention_layernorm.weight"])
+    assert any(
+        "clipped and rounded only" in r.message and "mlp.gate_proj" in r.message for r in caplog.records
+    )

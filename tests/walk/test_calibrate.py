@@ -3,6 +3,9 @@ statistics of the real activations, and GPTQ through the walk beats RTN on held-
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import shutil
 from pathlib import Path
 from typing import ClassVar
 
@@ -67,7 +70,7 @@ class _Recorder(Method):
 def test_hessians_equal_batch_statistics_of_real_activations(calib_text: Path) -> None:
     """Non-sequential walk: each linear's Hessian is 2/N XᵀX of its inputs in the full original model."""
     src = open_model(STORIES)
-    cfg = CalibConfig(calib_text, samples=4, seqlen=64, batch=3, sequential=False)
+    cfg = CalibConfig(calib_text, samples=4, seqlen=64, batch=3, sequential=False, dtype=torch.float32)
     rec = _Recorder()
     codec = parse_scheme("w8").codec()
     items = [it for it in calibrate_walk(src, codec, rec, cfg, progress=False) if it.quantized is not None]
@@ -124,6 +127,59 @@ def test_calibration_input_errors(tmp_path: Path) -> None:
         calibration_tokens(src, CalibConfig(short, seqlen=64))
     with pytest.raises(ArgumentError):
         CalibConfig(short, samples=0)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(InputFileError, match="is empty"):
+        calibration_tokens(src, CalibConfig(empty))
+
+
+def test_short_text_calibrates_on_the_windows_it_holds(
+    calib_text: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Documented fallback: fewer windows than asked, with a warning naming both counts."""
+    src = open_model(STORIES)
+    n_tokens = len(src.tokenizer().encode(calib_text.read_text(), add_special_tokens=False))
+    cfg = CalibConfig(calib_text, samples=10_000, seqlen=256)
+    with caplog.at_level("WARNING", logger="lowbit.walk.calibrate"):
+        ids = calibration_tokens(src, cfg)
+    assert ids.shape == (n_tokens // 256, 256)
+    msg = [r.message for r in caplog.records if "instead of the 10000 asked for" in r.message]
+    assert len(msg) == 1 and f"on {n_tokens // 256} windows" in msg[0]
+
+
+class _BrokenMethod(Method):
+    """Returns NaN scales: what a numerically broken method would hand the writer."""
+
+    name = "_test_broken"
+    needs: ClassVar[tuple[str, ...]] = ("hessian",)
+
+    def quantize_linear(
+        self, weight: torch.Tensor, codec: Codec, stats: dict[str, torch.Tensor] | None = None
+    ) -> QuantizedTensor:
+        q = codec.quantize(weight)
+        return dataclasses.replace(q, scales=torch.full_like(q.scales, math.nan))
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_nan_never_leaves_the_walk(calib_text: Path, sequential: bool, tmp_path: Path) -> None:
+    """A NaN weight in the model, or NaN weights out of a method, stop the walk with a one-line error
+    naming the tensor, whichever walk mode (and the checkpoint writer never renames its output)."""
+    from safetensors.torch import load_file, save_file
+
+    from lowbit.errors import NonFiniteWeightError
+
+    cfg = CalibConfig(calib_text, samples=2, seqlen=64, sequential=sequential)
+    codec = parse_scheme("w4").codec(torch.float32)
+    with pytest.raises(NonFiniteWeightError, match=r"\(quantized\)"):
+        list(calibrate_walk(open_model(STORIES), codec, _BrokenMethod(), cfg, progress=False))
+    bad = tmp_path / "bad"
+    shutil.copytree(STORIES, bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    tensors["model.layers.2.mlp.up_proj.weight"][3, 5] = math.nan
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    for method in ("gptq", "awq"):
+        with pytest.raises(NonFiniteWeightError, match="model.layers.2"):
+            list(calibrate_walk(open_model(bad), codec, get_method(method), cfg, progress=False))
 
 
 def test_hessian_accumulator_registered_by_name() -> None:

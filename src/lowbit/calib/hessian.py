@@ -14,17 +14,61 @@ In float32 the rounding error of such a sum grows with the number of terms (up t
 relative), which reaches the size of ``H``'s small eigenvalues, and those are exactly what the
 Cholesky factorization of ``H + λI`` and the GPTQ updates ``H⁻¹`` depend on: a rank-deficient ``H``
 accumulated in float32 can come out indefinite. The cost is memory (``8 · in²`` bytes: 16 MB for
-in = 1536, 0.5 GB for in = 8192) and about twice the time of a float32 ``xᵀx``; pass
-``dtype=torch.float32`` to trade that back.
+in = 1536, 0.5 GB for in = 8192); pass ``dtype=torch.float32`` to trade that back.
+
+How a batch is added (speed without giving that up): the tokens are taken in chunks of
+:data:`CHUNK_TOKENS`; each chunk's ``xᵀx`` is one float32 matrix product (``addmm``) whose result is
+added to the float64 sum, so rounding grows with the chunk, not with ``N``. Float64 inputs are
+multiplied in float64. bfloat16 inputs (the calibration walk's default) are multiplied on the CPU's
+bf16 units with float32 accumulation (oneDNN's bf16 "fpmath" mode): the products of two bf16 numbers
+are exact in float32, so this is the same float32 product, 2-4x faster.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
 from typing import ClassVar, Self
 
 import torch
 
 from lowbit.errors import ArgumentError, ShapeError
+
+CHUNK_TOKENS = 4096
+
+
+@functools.cache
+def _bf16_matmul_supported() -> bool:
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@contextlib.contextmanager
+def _bf16_products() -> Iterator[None]:
+    """float32 matrix products computed from bf16-rounded operands with float32 accumulation: exact
+    for operands that are bf16 values."""
+    m = getattr(torch.backends.mkldnn, "matmul")  # noqa: B009 (not in torch's type stubs)
+    before = m.fp32_precision
+    m.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        m.fp32_precision = before
+
+
+def xtx_into(total: torch.Tensor, x: torch.Tensor) -> None:
+    """``total += xᵀx`` for ``x`` (tokens, in), chunk by chunk (see the module docstring); ``total``
+    (in, in) float32 or float64."""
+    exact_bf16 = x.dtype == torch.bfloat16 and _bf16_matmul_supported()
+    mm_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    direct = total.dtype == mm_dtype
+    for c in range(0, x.shape[0], CHUNK_TOKENS):
+        xc = x[c : c + CHUNK_TOKENS].to(mm_dtype)
+        with _bf16_products() if exact_bf16 else contextlib.nullcontext():
+            if direct:
+                total.addmm_(xc.T, xc)
+            else:
+                total += xc.T @ xc
 
 
 def as_tokens(x: torch.Tensor, in_features: int, dtype: torch.dtype) -> torch.Tensor:
@@ -65,8 +109,8 @@ class HessianAccumulator:
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate a batch ``x`` (..., in_features), any float dtype (converted to ``dtype`` first)."""
-        x2 = as_tokens(x, self.in_features, self.dtype).to(self.sum.device)  # (T, in)
-        self.sum.addmm_(x2.T, x2)  # += xᵀx, (in, in)
+        x2 = as_tokens(x, self.in_features, x.dtype)  # (T, in), checked
+        xtx_into(self.sum, x2.to(self.sum.device))  # += xᵀx, (in, in)
         self.count += x2.shape[0]
 
     def merge(self, other: HessianAccumulator) -> Self:

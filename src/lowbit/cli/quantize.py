@@ -65,12 +65,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="importance matrix for GGUF mixes (llama-imatrix's .gguf or legacy .dat), as llama-quantize --imatrix",
     )
     p.add_argument("--calib", default=None, help="calibration text file (methods that need one)")
-    p.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=128,
+        help="calibration windows (default 128; a text too short for them gives fewer, with a warning)",
+    )
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument(
+        "--calib-dtype",
+        choices=["bfloat16", "float32"],
+        default="bfloat16",
+        help="dtype the calibration forward passes run in (default bfloat16: the CPU's bf16 matrix units; "
+        "the statistics are accumulated in float32/float64 either way)",
+    )
     p.add_argument(
         "--non-sequential",
         action="store_true",
-        help="feed each block the original (not the quantized) previous block's outputs",
+        help="statistics and next-block inputs from the original blocks, not the quantized ones",
     )
     p.add_argument(
         "-o", "--output", required=True, help="output directory, or .gguf file for GGUF (written atomically)"
@@ -105,7 +117,15 @@ def run(args: argparse.Namespace) -> int:
             raise ArgumentError(
                 f"--calib is not used by method {args.method!r}; drop it (methods: {', '.join(sorted(METHODS))})"
             )
-        calib = CalibConfig(Path(args.calib), args.samples, args.seqlen, sequential=not args.non_sequential)
+        import torch
+
+        calib = CalibConfig(
+            Path(args.calib),
+            args.samples,
+            args.seqlen,
+            sequential=not args.non_sequential,
+            dtype=getattr(torch, args.calib_dtype),
+        )
     report = quantize(
         args.model,
         scheme,

@@ -243,7 +243,17 @@ class AWQ(Method):
 
     # ----------------------------------------------------------------- block transform
     def transform_block(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
-        """Scaled (and clipped) float weights for every name of ``ctx.weights``, in their own dtypes."""
+        """Scaled (and clipped) float weights for every name of ``ctx.weights``, in their own dtypes.
+
+        An architecture whose registry entry lists no feeding-op mappings cannot be AWQ-scaled at all: a
+        :class:`SchemeError`. Linears that no applicable mapping reaches (v -> o under grouped-query
+        attention, a fused projection) are documented fallbacks: clipped and rounded, not scaled (logged).
+        """
+        if not ctx.arch.mappings:
+            raise SchemeError(
+                f"AWQ folds its scales into the op that feeds each linear, and the {ctx.arch.name} "
+                "architecture lists no such mapping in the registry; use --method gptq or rtn"
+            )
         self._transformed = True
         prefix = ctx.arch.block_prefix.format(i=ctx.index)
         quantizable = {
@@ -257,9 +267,17 @@ class AWQ(Method):
             quantizable=quantizable,
         )
         reference = ctx.run(ctx.weights) if self.config.loss is LossScope.BLOCK else None
+        scaled: set[str] = set()
         for generic in ctx.arch.mappings:
             for mapping in expand_mapping(generic, state.weights):
-                self._scale_mapping(ctx, state, mapping, reference)
+                if self._scale_mapping(ctx, state, mapping, reference):
+                    scaled.update(mapping.targets)
+        if quantizable - scaled:
+            log.info(
+                "AWQ block %d: no foldable mapping scales %s; clipped and rounded only",
+                ctx.index,
+                ", ".join(sorted(quantizable - scaled)),
+            )
         if self.config.clip:
             for lin in sorted(quantizable):
                 if lin.rsplit(".", 1)[-1] in self.config.clip_skip:
@@ -288,17 +306,18 @@ class AWQ(Method):
         state: _Search,
         mapping: FeedMapping,
         reference: torch.Tensor | None,
-    ) -> None:
+    ) -> bool:
+        """Search and fold ``mapping``'s scales; False when it could not be searched (nothing folded)."""
         cfg = self.config
         where = f"AWQ block {ctx.index}: {mapping.source} -> {', '.join(mapping.targets)}"
         if scaled_width(state.weights, mapping) is None:
             log.info("%s: shapes do not allow a fold (e.g. grouped-query v -> o); skipped", where)
-            return
+            return False
         keys = {t: _input_key(mapping, t, state.inputs) for t in mapping.targets}
         measured = [t for t in mapping.targets if t in state.quantizable and keys[t] is not None]
         if not measured:
             log.info("%s: no calibration inputs reach a quantized target; skipped", where)
-            return
+            return False
         distinct = sorted({k for k in keys.values() if k is not None})
         x_mean = torch.cat([state.inputs[k] for k in distinct]).abs().mean(0)  # (in,)
         w_mean = (
@@ -337,7 +356,7 @@ class AWQ(Method):
                 best = (loss, alpha, duo, s)
         if best is None:
             log.warning("%s: every candidate gave a non-finite loss; left unscaled", where)
-            return
+            return False
         loss, alpha, duo, s = best
         report = ScaleReport(ctx.index, mapping.source, mapping.targets, alpha, duo, loss, identity_loss)
         self.reports.append(report)
@@ -353,6 +372,7 @@ class AWQ(Method):
         state.weights = fold_scales(state.weights, mapping, s, ctx.arch.norm_offset)
         for k in distinct:
             state.rescale_inputs(k, s)
+        return True
 
     def _clip_linear(self, ctx: BlockContext, state: _Search, lin: str, key: str) -> None:
         cfg = self.config

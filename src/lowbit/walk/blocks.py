@@ -55,6 +55,8 @@ class BlockRunner:
         return h
 
     def position_embeddings(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Rotary ``(cos, sin)`` for ``hidden`` (B, T, hidden), in ``hidden``'s dtype (computed in
+        float32 and rounded, as transformers does)."""
         if self._rotary is None:
             return None
         pos = torch.arange(hidden.shape[1])[None]
@@ -66,18 +68,22 @@ class BlockRunner:
         prefix = self.source.arch.block_prefix.format(i=i)
         return {n[len(prefix) :]: self.source.read(n) for n in self.source.names() if n.startswith(prefix)}
 
-    def layer(self, i: int, weights: Mapping[str, torch.Tensor]) -> torch.nn.Module:
-        """Decoder layer ``i`` with ``weights`` (block-relative names), in eval mode."""
+    def layer(
+        self, i: int, weights: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None
+    ) -> torch.nn.Module:
+        """Decoder layer ``i`` with ``weights`` (block-relative names), in eval mode, in ``dtype``
+        (default: the runner's)."""
+        dtype = dtype or self.dtype
         layer = self._layer_cls(self.config, layer_idx=i)
         missing, unexpected = layer.load_state_dict(
-            {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in weights.items()}, strict=False
+            {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}, strict=False
         )
         if missing or unexpected:
             raise InputFileError(
                 f"block {i} of {self.source.path} does not fit {self._layer_cls.__name__} "
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
-        return layer.to(self.dtype).eval()
+        return layer.to(dtype).requires_grad_(False).eval()
 
     def run_layer(
         self, layer: torch.nn.Module, hidden: torch.Tensor, pos: tuple[torch.Tensor, torch.Tensor] | None

@@ -16,8 +16,10 @@ Peak memory: one block's weights + the calibration activations (2 x samples x se
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ from lowbit.calib.absmean import AbsMaxAccumulator, AbsMeanAccumulator
 from lowbit.calib.hessian import HessianAccumulator
 from lowbit.errors import ArgumentError, InputFileError
 from lowbit.formats.activations import ActQuant, LLMInt8
-from lowbit.formats.base import Codec, sqnr_db
+from lowbit.formats.base import Codec, QuantizedTensor, sqnr_db
 from lowbit.methods.base import BlockContext, Method
 from lowbit.walk.blocks import BlockRunner
 from lowbit.walk.quantize_walk import LayerStat, WalkItem, WalkStats, check_finite
@@ -45,13 +47,23 @@ ACCUMULATORS: dict[str, Callable[[int], Any]] = {
 
 @dataclass(frozen=True)
 class CalibConfig:
-    """Calibration data and walk mode. Defaults follow GPTQ/llm-compressor: 128 windows of 512 tokens."""
+    """Calibration data and walk mode. Defaults follow GPTQ/llm-compressor: 128 windows of 512 tokens.
+
+    ``batch``: windows per forward pass; ``None`` runs all of them at once when their activations are
+    estimated to fit ``max_batch_bytes`` (see :func:`batch_windows`), else as many as fit.
+    ``dtype``: the dtype the blocks run in and the activations are kept in. ``bfloat16`` (default)
+    runs the matrix products on the CPU's bf16 units (AMX, AVX512-BF16: 3-6x faster than float32);
+    the statistics are still accumulated in float32/float64 from those bf16 activations, exactly.
+    Use ``float32`` to calibrate on float32 activations.
+    """
 
     text: Path
     samples: int = 128
     seqlen: int = 512
-    batch: int = 8
+    batch: int | None = None
     sequential: bool = True
+    dtype: torch.dtype = torch.bfloat16
+    max_batch_bytes: int = 3 << 29  # 1.5 GiB of block activations
     # Block-level methods (AWQ) search on a sample: this many input tokens per linear input, and this
     # many windows for block-output losses.
     block_sample_tokens: int = 8192
@@ -59,29 +71,60 @@ class CalibConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.samples < 1 or self.seqlen < 8 or self.batch < 1:
+        if self.samples < 1 or self.seqlen < 8 or (self.batch is not None and self.batch < 1):
             raise ArgumentError(
                 f"calibration needs samples >= 1, seqlen >= 8 and batch >= 1 (got {self.samples}, "
                 f"{self.seqlen}, {self.batch})"
             )
+        if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ArgumentError(f"calibration runs in float32, bfloat16 or float16, not {self.dtype}")
+
+
+def batch_windows(source: ModelSource, config: CalibConfig, windows: int) -> int:
+    """Windows per forward pass: ``config.batch``, or all ``windows`` when one block's activations for
+    all of them fit ``max_batch_bytes``. The estimate per token is the widest intermediate (the MLP's,
+    or 4 x hidden if the config does not say) four times over (gate, up, activation, product) plus
+    four hidden-size tensors (input, attention, residual, output), in ``config.dtype``."""
+    if config.batch is not None:
+        return min(config.batch, windows)
+    cfg = source.config
+    hidden = int(cfg.get("hidden_size", 0) or 0)
+    inter = (
+        max(int(cfg.get(k, 0) or 0) for k in ("intermediate_size", "moe_intermediate_size", "ffn_dim"))
+        or 4 * hidden
+    )
+    per_window = config.seqlen * (4 * inter + 4 * hidden) * torch.finfo(config.dtype).bits // 8
+    return max(1, min(windows, config.max_batch_bytes // max(per_window, 1)))
 
 
 def calibration_tokens(source: ModelSource, config: CalibConfig) -> torch.Tensor:
-    """``(samples, seqlen)`` int64 windows of the calibration text (fewer if the text is short)."""
+    """``(samples, seqlen)`` int64 windows of the calibration text.
+
+    A text too short for ``samples`` windows is not an error: calibration runs on the whole windows it
+    holds, with a warning that names both counts (GPTQ's damping keeps the statistics of a few windows
+    usable). A missing or empty file, or one shorter than a single window, is an :class:`InputFileError`.
+    """
     from lowbit.eval.windows import encode_text, read_text_exact, tokenizer_bos_id
 
     if not config.text.is_file():
         raise InputFileError(f"calibration text {config.text} does not exist")
+    text = read_text_exact(config.text)
+    if not text.strip():
+        raise InputFileError(f"calibration text {config.text} is empty")
     tok = source.tokenizer()
-    ids = encode_text(tok, read_text_exact(config.text))
+    ids = encode_text(tok, text)
     n = min(config.samples, ids.numel() // config.seqlen)
     if n < 1:
         raise InputFileError(
-            f"calibration text {config.text} has {ids.numel()} tokens, fewer than one window of {config.seqlen}"
+            f"calibration text {config.text} has {ids.numel()} tokens, fewer than one window of "
+            f"{config.seqlen}; give a longer text or a smaller --seqlen"
         )
     if n < config.samples:
         log.warning(
-            "calibration text gives only %d windows of %d tokens (asked for %d)",
+            "calibration text %s holds %d tokens: calibrating on %d windows of %d tokens instead of the "
+            "%d asked for",
+            config.text,
+            ids.numel(),
             n,
             config.seqlen,
             config.samples,
@@ -113,6 +156,22 @@ def _input_keys(source: ModelSource, rel_linears: list[str]) -> dict[str, str]:
     return keys
 
 
+class _StopForward(Exception):
+    """Raised by a statistics hook once every input of the block has been seen: the rest of the
+    block's forward pass (the last linear and the residual) is not needed."""
+
+
+def _windows_for(method: Method, config: CalibConfig, available: int) -> int:
+    """Calibration windows the walk runs. A block-level method (AWQ) searches on at most
+    ``block_sample_tokens`` tokens and ``block_sample_windows`` windows: only those windows are run
+    (the others would be propagated through every block and never looked at). A block-level method
+    that also takes statistics over all tokens (SmoothQuant's activation ranges) runs every window."""
+    if not method.transforms_block or method.needs:
+        return available
+    need = max(config.block_sample_windows, math.ceil(config.block_sample_tokens / config.seqlen))
+    return min(available, need)
+
+
 def calibrate_walk(
     source: ModelSource,
     codec: Codec,
@@ -125,19 +184,50 @@ def calibrate_walk(
     """Yield every tensor of ``source`` in block order, block linears quantized with calibration
     statistics (the same stream as :func:`lowbit.walk.quantize_walk.walk_quantize`).
 
+    Per block, for a per-linear method (GPTQ):
+
+    * sequential, all windows in one batch (the default when they fit, see :func:`batch_windows`):
+      **one** forward pass. A hook before each group of linears that share an input (q/k/v, o,
+      gate/up, down) accumulates the group's statistics over all tokens, quantizes the group and puts
+      the dequantized weights in place before the group runs, so the later groups' statistics see
+      the quantized earlier ones (GPTQ's "true sequential" order) and the pass's output is the
+      quantized block's output, the next block's input.
+    * sequential in several batches: a statistics pass over the original block (stopped after the
+      last group's inputs), then a pass of the quantized block for the outputs (llm-compressor's order).
+    * non-sequential: one pass over the original block gives both the statistics and the outputs.
+
     ``activations``: how the scheme quantizes linear inputs at run time. With a static scale, each
     quantized linear's ``input_scale`` is calibrated on the inputs it sees in the *quantized* (and, for
     block-level methods, transformed) block, and carried on its :class:`WalkItem`.
     """
     static = isinstance(activations, ActQuant) and not activations.dynamic
-    runner = BlockRunner(source)
+    runner = BlockRunner(source, dtype=config.dtype)
     arch = source.arch
     ids = calibration_tokens(source, config)
-    log.info("calibrating on %d windows x %d tokens of %s", ids.shape[0], ids.shape[1], config.text)
-    hidden = torch.cat(
-        [runner.embed(ids[i : i + config.batch]) for i in range(0, ids.shape[0], config.batch)]
+    n_win = _windows_for(method, config, ids.shape[0])
+    if n_win < ids.shape[0]:
+        log.info(
+            "%s searches on %d tokens: running the first %d of %d windows",
+            method.name,
+            config.block_sample_tokens,
+            n_win,
+            ids.shape[0],
+        )
+        ids = ids[:n_win]
+    batch = batch_windows(source, config, ids.shape[0])
+    one_pass = config.sequential and batch >= ids.shape[0] and not method.transforms_block
+    log.info(
+        "calibrating on %d windows x %d tokens of %s (%s, %d windows per pass, %s)",
+        ids.shape[0],
+        ids.shape[1],
+        config.text,
+        "sequential" if config.sequential else "non-sequential",
+        batch,
+        config.dtype,
     )
-    pos = runner.position_embeddings(hidden[: config.batch])
+    hidden = torch.cat([runner.embed(ids[i : i + batch]) for i in range(0, ids.shape[0], batch)])
+    pos = runner.position_embeddings(hidden[:batch])
+    batches = [slice(b, b + batch) for b in range(0, hidden.shape[0], batch)]
     groups = source.blocks()
     gen = torch.Generator().manual_seed(config.seed)
     bar = tqdm(total=len(groups), desc=f"{method.name}", unit="block", disable=not progress, leave=False)
@@ -153,75 +243,24 @@ def calibrate_walk(
             continue
         i = grp.index
         prefix = arch.block_prefix.format(i=i)
-        weights = {n[len(prefix) :]: source.read(n) for n in grp.names}
-        layer = runner.layer(i, weights)
-        rel_linears = [n[: -len(".weight")] for n in weights if arch.is_quantizable(prefix + n)]
-        keys = _input_keys(source, rel_linears)
-        accs: dict[str, dict[str, Any]] = {}
-        samples: dict[str, list[torch.Tensor]] = {}
-        modules = dict(layer.named_modules())
-        handles = []
-        for lin in rel_linears:
-            key = keys[lin]
-            if key in accs:
-                continue
-            in_f = weights[lin + ".weight"].shape[1]
-            accs[key] = {need: ACCUMULATORS[need](in_f) for need in method.needs}
-
-            def hook(
-                _m: torch.nn.Module,
-                args: tuple[torch.Tensor, ...],
-                key: str = key,
-                accs: dict[str, dict[str, Any]] = accs,
-                samples: dict[str, list[torch.Tensor]] = samples,
-            ) -> None:
-                for acc in accs[key].values():
-                    acc.add(args[0])
-                if method.transforms_block:
-                    samples.setdefault(key, []).append(
-                        _sample_tokens(args[0], config.block_sample_tokens, gen)
-                    )
-
-            handles.append(modules[lin].register_forward_pre_hook(hook))
-        outputs = []
-        for b in range(0, hidden.shape[0], config.batch):
-            outputs.append(runner.run_layer(layer, hidden[b : b + config.batch], pos))
-        for h in handles:
-            h.remove()
-        if method.transforms_block:
-            sub = hidden[: config.block_sample_windows]
-
-            def run(w: Mapping[str, torch.Tensor], i: int = i, sub: torch.Tensor = sub) -> torch.Tensor:
-                return runner.run_layer(runner.layer(i, w), sub, runner.position_embeddings(sub))
-
-            ctx = BlockContext(
-                index=i,
-                weights=weights,
-                arch=arch,
-                codec=codec,
-                inputs={k: torch.cat(v)[: config.block_sample_tokens] for k, v in samples.items()},
-                run=run,
-                stats={k: {n: a.result() for n, a in v.items()} for k, v in accs.items()},
-                activations=activations,
-            )
-            # Statistics above were taken on the original block: a block-level method quantizes its
-            # transformed weights without them (AWQ: RTN after scaling and clipping).
-            weights = method.transform_block(ctx)
+        block_weights = {}
+        for n in grp.names:
+            block_weights[n[len(prefix) :]] = t = source.read(n)
+            check_finite(n, t)  # before the block runs: a NaN would otherwise surface as NaN activations
+        blk = _BlockCalibration(runner, codec, method, config, i, block_weights, gen, activations)
+        outputs = blk.one_pass(hidden, pos) if one_pass else blk.statistics_pass(hidden, pos, batches)
+        blk.finish(hidden)
         quantized: dict[str, torch.Tensor] = {}
         items: list[WalkItem] = []
-        for rel, w in weights.items():
+        for rel, w in blk.weights.items():
             name = prefix + rel
-            if rel[: -len(".weight")] in keys and rel.endswith(".weight"):
-                lin = rel[: -len(".weight")]
-                check_finite(name, w)
-                lin_stats = {need: acc.result() for need, acc in accs[keys[lin]].items()}
-                q = method.quantize_linear(w, codec, lin_stats)
-                deq = codec.dequantize(q)
-                check_finite(name, deq)
+            lin = rel[: -len(".weight")]
+            if rel.endswith(".weight") and lin in blk.results:
+                q, deq = blk.results[lin], blk.dequantized[lin]
                 quantized[rel] = deq
                 if stats is not None:
                     bits = codec.storage_bits(tuple(w.shape))
-                    notes = method.describe_layer(lin_stats)
+                    notes = blk.notes.get(lin, {})
                     stats.layers.append(LayerStat(name, tuple(w.shape), bits, sqnr_db(w, deq), notes))
                     stats.quantized_params += w.numel()
                     stats.quantized_bits += bits
@@ -231,43 +270,192 @@ def calibrate_walk(
                     stats.other_params += w.numel()
                     stats.other_bits += w.numel() * w.element_size() * 8
                 items.append(WalkItem(name, w))
-        if config.sequential or static:
-            layer = runner.layer(i, {**weights, **quantized})
+        if (config.sequential and not one_pass) or static:
+            layer = runner.layer(i, {**blk.weights, **quantized})
             ranges: dict[str, torch.Tensor] = {}
-            range_handles = []
-            if static:
-                for lin in rel_linears:
-
-                    def range_hook(
-                        _m: torch.nn.Module,
-                        args: tuple[torch.Tensor, ...],
-                        lin: str = lin,
-                        ranges: dict[str, torch.Tensor] = ranges,
-                    ) -> None:
-                        m = args[0].detach().abs().amax().float()
-                        ranges[lin] = torch.maximum(ranges[lin], m) if lin in ranges else m
-
-                    range_handles.append(
-                        dict(layer.named_modules())[lin].register_forward_pre_hook(range_hook)
-                    )
-            rerun = [
-                runner.run_layer(layer, hidden[b : b + config.batch], pos)
-                for b in range(0, hidden.shape[0], config.batch)
-            ]
-            for h in range_handles:
+            handles = _range_hooks(layer, list(blk.key_of), ranges) if static else []
+            rerun = [runner.run_layer(layer, hidden[sl], pos) for sl in batches]
+            for h in handles:
                 h.remove()
-            if config.sequential:
+            if config.sequential and not one_pass:
                 outputs = rerun
             if static:
                 assert isinstance(activations, ActQuant)
                 for k, item in enumerate(items):
                     lin = item.name[len(prefix) : -len(".weight")]
                     if item.quantized is not None and lin in ranges:
-                        items[k] = dataclasses.replace(
-                            item, input_scale=activations.scale_from_absmax(ranges[lin]).reshape(1)
-                        )
+                        scale = activations.scale_from_absmax(ranges[lin]).reshape(1)
+                        items[k] = dataclasses.replace(item, input_scale=scale)
+            del layer, rerun
         yield from items
-        hidden = torch.cat(outputs)
-        del layer, weights, quantized
+        hidden = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        del blk, quantized, outputs
         bar.update()
     bar.close()
+
+
+def _range_hooks(layer: torch.nn.Module, linears: list[str], ranges: dict[str, torch.Tensor]) -> list[Any]:
+    """Hooks recording each linear's largest input magnitude (a static activation scale's range)."""
+    modules = dict(layer.named_modules())
+
+    def hook(lin: str, x: torch.Tensor) -> None:
+        m = x.detach().abs().amax().float()
+        ranges[lin] = torch.maximum(ranges[lin], m) if lin in ranges else m
+
+    return [
+        modules[lin].register_forward_pre_hook(lambda _m, args, lin=lin: hook(lin, args[0])) for lin in linears
+    ]
+
+
+class _BlockCalibration:
+    """One block's calibration: its layer, the hooks on its linears, their statistics and results.
+
+    Linears that share an input (the registry's norm mappings: q/k/v, gate/up) form one group with one
+    set of accumulators, keyed by the feeding op's name (the linear's own name otherwise)."""
+
+    def __init__(
+        self,
+        runner: BlockRunner,
+        codec: Codec,
+        method: Method,
+        config: CalibConfig,
+        index: int,
+        weights: dict[str, torch.Tensor],
+        gen: torch.Generator,
+        activations: ActQuant | LLMInt8 | None = None,
+    ) -> None:
+        self.runner, self.codec, self.method, self.config = runner, codec, method, config
+        self.index, self.weights, self.gen = index, weights, gen
+        self.activations = activations
+        self.notes: dict[str, dict[str, float]] = {}  # linear -> what the method reports about it
+        arch = runner.source.arch
+        self.prefix = arch.block_prefix.format(i=index)
+        self.layer = runner.layer(index, weights)
+        self.modules = dict(self.layer.named_modules())
+        rel_linears = [n[: -len(".weight")] for n in weights if arch.is_quantizable(self.prefix + n)]
+        keys = _input_keys(runner.source, rel_linears)
+        self.key_of = {lin: keys[lin] for lin in rel_linears}
+        self.members: dict[str, list[str]] = {}
+        for lin in rel_linears:
+            self.members.setdefault(keys[lin], []).append(lin)
+        self.accs: dict[str, dict[str, Any]] = {
+            key: {need: ACCUMULATORS[need](weights[lins[0] + ".weight"].shape[1]) for need in method.needs}
+            for key, lins in self.members.items()
+        }
+        self.samples: dict[str, list[torch.Tensor]] = {}
+        self.results: dict[str, QuantizedTensor] = {}
+        self.dequantized: dict[str, torch.Tensor] = {}  # (out, in) float32, checked finite
+        self.seen: list[str] = []  # group keys in the order their hooks fired
+        self.stop_after: str | None = None  # the group whose inputs come last in the block, once known
+
+    def _hooks(self, fn: Callable[[str, torch.Tensor], None]) -> list[Any]:
+        return [
+            self.modules[lin].register_forward_pre_hook(lambda _m, args, key=key: fn(key, args[0]))
+            for key, lins in self.members.items()
+            for lin in lins
+        ]
+
+    def _quantize_linear(self, lin: str) -> None:
+        w = self.weights[lin + ".weight"]
+        check_finite(self.prefix + lin + ".weight", w)
+        accs = self.accs[self.key_of[lin]]
+        q = _quantize_one(self.method, self.codec, w, accs, self.prefix + lin)
+        if all(acc.count for acc in accs.values()):
+            self.notes[lin] = self.method.describe_layer({need: acc.result() for need, acc in accs.items()})
+        deq = self.codec.dequantize(q).reshape(w.shape)
+        check_finite(self.prefix + lin + ".weight (quantized)", deq)  # never a NaN into a checkpoint
+        self.results[lin] = q
+        self.dequantized[lin] = deq
+
+    def one_pass(self, hidden: torch.Tensor, pos: Any) -> list[torch.Tensor]:
+        """Statistics, quantization and the quantized block's output in one forward pass of all windows."""
+
+        def quantize_before(key: str, x: torch.Tensor) -> None:
+            if key in self.seen:  # another member of the group: already quantized and in place
+                return
+            self.seen.append(key)
+            for acc in self.accs[key].values():
+                acc.add(x)
+            for lin in self.members[key]:
+                self._quantize_linear(lin)
+                w = self.modules[lin].weight
+                w.copy_(self.dequantized[lin])
+
+        handles = self._hooks(quantize_before)
+        try:
+            return [self.runner.run_layer(self.layer, hidden, pos)]
+        finally:
+            for h in handles:
+                h.remove()
+
+    def statistics_pass(self, hidden: torch.Tensor, pos: Any, batches: list[slice]) -> list[torch.Tensor]:
+        """Statistics (and AWQ's samples) over the original block; its outputs when non-sequential."""
+
+        def collect(key: str, x: torch.Tensor) -> None:
+            if key not in self.seen:
+                self.seen.append(key)
+            for acc in self.accs[key].values():
+                acc.add(x)
+            if self.method.transforms_block:
+                self.samples.setdefault(key, []).append(
+                    _sample_tokens(x, self.config.block_sample_tokens, self.gen)
+                )
+            if key == self.stop_after:
+                raise _StopForward
+
+        outputs = []
+        handles = self._hooks(collect)
+        try:
+            for k, sl in enumerate(batches):
+                with contextlib.suppress(_StopForward):
+                    outputs.append(self.runner.run_layer(self.layer, hidden[sl], pos))
+                if k == 0 and self.config.sequential and len(self.seen) == len(self.members):
+                    # The outputs of this pass are not used: from the second batch on, stop as soon
+                    # as the last group's inputs are in.
+                    self.stop_after = self.seen[-1]
+        finally:
+            for h in handles:
+                h.remove()
+        return outputs
+
+    def finish(self, hidden: torch.Tensor) -> None:
+        """Block-level transform (AWQ) on ``hidden``'s first windows, then quantize every linear not
+        quantized yet (all of them after a statistics pass; those no token reached after a one-pass)."""
+        if self.method.transforms_block:
+            # Block outputs for the search are float32, so that its comparisons are not bf16 noise.
+            sub = hidden[: self.config.block_sample_windows].float()
+            runner, i = self.runner, self.index
+
+            def run(w: Mapping[str, torch.Tensor]) -> torch.Tensor:
+                layer = runner.layer(i, w, dtype=torch.float32)
+                return runner.run_layer(layer, sub, runner.position_embeddings(sub))
+
+            n = self.config.block_sample_tokens
+            ctx = BlockContext(
+                index=i,
+                weights=self.weights,
+                arch=runner.source.arch,
+                codec=self.codec,
+                inputs={k: torch.cat(v)[:n] for k, v in self.samples.items()},
+                run=run,
+                stats={k: {need: acc.result() for need, acc in a.items()} for k, a in self.accs.items()},
+                activations=self.activations,
+            )
+            # Statistics above were taken on the original block: a block-level method quantizes its
+            # transformed weights without them (AWQ: RTN after scaling and clipping).
+            self.weights = self.method.transform_block(ctx)
+        for rel in self.weights:  # in the block's tensor order
+            lin = rel[: -len(".weight")]
+            if lin in self.key_of and lin not in self.results:
+                self._quantize_linear(lin)
+
+
+def _quantize_one(
+    method: Method, codec: Codec, w: torch.Tensor, accs: Mapping[str, Any], name: str
+) -> QuantizedTensor:
+    """One linear with its group's statistics. A group no calibration token reached (an MoE expert
+    the router never picked) has no statistics: it is quantized by round-to-nearest, with a warning."""
+    if any(acc.count == 0 for acc in accs.values()):
+        log.warning("%s: no calibration token reached this linear; quantized by round-to-nearest", name)
+        return codec.quantize(w)
+    return method.quantize_linear(w, codec, {need: acc.result() for need, acc in accs.items()})
