@@ -77,7 +77,7 @@ def test_full_diag_blend_is_rtn_on_a_real_hessian() -> None:
     rtn = codec.quantize(w)
     assert torch.equal(gptq_quantize(w, h, codec, GPTQConfig(diag_blend=1.0)).codes, rtn.codes)
     half = gptq_quantize(w, h, codec, GPTQConfig(diag_blend=0.5))
-    full = gptq_quantize(w, h, codec)
+    full = gptq_quantize(w, h, codec, GPTQConfig(diag_blend=0.0))
     # Blending trades loss on the calibration Hessian for robustness: between GPTQ and RTN here.
     assert full.report.loss < half.report.loss < half.report.rtn_loss
 
@@ -152,7 +152,8 @@ SCHEMES = [
     ("w8 g64 asym", AffineCodec(8, False, group(64))),
 ]
 CONFIGS = [
-    ("plain", GPTQConfig()),
+    ("plain", GPTQConfig(diag_blend=0.0)),
+    ("default (blended)", GPTQConfig()),
     ("act-order", GPTQConfig(act_order=True)),
     ("act-order static", GPTQConfig(act_order=True, static_groups=True)),
 ]
@@ -212,7 +213,7 @@ def _naive_gptq(w: torch.Tensor, h: torch.Tensor, codec: AffineCodec, damp: floa
 )
 def test_matches_the_naive_algorithm(layers: dict[str, Layer], codec: AffineCodec) -> None:
     layer = layers["model.layers.2.mlp.down_proj"]
-    q = gptq_quantize(layer.weight, layer.hessian, codec)
+    q = gptq_quantize(layer.weight, layer.hessian, codec, GPTQConfig(diag_blend=0.0))
     naive = _naive_gptq(layer.weight, layer.hessian, codec)
     # float32 vs float64 updates could flip a code that sits on a rounding boundary (measured: none).
     assert int((q.codes != naive).sum()) <= 2
@@ -245,7 +246,7 @@ def test_indefinite_hessian_retries_with_more_damping(caplog: pytest.LogCaptureF
     )
     codec = AffineCodec(4, True, group(16))
     with caplog.at_level(logging.WARNING, logger="lowbit.methods.gptq"):
-        q = gptq_quantize(w, h, codec)
+        q = gptq_quantize(w, h, codec, GPTQConfig(diag_blend=0.0))
     assert q.report.retries == 1 and q.report.damp == pytest.approx(0.1) and not q.report.diagonal_fallback
     assert "not positive definite" in caplog.text
     assert torch.isfinite(codec.dequantize(q)).all()
