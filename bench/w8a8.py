@@ -31,6 +31,10 @@ ROWS: dict[str, tuple[list[str], bool]] = {
     "w8a8 naive (per-tensor static)": (["--scheme", "w8a8-static"], True),
     "w8a8 per-token (dynamic)": (["--scheme", "w8a8"], False),
     "smoothquant a=0.5 per-tensor static": (["--scheme", "w8a8-static", "--method", "smoothquant"], True),
+    "smoothquant a=0.5 norms only (paper) per-tensor static": (
+        ["--scheme", "w8a8-static", "--method", "smoothquant", "--smooth", "norms"],
+        True,
+    ),
     "smoothquant a=auto per-tensor static": (
         ["--scheme", "w8a8-static", "--method", "smoothquant", "--alpha", "auto"],
         True,
@@ -109,6 +113,7 @@ def main() -> None:
                 row["layers_with_outliers"] = sum(c > 0 for c in counts)
                 outlier_layers = {k: v for k, v in notes.items()}
             rows.append(row)
+            write_results("w8a8", {"samples": args.samples, "seqlen": args.seqlen, "rows": rows, "partial": True})
             print(
                 f"  {name}: KLD {row['kld_mean']:.5f} PPL {row['ppl']:.3f} top-1 {row['top1']:.4f} "
                 f"{m.seconds:.0f} s {row['peak_rss_mib']:.0f} MiB",

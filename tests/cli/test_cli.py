@@ -148,6 +148,7 @@ def _stories_params() -> list[torch.Tensor]:
         (["quantize", str(STORIES), "--scheme", "w8a8-static", "-o", "{tmp}/o"], "--calib"),
         (["quantize", str(STORIES), "--method", "smoothquant", "-o", "{tmp}/o"], "calibration"),
         (["quantize", str(STORIES), "--scheme", "w8a8", "--alpha", "0.5", "-o", "{tmp}/o"], "--alpha"),
+        (["quantize", str(STORIES), "--scheme", "w8a8", "--smooth", "norms", "-o", "{tmp}/o"], "--smooth"),
         (
             [
                 "quantize",

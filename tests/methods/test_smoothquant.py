@@ -67,14 +67,24 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("alpha", [0.5, "auto"])
-def test_fold_keeps_float_block_outputs(contexts: list[BlockContext], alpha: float | str) -> None:
+@pytest.mark.parametrize(
+    ("mappings", "sources", "n_changed"),
+    [
+        # stories260K has grouped-query attention (4 kv heads, 8 heads): v -> o does not fold
+        ("all", ["input_layernorm", "post_attention_layernorm", "mlp.up_proj"], 8),  # + down (up: twice)
+        ("norms", ["input_layernorm", "post_attention_layernorm"], 7),  # two norms, q k v, gate up
+    ],
+)
+def test_fold_keeps_float_block_outputs(
+    contexts: list[BlockContext], alpha: float | str, mappings: str, sources: list[str], n_changed: int
+) -> None:
     for ctx in contexts:
-        sq = SmoothQuant(alpha)
+        sq = SmoothQuant(alpha, mappings=mappings)
         new = sq.transform_block(ctx)
-        assert [r.source for r in sq.reports] == ["input_layernorm", "post_attention_layernorm"]
+        assert [r.source for r in sq.reports] == sources
         assert _rel_err(ctx.run(new), ctx.run(ctx.weights)) < 1e-5
         changed = [n for n in new if not torch.equal(new[n], ctx.weights[n])]
-        assert len(changed) == 7  # two norms, q k v, gate up
+        assert len(changed) == n_changed
 
 
 def test_smoothing_balances_activation_and_weight_ranges(contexts: list[BlockContext]) -> None:
@@ -83,6 +93,7 @@ def test_smoothing_balances_activation_and_weight_ranges(contexts: list[BlockCon
         for key, targets in (
             ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
             ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
+            ("mlp.down_proj", ["mlp.down_proj"]),
         ):
             x_abs = ctx.stats[key]["absmax"]
             w_abs = torch.cat([ctx.weights[f"{t}.weight"] for t in targets]).abs().amax(0)
@@ -123,3 +134,18 @@ def test_alpha_is_checked() -> None:
         with pytest.raises(ArgumentError):
             parse_alpha(bad)
     assert isinstance(get_method("smoothquant", alpha="auto"), SmoothQuant)
+    with pytest.raises(ArgumentError):
+        SmoothQuant(mappings="everything")
+
+
+def test_smoothing_down_proj_flattens_its_input(contexts: list[BlockContext]) -> None:
+    """The up -> down fold divides down_proj's input channels by s = max|X|^a / max|W|^(1-a): its
+    channel ranges get flatter, and s goes into down_proj's columns."""
+    for ctx in contexts:
+        new = SmoothQuant(0.5).transform_block(ctx)
+        down = ctx.weights["mlp.down_proj.weight"].float()
+        s = smoothing_scales(ctx.stats["mlp.down_proj"]["absmax"], down.abs().amax(0), 0.5)
+        torch.testing.assert_close(new["mlp.down_proj.weight"].float(), down * s[None, :])
+        x = ctx.inputs["mlp.down_proj"]
+        spread = lambda a: float(a.abs().amax(0).max() / a.abs().amax(0).median())  # noqa: E731
+        assert spread(x / s[None, :]) < spread(x)

@@ -48,6 +48,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="SmoothQuant migration strength in [0, 1] (default 0.5), or 'auto' to search it per layer",
     )
     p.add_argument(
+        "--smooth",
+        choices=["all", "norms"],
+        default=None,
+        help="SmoothQuant mappings: all (default: norm -> q/k/v, norm -> gate/up and up -> down) or norms "
+        "(the paper's and llm-compressor's default: the norms only)",
+    )
+    p.add_argument(
         "--threshold",
         type=float,
         default=None,
@@ -103,7 +110,11 @@ def run(args: argparse.Namespace) -> int:
         scheme = scheme.lower().removesuffix("-dq") + "-dq"
     if args.alpha is not None and args.method != "smoothquant":
         raise ArgumentError("--alpha is SmoothQuant's; use it with --method smoothquant")
-    options = {"alpha": args.alpha} if args.alpha is not None else {}
+    if args.smooth is not None and args.method != "smoothquant":
+        raise ArgumentError("--smooth is SmoothQuant's; use it with --method smoothquant")
+    options: dict[str, object] = {"alpha": args.alpha} if args.alpha is not None else {}
+    if args.smooth is not None:
+        options["mappings"] = args.smooth
     calib = None
     if args.calib is not None:
         # torch-based methods load only when calibration is asked for (GGUF mixes need neither)

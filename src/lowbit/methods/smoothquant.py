@@ -1,7 +1,9 @@
 """SmoothQuant (Xiao et al. 2023): move activation outliers into the weights, then W8A8.
 
 For each norm that feeds linears (the registry's ``kind="norm"`` mappings: attention input norm -> q, k,
-v; MLP norm -> gate, up), per input channel ``j``::
+v; MLP norm -> gate, up) and, unless ``mappings="norms"``, each linear that feeds another linear through
+an elementwise path (``kind="linear"``: up -> down; v -> o where the shapes allow), per input channel
+``j`` of the targets::
 
     s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)
 
@@ -10,6 +12,12 @@ column ``j`` of all the targets. ``1/s`` is folded into the norm and ``s`` into 
 (:func:`lowbit.transforms.scaling.fold_scales`), so the float model computes the same function; the
 activations the linears see have flatter channels, which per-token or per-tensor int8 quantizes with less
 error. Then the weights are rounded (per channel, by the scheme's codec).
+
+The paper and llm-compressor's default mappings smooth only the norms. lowbit also smooths up -> down by
+default because that is where small Llama-style models keep their largest activation outliers (SmolLM2-135M:
+up to 663 of down_proj's 1536 input features reach |x| >= 6 in one layer, against at most a few for q/k/v),
+and nothing else smooths them. Dividing up_proj's output rows by ``s`` does not change its own per-channel
+weight quantization (each row has its own scale), so the extra fold costs nothing there.
 
 ``alpha="auto"`` searches alpha over a grid per mapping, minimizing the error of the targets' outputs
 with both weights and activations quantized as the scheme says, on sampled calibration tokens,
@@ -36,6 +44,7 @@ AUTO = "auto"
 ALPHA_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
 SEARCH_TOKENS = 1024
 _EPS = 1e-5
+MAPPING_SETS: dict[str, tuple[str, ...]] = {"all": ("norm", "linear"), "norms": ("norm",)}
 
 
 @dataclass(frozen=True)
@@ -70,14 +79,27 @@ def parse_alpha(alpha: float | str) -> float | None:
     return float(alpha)
 
 
+def _input_key(mapping: FeedMapping) -> str | None:
+    """The calibration key of the targets' common input: the norm's name for a norm mapping (its targets
+    share one input), the single target's own name for a linear mapping (up -> down: down's input)."""
+    if mapping.kind == "norm":
+        return mapping.source
+    return mapping.targets[0] if len(mapping.targets) == 1 else None
+
+
 class SmoothQuant(Method):
     name = "smoothquant"
     needs = ("absmax",)
     transforms_block = True
     default_scheme = "w8a8"
 
-    def __init__(self, alpha: float | str = 0.5) -> None:
+    def __init__(self, alpha: float | str = 0.5, mappings: str = "all") -> None:
         self.alpha = parse_alpha(alpha)
+        if mappings not in MAPPING_SETS:
+            raise ArgumentError(
+                f"SmoothQuant mappings must be one of {', '.join(MAPPING_SETS)} (norms: the paper's), not {mappings!r}"
+            )
+        self.kinds = MAPPING_SETS[mappings]
         self.reports: list[SmoothReport] = []
 
     def quantize_linear(
@@ -88,7 +110,7 @@ class SmoothQuant(Method):
     def transform_block(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
         weights = {k: v.float() if v.is_floating_point() else v for k, v in ctx.weights.items()}
         for generic in ctx.arch.mappings:
-            if generic.kind != "norm":
+            if generic.kind not in self.kinds:
                 continue
             for mapping in expand_mapping(generic, weights):
                 weights = self._smooth(ctx, weights, mapping)
@@ -98,7 +120,8 @@ class SmoothQuant(Method):
         self, ctx: BlockContext, weights: dict[str, torch.Tensor], mapping: FeedMapping
     ) -> dict[str, torch.Tensor]:
         where = f"SmoothQuant block {ctx.index}: {mapping.source} -> {', '.join(mapping.targets)}"
-        stats = ctx.stats.get(mapping.source, {})
+        key = _input_key(mapping)
+        stats = ctx.stats.get(key, {}) if key is not None else {}
         x_absmax = stats.get("absmax")
         if x_absmax is None or scaled_width(weights, mapping) is None:
             log.info("%s: no activation ranges or shapes that fold; not smoothed", where)
@@ -107,7 +130,7 @@ class SmoothQuant(Method):
         alpha = self.alpha
         loss = base = float("nan")
         if alpha is None:
-            alpha, loss, base = self._search(ctx, weights, mapping, x_absmax, w_absmax)
+            alpha, loss, base = self._search(ctx, weights, mapping, key, x_absmax, w_absmax)
         s = smoothing_scales(x_absmax, w_absmax, alpha)
         self.reports.append(SmoothReport(ctx.index, mapping.source, alpha, loss, base))
         log.info("%s: alpha %.2f (output error %.4g, unsmoothed %.4g)", where, alpha, loss, base)
@@ -118,11 +141,12 @@ class SmoothQuant(Method):
         ctx: BlockContext,
         weights: dict[str, torch.Tensor],
         mapping: FeedMapping,
+        key: str | None,
         x_absmax: torch.Tensor,
         w_absmax: torch.Tensor,
     ) -> tuple[float, float, float]:
         """The grid alpha with the least relative output error of the mapping's targets."""
-        x = ctx.inputs.get(mapping.source)
+        x = ctx.inputs.get(key) if key is not None else None
         if x is None:
             return 0.5, float("nan"), float("nan")
         x = x[:SEARCH_TOKENS].float()
