@@ -180,6 +180,12 @@ def quantize(
     codec = sch.codec(exporter.scale_dtype(model_dtype(source)))
     shapes = [source.info(n).shape for n in source.names() if source.arch.is_quantizable(n)]
     exporter.check(codec, shapes)
+    grouped = getattr(getattr(codec, "block", None), "cols", None) is not None
+    if meth.scatters_groups and grouped and not exporter.holds_group_index:
+        raise SchemeError(
+            f"{fmt_name} cannot store activation-order groups (a per-column group index, g_idx); add "
+            "--static-groups (contiguous groups, the same act-order) or use --format gptq"
+        )
     stats = WalkStats()
     if calib is not None and (meth.needs_calibration or sch.static_activations or meth.needs):
         items = calibrate_walk(

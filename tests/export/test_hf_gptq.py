@@ -120,6 +120,8 @@ def test_act_order_round_trip(symmetric: bool) -> None:
     codec = AffineCodec(bits=4, symmetric=symmetric, block=group(32), scale_dtype=torch.float16)
     q = gptq_quantize(_weight(64, 128, seed=2), h, codec, GPTQConfig(act_order=True))
     assert not q.contiguous_groups
+    with pytest.raises(SchemeError, match="activation-order"):  # compressed-tensors has no g_idx
+        get_format("compressed-tensors").linear_tensors(q)
     fmt = get_format("gptq")
     t = fmt.linear_tensors(q)
     assert torch.equal(t["g_idx"], q.g_idx)

@@ -71,18 +71,22 @@ def xtx_into(total: torch.Tensor, x: torch.Tensor) -> None:
                 total += xc.T @ xc
 
 
-def as_tokens(x: torch.Tensor, in_features: int, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` (..., in_features) -> (tokens, in_features) in ``dtype``; rejects other widths and NaN/Inf."""
+_NON_FINITE = (
+    "calibration activations hold NaN or Inf (an overflow in float16/bfloat16?); "
+    "run the calibration forward pass in float32"
+)
+
+
+def as_tokens(x: torch.Tensor, in_features: int, dtype: torch.dtype, check: bool = True) -> torch.Tensor:
+    """``x`` (..., in_features) -> (tokens, in_features) in ``dtype``; rejects other widths and (unless
+    ``check`` is False: the caller checks a cheaper derived quantity) NaN/Inf."""
     if x.ndim == 0 or x.shape[-1] != in_features:
         raise ShapeError(f"expected inputs of shape (..., {in_features}), got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ShapeError(f"expected floating-point activations, got {x.dtype}")
     x2 = x.detach().reshape(-1, in_features).to(dtype)
-    if not torch.isfinite(x2).all():
-        raise ArgumentError(
-            "calibration activations hold NaN or Inf (an overflow in float16/bfloat16?); "
-            "run the calibration forward pass in float32"
-        )
+    if check and not torch.isfinite(x2).all():
+        raise ArgumentError(_NON_FINITE)
     return x2
 
 
@@ -109,8 +113,15 @@ class HessianAccumulator:
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate a batch ``x`` (..., in_features), any float dtype (converted to ``dtype`` first)."""
-        x2 = as_tokens(x, self.in_features, x.dtype)  # (T, in), checked
+        # A NaN or Inf anywhere in column i of x makes the diagonal entry sum_t x_ti^2 NaN or Inf, so
+        # checking the (in,) diagonal after the product replaces a pass over all of x (measured: 0.16 s
+        # per bf16 batch of 65536 x 1536, 15% of a SmolLM2 GPTQ run).
+        x2 = as_tokens(x, self.in_features, x.dtype, check=False)  # (T, in)
+        before = self.sum.clone()  # (in, in): a rejected batch leaves no trace
         xtx_into(self.sum, x2.to(self.sum.device))  # += xᵀx, (in, in)
+        if not bool(torch.isfinite(self.sum.diagonal()).all()):
+            self.sum = before
+            raise ArgumentError(_NON_FINITE)
         self.count += x2.shape[0]
 
     def merge(self, other: HessianAccumulator) -> Self:

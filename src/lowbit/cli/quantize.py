@@ -47,6 +47,33 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=None,
         help="SmoothQuant migration strength in [0, 1] (default 0.5), or 'auto' to search it per layer",
     )
+    g = p.add_argument_group("GPTQ (--method gptq)")
+    g.add_argument(
+        "--act-order",
+        action="store_true",
+        default=None,
+        help="process columns by descending input energy (GPTQ's desc_act; stored as g_idx / actorder=group)",
+    )
+    g.add_argument(
+        "--static-groups",
+        action="store_true",
+        default=None,
+        help="with --act-order: every group's scale from the original weights, groups stay contiguous "
+        "(no g_idx; llm-compressor's actorder=static)",
+    )
+    g.add_argument(
+        "--damp",
+        type=float,
+        default=None,
+        help="Hessian damping as a fraction of its mean diagonal (default 0.01)",
+    )
+    g.add_argument(
+        "--diag-blend",
+        type=float,
+        default=None,
+        help="blend the Hessian towards its diagonal, 0..1 (default 0.25; 0 is the paper's GPTQ, 1 is "
+        "round-to-nearest): robustness when the calibration text differs from the text the model sees",
+    )
     p.add_argument(
         "--smooth",
         choices=["all", "norms"],
@@ -110,11 +137,23 @@ def run(args: argparse.Namespace) -> int:
         scheme = scheme.lower().removesuffix("-dq") + "-dq"
     if args.alpha is not None and args.method != "smoothquant":
         raise ArgumentError("--alpha is SmoothQuant's; use it with --method smoothquant")
+    gptq_opts = {
+        "act_order": args.act_order,
+        "static_groups": args.static_groups,
+        "damp": args.damp,
+        "diag_blend": args.diag_blend,
+    }
+    given = [f"--{k.replace('_', '-')}" for k, v in gptq_opts.items() if v is not None]
+    if given and args.method != "gptq":
+        raise ArgumentError(
+            f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} GPTQ's; use with --method gptq"
+        )
     if args.smooth is not None and args.method != "smoothquant":
         raise ArgumentError("--smooth is SmoothQuant's; use it with --method smoothquant")
     options: dict[str, object] = {"alpha": args.alpha} if args.alpha is not None else {}
     if args.smooth is not None:
         options["mappings"] = args.smooth
+    options.update({k: v for k, v in gptq_opts.items() if v is not None})
     calib = None
     if args.calib is not None:
         # torch-based methods load only when calibration is asked for (GGUF mixes need neither)
@@ -122,7 +161,9 @@ def run(args: argparse.Namespace) -> int:
         from lowbit.walk.calibrate import CalibConfig
 
         method = get_method(args.method)
-        gguf = scheme is not None and (args.fmt == GGUF_FORMAT or (args.fmt is None and gguf_mix_name(scheme)))
+        gguf = scheme is not None and (
+            args.fmt == GGUF_FORMAT or (args.fmt is None and gguf_mix_name(scheme))
+        )
         static = scheme is not None and not gguf and parse_scheme(scheme, args.fmt).static_activations
         if not (method.needs_calibration or method.needs or static):
             raise ArgumentError(

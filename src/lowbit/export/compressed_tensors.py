@@ -186,6 +186,11 @@ def linear_tensors(q: AffineQuantized) -> dict[str, torch.Tensor]:
     codec = q.codec
     gran = Granularity.of(codec.block)
     out_f, in_f = check_linear_shape(q.shape, gran)
+    if not getattr(q, "contiguous_groups", True):  # a GPTQ result with activation-order groups
+        raise SchemeError(
+            "compressed-tensors cannot store activation-order groups (g_idx); quantize with static groups "
+            "or write --format gptq"
+        )
     bits = codec.bits
     offset = 1 << (bits - 1)
 

@@ -48,6 +48,9 @@ class CheckpointFormat(ABC):
     name: ClassVar[str]
     # Stored tensors that describe a linear (e.g. its shape) rather than encode it: not counted as bits.
     metadata_suffixes: ClassVar[tuple[str, ...]] = ()
+    #: Whether the format stores each input column's group (GPTQ's ``g_idx``): what activation-order
+    #: GPTQ with dynamic groups needs.
+    holds_group_index: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -405,6 +405,7 @@ class GptqFormat(CheckpointFormat):
 
     name = "gptq"
     metadata_suffixes = (G_IDX,)  # the column -> group map, 32 bits per input column
+    holds_group_index = True
 
     def __init__(self, activations: ActQuant | LLMInt8 | None = None) -> None:
         super().__init__(activations)

@@ -72,6 +72,12 @@ class Method(ABC):
     transforms_block: ClassVar[bool] = False
 
     @property
+    def scatters_groups(self) -> bool:
+        """Whether the method's groups can be non-contiguous sets of input columns (GPTQ's act-order with
+        dynamic groups), which only formats with a per-column group index can store."""
+        return False
+
+    @property
     def needs_calibration(self) -> bool:
         """Whether the method cannot run without calibration data (statistics or a block-level search)."""
         return (bool(self.needs) or self.transforms_block) and not self.calibration_optional

@@ -60,6 +60,7 @@ column. :class:`GPTQQuantized` carries ``g_idx`` and the group-ordered parameter
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator
@@ -376,8 +377,32 @@ class GPTQ(Method):
     name = "gptq"
     needs = ("hessian",)
 
-    def __init__(self, config: GPTQConfig | None = None) -> None:
-        self.config = config or GPTQConfig()
+    def __init__(
+        self,
+        config: GPTQConfig | None = None,
+        *,
+        act_order: bool | None = None,
+        static_groups: bool | None = None,
+        damp: float | None = None,
+        diag_blend: float | None = None,
+    ) -> None:
+        """``config``, with any of the given knobs replaced (the CLI's ``--act-order``,
+        ``--static-groups``, ``--damp``, ``--diag-blend``)."""
+        changes = {
+            k: v
+            for k, v in {
+                "act_order": act_order,
+                "static_groups": static_groups,
+                "damp": damp,
+                "diag_blend": diag_blend,
+            }.items()
+            if v is not None
+        }
+        self.config = dataclasses.replace(config or GPTQConfig(), **changes)
+
+    @property
+    def scatters_groups(self) -> bool:
+        return self.config.act_order and not self.config.static_groups
 
     def quantize_linear(
         self, weight: torch.Tensor, codec: Codec, stats: dict[str, torch.Tensor] | None = None

@@ -73,9 +73,17 @@ class ModelSource(ABC):
     def read(self, name: str) -> torch.Tensor:
         """The tensor as floats (its stored float dtype, or float32 if it had to be dequantized)."""
 
-    @abstractmethod
     def tokenizer(self) -> Any:
-        """A ``transformers`` tokenizer for this model."""
+        """A ``transformers`` tokenizer for this model, loaded once per source (loading one from a GGUF
+        file parses its whole vocabulary: seconds)."""
+        tok = self.__dict__.get("_tokenizer")
+        if tok is None:
+            tok = self.__dict__["_tokenizer"] = self._load_tokenizer()
+        return tok
+
+    @abstractmethod
+    def _load_tokenizer(self) -> Any:
+        """A new ``transformers`` tokenizer for this model."""
 
     @property
     def format_name(self) -> str:
@@ -200,7 +208,7 @@ class SafetensorsSource(ModelSource):
             return self._decoders[name]()
         return self.raw(name)
 
-    def tokenizer(self) -> Any:
+    def _load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(self.path))
@@ -368,7 +376,7 @@ class GGUFSource(ModelSource):
         with contextlib.suppress(OSError, ValueError):
             mm.madvise(mmap.MADV_DONTNEED, start, int(t.data_offset) + int(t.n_bytes) - start)
 
-    def tokenizer(self) -> Any:
+    def _load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
