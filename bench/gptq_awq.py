@@ -14,6 +14,11 @@ compressed-tensors checkpoint read by lowbit). Making that copy and the token fi
 ``llmc-gptq`` is llm-compressor's default GPTQ (static activation order), ``llmc-gptq-noact`` the same without
 activation order (as lowbit's ``gptq``); ``llmc-awq`` its default AWQ mappings, grid and clipping.
 
+lowbit methods: ``rtn``, ``gptq`` (lowbit's default, Hessian blended 25% towards its diagonal),
+``gptq-act`` (+ act-order with static groups), ``gptq-paper`` (no blending: the paper's GPTQ), ``awq``.
+A setting no checkpoint format holds (g128 on width 576: a ragged last group) is quantized in memory by
+``bench/simulate_child.py`` and saved as float weights (the row says ``simulated``).
+
 Usage: python bench/gptq_awq.py [--samples 128] [--seqlen 512] [--settings w4g64,w3g64]
        [--methods rtn,gptq,awq,llmc-gptq,llmc-awq] [--calib wikitext,tinystories] [--anchor-python PATH]
 """
@@ -35,6 +40,15 @@ from lowbit.eval.run import evaluate_source, prepare_reference, result_dict, sou
 from lowbit.walk.sources import open_model
 
 ANCHOR_SCRIPT = Path(__file__).resolve().parent / "anchors" / "llmc_quantize.py"
+SIMULATE_SCRIPT = Path(__file__).resolve().parent / "simulate_child.py"
+#: bench method -> (lowbit method, extra ``lowbit quantize`` arguments)
+LOWBIT_METHODS: dict[str, tuple[str, list[str]]] = {
+    "rtn": ("rtn", []),
+    "gptq": ("gptq", []),  # lowbit's default: Hessian blended 25% towards its diagonal
+    "gptq-act": ("gptq", ["--act-order", "--static-groups"]),  # + act-order, contiguous groups
+    "gptq-paper": ("gptq", ["--diag-blend", "0"]),  # the paper's GPTQ (no blending)
+    "awq": ("awq", []),
+}
 #: bench method -> (llm-compressor method, extra arguments of llmc_quantize.py)
 LLMC_METHODS: dict[str, tuple[str, list[str]]] = {
     "llmc-gptq": ("gptq", []),
@@ -82,6 +96,9 @@ def main() -> None:
     args = ap.parse_args()
     meta = {"samples": args.samples, "seqlen": args.seqlen, "chunks": args.chunks, "argv": sys.argv[1:]}
     methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in LLMC_METHODS and m not in LOWBIT_METHODS]
+    if unknown:
+        sys.exit(f"unknown methods {unknown}; choose from {[*LOWBIT_METHODS, *LLMC_METHODS]}")
     if any(m in LLMC_METHODS for m in methods) and not args.anchor_python.is_file():
         sys.exit(f"{args.anchor_python} is missing: run bench/anchors/setup_llmc.sh or pass --anchor-python")
     model = smollm2_gguf()
@@ -164,27 +181,25 @@ def main() -> None:
 def run_lowbit(
     model: Path, method: str, scheme: str, text: Path | None, args: argparse.Namespace, out: Path
 ) -> tuple[Measured, float | None, dict[str, Any]]:
-    """``lowbit quantize`` as a measured child; (measurement, bits/weight, extra row fields)."""
-    argv = [
-        sys.executable,
-        "-m",
-        "lowbit",
-        "-q",
-        "quantize",
-        str(model),
-        "--scheme",
-        scheme,
-        "--method",
-        method,
-        "-o",
-        str(out),
-        "--json",
-    ]
-    if method != "rtn":
+    """``lowbit quantize`` as a measured child; (measurement, bits/weight, extra row fields). A setting
+    no checkpoint format can hold (a ragged last group) is quantized in memory instead
+    (``simulate_child.py``) and saved as float weights."""
+    base, flags = LOWBIT_METHODS[method]
+    calib: list[str] = []
+    if base != "rtn":
         assert text is not None
-        argv += ["--calib", str(text), "--samples", str(args.samples), "--seqlen", str(args.seqlen)]
+        calib = ["--calib", str(text), "--samples", str(args.samples), "--seqlen", str(args.seqlen)]
+    argv = [sys.executable, "-m", "lowbit", "-q", "quantize", str(model), "--scheme", scheme]
+    argv += ["--method", base, *flags, *calib, "-o", str(out), "--json"]
+    try:
+        m = run_measured(argv)
+        return m, last_json_line(m.stdout)["bpw"], {}
+    except RuntimeError as e:
+        if "ragged last group" not in str(e):
+            raise
+    argv = [sys.executable, str(SIMULATE_SCRIPT), str(model), scheme, base, str(out), *flags, *calib]
     m = run_measured(argv)
-    return m, last_json_line(m.stdout)["bpw"], {}
+    return m, last_json_line(m.stdout)["bpw"], {"simulated": True}
 
 
 def run_llmc(

@@ -113,7 +113,9 @@ def main() -> None:
                 row["layers_with_outliers"] = sum(c > 0 for c in counts)
                 outlier_layers = {k: v for k, v in notes.items()}
             rows.append(row)
-            write_results("w8a8", {"samples": args.samples, "seqlen": args.seqlen, "rows": rows, "partial": True})
+            write_results(
+                "w8a8", {"samples": args.samples, "seqlen": args.seqlen, "rows": rows, "partial": True}
+            )
             print(
                 f"  {name}: KLD {row['kld_mean']:.5f} PPL {row['ppl']:.3f} top-1 {row['top1']:.4f} "
                 f"{m.seconds:.0f} s {row['peak_rss_mib']:.0f} MiB",
