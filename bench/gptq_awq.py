@@ -33,7 +33,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, Measured, print_table, run_measured, shared_path, smollm2_gguf, write_results
+from _common import (
+    RESULTS,
+    ROOT,
+    Measured,
+    print_table,
+    run_measured,
+    shared_path,
+    smollm2_gguf,
+    write_results,
+)
 from anchors.prepare import calibration_file, hf_directory
 
 from lowbit.eval.run import evaluate_source, prepare_reference, result_dict, source_bits_per_weight
@@ -93,6 +102,12 @@ def main() -> None:
         "(default: a temporary directory)",
     )
     ap.add_argument("--results", default="gptq_awq", help="name of bench/results/NAME.json")
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the rows already in bench/results/NAME.json (a row with the same scheme, method and "
+        "calibration is replaced): build one table from several runs",
+    )
     args = ap.parse_args()
     meta = {"samples": args.samples, "seqlen": args.seqlen, "chunks": args.chunks, "argv": sys.argv[1:]}
     methods = args.methods.split(",")
@@ -107,7 +122,24 @@ def main() -> None:
         "tinystories": shared_path("data/text/tinystories-val.txt"),
     }
     eval_text = shared_path("data/text/wikitext-2-raw-test.txt")
-    rows = []
+    rows: list[dict[str, Any]] = []
+    old = RESULTS / f"{args.results}.json"
+    if args.append and old.is_file():
+        prev = json.loads(old.read_text())
+        if (prev.get("samples"), prev.get("seqlen"), prev.get("chunks")) != (
+            args.samples,
+            args.seqlen,
+            args.chunks,
+        ):
+            sys.exit(f"{old} was measured with other samples/seqlen/chunks; use another --results name")
+        rows = [r for r in prev.get("rows", []) if "error" not in r]
+        meta["argv"] = [*prev.get("argv", []), "+", *sys.argv[1:]]
+
+    def keep(row: dict[str, Any]) -> None:
+        key = (row["scheme"], row["method"], row["calib"])
+        rows[:] = [r for r in rows if (r["scheme"], r["method"], r["calib"]) != key]
+        rows.append(row)
+
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -133,7 +165,7 @@ def main() -> None:
                             m, bpw, extra = run_lowbit(model, method, scheme, texts.get(calib), args, out)
                     except RuntimeError as e:
                         row["error"] = str(e)[-400:]
-                        rows.append(row)
+                        keep(row)
                         print(f"  {scheme} {method} {calib}: FAILED {row['error']}", flush=True)
                         continue
                     res = evaluate_source(setup, open_model(out))
@@ -143,7 +175,7 @@ def main() -> None:
                         peak_rss_mib=m.peak_rss_bytes / 2**20,
                         **extra,
                     )
-                    rows.append(row)
+                    keep(row)
                     # Partial results survive an interrupted (hours-long) run.
                     write_results(args.results, {**meta, "complete": False, "rows": rows})
                     print(

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from anchors.prepare import save_float_directory
 
 from lowbit.api import simulate_scheme
 from lowbit.walk.calibrate import CalibConfig
@@ -44,23 +41,14 @@ def main() -> None:
     calib = CalibConfig(args.calib, samples=args.samples, seqlen=args.seqlen) if args.calib else None
     with open_model(args.model) as src:
         weights, stats = simulate_scheme(
-            src, args.scheme, args.method, calib=calib, method_options={k: v for k, v in opts.items() if v is not None}
+            src,
+            args.scheme,
+            args.method,
+            calib=calib,
+            method_options={k: v for k, v in opts.items() if v is not None},
         )
         seconds = time.perf_counter() - t0
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {k: v.to(torch.float32).contiguous() for k, v in weights.items()},
-            str(tmp / "model.safetensors"),
-            metadata={"format": "pt"},
-        )
-        config = {k: v for k, v in src.config.items() if not k.startswith("_")}
-        config.pop("torch_dtype", None)
-        config["dtype"] = "float32"
-        config.setdefault("architectures", [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config["model_type"]]])
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        src.tokenizer().save_pretrained(str(tmp))
-    os.replace(tmp, args.out)
+        save_float_directory(src, weights, args.out)
     print(json.dumps({"bpw": stats.linear_bits_per_weight, "quantize_seconds": seconds}))
 
 

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -33,24 +34,30 @@ log = logging.getLogger(__name__)
 def hf_directory(model: Path, out: Path) -> Path:
     """Write ``out`` (config.json, model.safetensors in float32, tokenizer) from ``model`` as lowbit reads
     it; returns ``out``. Atomic: the directory appears complete or not at all."""
+    if (out / "config.json").is_file():
+        return out
+    with open_model(model) as src:
+        save_float_directory(src, {name: src.read(name) for name in src.names()}, out)
+    return out
+
+
+def save_float_directory(src: ModelSource, tensors: Mapping[str, torch.Tensor], out: Path) -> None:
+    """``out`` (config.json, model.safetensors in float32, tokenizer): ``tensors`` as a Hugging Face model
+    with ``src``'s config and tokenizer. Atomic: the directory appears complete or not at all."""
     from safetensors.torch import save_file
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if (out / "config.json").is_file():
-        return out
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    with open_model(model) as src:
-        tensors = {name: src.read(name).to(torch.float32).contiguous() for name in src.names()}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = {k: v for k, v in src.config.items() if not k.startswith("_")}
-        config.pop("torch_dtype", None)
-        config["dtype"] = "float32"
-        config.setdefault("architectures", [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config["model_type"]]])
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        src.tokenizer().save_pretrained(str(tmp))
+    floats = {name: t.to(torch.float32).contiguous() for name, t in tensors.items()}
+    save_file(floats, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = {k: v for k, v in src.config.items() if not k.startswith("_")}
+    config.pop("torch_dtype", None)
+    config["dtype"] = "float32"
+    config.setdefault("architectures", [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config["model_type"]]])
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    src.tokenizer().save_pretrained(str(tmp))
     os.replace(tmp, out)
-    return out
 
 
 def calibration_file(model: Path | ModelSource, text: Path, samples: int, seqlen: int, out: Path) -> Path:

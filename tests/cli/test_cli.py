@@ -15,6 +15,7 @@ from lowbit.cli.main import main
 ROOT = Path(__file__).resolve().parents[2]
 STORIES = ROOT / "src" / "lowbit" / "assets" / "models" / "stories260K"
 TEXT = ROOT / "src" / "lowbit" / "assets" / "text" / "tinystories-val.txt"
+GPTQ_W4 = ["quantize", str(STORIES), "--method", "gptq", "--scheme", "w4"]
 
 
 def run_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:  # type: ignore[type-arg]
@@ -150,38 +151,9 @@ def _stories_params() -> list[torch.Tensor]:
         (["quantize", str(STORIES), "--scheme", "w8a8", "--alpha", "0.5", "-o", "{tmp}/o"], "--alpha"),
         (["quantize", str(STORIES), "--scheme", "w8a8", "--smooth", "norms", "-o", "{tmp}/o"], "--smooth"),
         (["quantize", str(STORIES), "--scheme", "w4", "--act-order", "-o", "{tmp}/o"], "GPTQ's"),
-        (
-            [
-                "quantize",
-                str(STORIES),
-                "--method",
-                "gptq",
-                "--scheme",
-                "w4",
-                "--diag-blend",
-                "1.5",
-                "--calib",
-                str(TEXT),
-            ]
-            + ["-o", "{tmp}/o"],
-            "diag_blend",
-        ),
-        (
-            [
-                "quantize",
-                str(STORIES),
-                "--method",
-                "gptq",
-                "--scheme",
-                "w4",
-                "--damp",
-                "-1",
-                "--calib",
-                str(TEXT),
-                "-o",
-                "{tmp}/o",
-            ],
-            "damp",
+        *(
+            (GPTQ_W4 + [flag, value, "--calib", str(TEXT), "-o", "{tmp}/o"], message)
+            for flag, value, message in (("--diag-blend", "1.5", "diag_blend"), ("--damp", "-1", "damp"))
         ),
         (
             [
