@@ -14,8 +14,9 @@ compressed-tensors checkpoint read by lowbit). Making that copy and the token fi
 ``llmc-gptq`` is llm-compressor's default GPTQ (static activation order), ``llmc-gptq-noact`` the same without
 activation order (as lowbit's ``gptq``); ``llmc-awq`` its default AWQ mappings, grid and clipping.
 
-lowbit methods: ``rtn``, ``gptq`` (lowbit's default, Hessian blended 25% towards its diagonal),
-``gptq-act`` (+ act-order with static groups), ``gptq-paper`` (no blending: the paper's GPTQ), ``awq``.
+lowbit methods: ``rtn``, ``gptq`` (lowbit's default: act-order with static groups, the Hessian blended 25%
+towards its diagonal), ``gptq-noact`` (the same without act-order), ``gptq-paper`` (neither: the paper's
+GPTQ), ``awq``.
 A setting no checkpoint format holds (g128 on width 576: a ragged last group) is quantized in memory by
 ``bench/simulate_child.py`` and saved as float weights (the row says ``simulated``).
 
@@ -53,9 +54,9 @@ SIMULATE_SCRIPT = Path(__file__).resolve().parent / "simulate_child.py"
 #: bench method -> (lowbit method, extra ``lowbit quantize`` arguments)
 LOWBIT_METHODS: dict[str, tuple[str, list[str]]] = {
     "rtn": ("rtn", []),
-    "gptq": ("gptq", []),  # lowbit's default: Hessian blended 25% towards its diagonal
-    "gptq-act": ("gptq", ["--act-order", "--static-groups"]),  # + act-order, contiguous groups
-    "gptq-paper": ("gptq", ["--diag-blend", "0"]),  # the paper's GPTQ (no blending)
+    "gptq": ("gptq", []),  # lowbit's default: act-order (static groups), Hessian blended 25% to its diagonal
+    "gptq-noact": ("gptq", ["--act-order", "none"]),  # the same in the paper's column order
+    "gptq-paper": ("gptq", ["--act-order", "none", "--diag-blend", "0"]),  # the paper's GPTQ
     "awq": ("awq", []),
 }
 #: bench method -> (llm-compressor method, extra arguments of llmc_quantize.py)

@@ -184,7 +184,7 @@ def quantize(
     if meth.scatters_groups and grouped and not exporter.holds_group_index:
         raise SchemeError(
             f"{fmt_name} cannot store activation-order groups (a per-column group index, g_idx); add "
-            "--static-groups (contiguous groups, the same act-order) or use --format gptq"
+            "--act-order static (contiguous groups, the default) or use --format gptq"
         )
     stats = WalkStats()
     if calib is not None and (meth.needs_calibration or sch.static_activations or meth.needs):

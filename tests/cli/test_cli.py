@@ -150,10 +150,14 @@ def _stories_params() -> list[torch.Tensor]:
         (["quantize", str(STORIES), "--method", "smoothquant", "-o", "{tmp}/o"], "calibration"),
         (["quantize", str(STORIES), "--scheme", "w8a8", "--alpha", "0.5", "-o", "{tmp}/o"], "--alpha"),
         (["quantize", str(STORIES), "--scheme", "w8a8", "--smooth", "norms", "-o", "{tmp}/o"], "--smooth"),
-        (["quantize", str(STORIES), "--scheme", "w4", "--act-order", "-o", "{tmp}/o"], "GPTQ's"),
+        (["quantize", str(STORIES), "--scheme", "w4", "--act-order", "none", "-o", "{tmp}/o"], "GPTQ's"),
         *(
             (GPTQ_W4 + [flag, value, "--calib", str(TEXT), "-o", "{tmp}/o"], message)
             for flag, value, message in (("--diag-blend", "1.5", "diag_blend"), ("--damp", "-1", "damp"))
+        ),
+        (
+            GPTQ_W4 + ["--scheme", "w4g4", "--act-order", "group", "--calib", str(TEXT), "-o", "{tmp}/o"],
+            "g_idx",
         ),
         (
             [
@@ -236,8 +240,7 @@ def test_w8a8_quantize_then_eval_quantizes_activations(
 
 
 def test_gptq_options_reach_the_method(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """--act-order --static-groups and --diag-blend change GPTQ's codes; the result is still a checkpoint
-    lowbit reads. (stories260K's width 172 takes no group size that GPTQ kernels load, so act-order with
+    """--act-order and --diag-blend change GPTQ's codes (the default is act-order static, blended). (stories260K's width 172 takes no group size that GPTQ kernels load, so act-order with
     dynamic groups, which only --format gptq stores, is tested on tiny256 in tests/export/test_hf_gptq.py.)"""
     from safetensors.torch import load_file
 
@@ -251,9 +254,10 @@ def test_gptq_options_reach_the_method(tmp_path: Path, capsys: pytest.CaptureFix
         assert q["method"] == "gptq" and q["format"] == "compressed-tensors"
         return load_file(str(out / "model.safetensors"))
 
-    plain = run("plain", ["--diag-blend", "0"])
-    act = run("act", ["--diag-blend", "0", "--act-order", "--static-groups"])
-    blended = run("blend", [])
+    plain = run("plain", ["--diag-blend", "0", "--act-order", "none"])
+    act = run("act", ["--diag-blend", "0", "--act-order", "static"])
+    default = run("default", [])
     key = "model.layers.0.mlp.down_proj.weight_packed"
     assert not torch.equal(plain[key], act[key])
-    assert not torch.equal(plain[key], blended[key])
+    assert not torch.equal(act[key], default[key])  # the blend
+    assert run("explicit", ["--act-order", "static", "--diag-blend", "0.25"])[key].equal(default[key])

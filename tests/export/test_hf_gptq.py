@@ -118,7 +118,7 @@ def test_act_order_round_trip(symmetric: bool) -> None:
     x = torch.randn(512, 128) * torch.linspace(0.1, 3.0, 128)[torch.randperm(128)]
     h = 2 * x.T @ x / x.shape[0]
     codec = AffineCodec(bits=4, symmetric=symmetric, block=group(32), scale_dtype=torch.float16)
-    q = gptq_quantize(_weight(64, 128, seed=2), h, codec, GPTQConfig(act_order=True))
+    q = gptq_quantize(_weight(64, 128, seed=2), h, codec, GPTQConfig(act_order=True, static_groups=False))
     assert not q.contiguous_groups
     with pytest.raises(SchemeError, match="activation-order"):  # compressed-tensors has no g_idx
         get_format("compressed-tensors").linear_tensors(q)
@@ -423,7 +423,9 @@ def test_transformers_loads_act_order(shared_file: Callable[[str], Path], tmp_pa
     codec = AffineCodec(bits=4, symmetric=False, block=group(64), scale_dtype=torch.float16)
     fmt = get_format("gptq")
     calib = CalibConfig(text=CALIB_TEXT, samples=8, seqlen=128)
-    items = calibrate_walk(src, codec, GPTQ(GPTQConfig(act_order=True)), calib, progress=False)
+    items = calibrate_walk(
+        src, codec, GPTQ(GPTQConfig(act_order=True, static_groups=False)), calib, progress=False
+    )
     out = tmp_path / "ckpt"
     write_checkpoint(items, src, fmt, codec, out)
     assert json.loads((out / "config.json").read_text())["quantization_config"]["desc_act"] is True

@@ -120,17 +120,32 @@ def test_quantized_blocks_beat_rtn_on_calibration_data(contexts: list[BlockConte
         # The searches' own losses: the identity / no clipping are candidates, so never worse.
         assert all(r.loss <= r.identity_loss for r in awq.reports)
         assert all(c.loss <= c.unclipped_loss for c in awq.clip_reports)
-        # q/k are never clipped; v, o, gate, up, down are.
+        # Every linear is clipped by default (q/k too, unlike AutoAWQ).
         assert sorted(c.linear.rsplit(".", 1)[1] for c in awq.clip_reports) == [
             "down_proj",
             "gate_proj",
+            "k_proj",
             "o_proj",
+            "q_proj",
             "up_proj",
             "v_proj",
         ]
     # Measured 0.65-0.95 per block (w4: 0.65-0.75; w3g4-asym: 0.72-0.90; w4-asym: 0.74-0.82).
     assert max(ratios) < 1.0, ratios
     assert sum(ratios) / len(ratios) < 0.9, ratios
+
+
+def test_autoawq_clip_skip_leaves_q_and_k_unclipped(contexts: list[BlockContext]) -> None:
+    ctx = dataclasses.replace(contexts[0], codec=parse_scheme("w4").codec(torch.float32))
+    awq = AWQ(AWQConfig(clip_skip=("q_proj", "k_proj")))
+    awq.transform_block(ctx)
+    assert sorted(c.linear.rsplit(".", 1)[1] for c in awq.clip_reports) == [
+        "down_proj",
+        "gate_proj",
+        "o_proj",
+        "up_proj",
+        "v_proj",
+    ]
 
 
 def test_block_scope_search_beats_rtn(contexts: list[BlockContext]) -> None:

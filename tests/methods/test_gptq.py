@@ -53,7 +53,7 @@ def _correlated_hessian(cols: int, seed: int = 0, tokens: int = 2000) -> torch.T
 )
 @pytest.mark.parametrize(
     "config",
-    [GPTQConfig(), GPTQConfig(act_order=True), GPTQConfig(act_order=True, static_groups=True)],
+    [GPTQConfig(act_order=False, static_groups=False), GPTQConfig(static_groups=False), GPTQConfig()],
     ids=["plain", "act-order", "static"],
 )
 def test_identity_hessian_equals_rtn(bits: int, symmetric: bool, block: Block, config: GPTQConfig) -> None:
@@ -152,9 +152,9 @@ SCHEMES = [
     ("w8 g64 asym", AffineCodec(8, False, group(64))),
 ]
 CONFIGS = [
-    ("plain", GPTQConfig(diag_blend=0.0)),
+    ("plain", GPTQConfig(act_order=False, static_groups=False, diag_blend=0.0)),
     ("default (blended)", GPTQConfig()),
-    ("act-order", GPTQConfig(act_order=True)),
+    ("act-order", GPTQConfig(static_groups=False)),
     ("act-order static", GPTQConfig(act_order=True, static_groups=True)),
 ]
 
@@ -213,7 +213,9 @@ def _naive_gptq(w: torch.Tensor, h: torch.Tensor, codec: AffineCodec, damp: floa
 )
 def test_matches_the_naive_algorithm(layers: dict[str, Layer], codec: AffineCodec) -> None:
     layer = layers["model.layers.2.mlp.down_proj"]
-    q = gptq_quantize(layer.weight, layer.hessian, codec, GPTQConfig(diag_blend=0.0))
+    q = gptq_quantize(
+        layer.weight, layer.hessian, codec, GPTQConfig(act_order=False, static_groups=False, diag_blend=0.0)
+    )
     naive = _naive_gptq(layer.weight, layer.hessian, codec)
     # float32 vs float64 updates could flip a code that sits on a rounding boundary (measured: none).
     assert int((q.codes != naive).sum()) <= 2
@@ -275,7 +277,11 @@ def test_singular_hessian_is_handled_by_damping() -> None:
 
 
 # --------------------------------------------------------------------- (d) dead columns
-@pytest.mark.parametrize("config", [GPTQConfig(), GPTQConfig(act_order=True)], ids=["plain", "act-order"])
+@pytest.mark.parametrize(
+    "config",
+    [GPTQConfig(act_order=False, static_groups=False), GPTQConfig(static_groups=False)],
+    ids=["plain", "act-order"],
+)
 def test_dead_columns_are_zero(config: GPTQConfig) -> None:
     g = torch.Generator().manual_seed(2)
     x = torch.randn(500, 64, generator=g, dtype=torch.float64)
@@ -298,7 +304,7 @@ def test_dead_columns_are_zero(config: GPTQConfig) -> None:
 def test_act_order_groups_follow_g_idx(layers: dict[str, Layer], symmetric: bool) -> None:
     layer = layers["model.layers.2.mlp.down_proj"]
     codec = AffineCodec(3, symmetric, group(32))
-    q = gptq_quantize(layer.weight, layer.hessian, codec, GPTQConfig(act_order=True))
+    q = gptq_quantize(layer.weight, layer.hessian, codec, GPTQConfig(static_groups=False))
     assert isinstance(q, GPTQQuantized) and q.perm is not None
     n = 172
     diag = layer.hessian.diagonal()

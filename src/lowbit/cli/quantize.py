@@ -50,16 +50,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g = p.add_argument_group("GPTQ (--method gptq)")
     g.add_argument(
         "--act-order",
-        action="store_true",
+        choices=["static", "group", "none"],
         default=None,
-        help="process columns by descending input energy (GPTQ's desc_act; stored as g_idx / actorder=group)",
-    )
-    g.add_argument(
-        "--static-groups",
-        action="store_true",
-        default=None,
-        help="with --act-order: every group's scale from the original weights, groups stay contiguous "
-        "(no g_idx; llm-compressor's actorder=static)",
+        help="column order, as llm-compressor's actorder: static (default: largest inputs first, contiguous "
+        "groups, every format), group (largest inputs first, groups follow the order: a g_idx, --format "
+        "gptq only) or none (the paper's left-to-right order)",
     )
     g.add_argument(
         "--damp",
@@ -139,7 +134,6 @@ def run(args: argparse.Namespace) -> int:
         raise ArgumentError("--alpha is SmoothQuant's; use it with --method smoothquant")
     gptq_opts = {
         "act_order": args.act_order,
-        "static_groups": args.static_groups,
         "damp": args.damp,
         "diag_blend": args.diag_blend,
     }

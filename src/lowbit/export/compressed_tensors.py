@@ -189,7 +189,7 @@ def linear_tensors(q: AffineQuantized) -> dict[str, torch.Tensor]:
     if not getattr(q, "contiguous_groups", True):  # a GPTQ result with activation-order groups
         raise SchemeError(
             "compressed-tensors cannot store activation-order groups (g_idx); quantize with static groups "
-            "or write --format gptq"
+            "(--act-order static) or write --format gptq"
         )
     bits = codec.bits
     offset = 1 << (bits - 1)

@@ -303,7 +303,8 @@ def _range_hooks(layer: torch.nn.Module, linears: list[str], ranges: dict[str, t
         ranges[lin] = torch.maximum(ranges[lin], m) if lin in ranges else m
 
     return [
-        modules[lin].register_forward_pre_hook(lambda _m, args, lin=lin: hook(lin, args[0])) for lin in linears
+        modules[lin].register_forward_pre_hook(lambda _m, args, lin=lin: hook(lin, args[0]))
+        for lin in linears
     ]
 
 
