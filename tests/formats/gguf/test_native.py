@@ -103,3 +103,30 @@ def test_kernels_check_buffer_sizes() -> None:
         block._native.quantize(12, x, 2, 256, None, out)
     with pytest.raises(ValueError, match="no kernel"):
         block._native.quantize(20, x, 2, 256, None, out)
+
+
+def test_bf16_kernel_equals_gguf_py() -> None:
+    from gguf import quants as gguf_quants
+
+    assert block._native is not None
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(1 << 16) * np.exp(rng.uniform(-80, 80, 1 << 16))).astype(np.float32)
+    bits = x.view(np.uint32)
+    # NaNs (quiet, signalling, negative), infinities, zeros, subnormals, ties at the 16-bit boundary
+    bits[:9] = [0x7FC00000, 0xFFC00001, 0x7F800001, 0x7F800000, 0xFF800000, 0, 0x80000000, 1, 0x80000001]
+    bits[12:20] = [
+        0x3F808000,
+        0x3F818000,
+        0x3F80C000,
+        0x7F7FFFFF,
+        0x7F7F8000,
+        0x00008000,
+        0x00018000,
+        0x7FFFFFFF,
+    ]
+    want = (
+        np.asarray(gguf_quants.quantize(x, gguf_quants.GGMLQuantizationType.BF16)).view(np.uint16).reshape(-1)
+    )
+    got = np.empty(x.size, dtype=np.uint16)
+    block._native.to_bf16(x, got)
+    assert np.array_equal(got, want)

@@ -1090,10 +1090,42 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* ggml_compute_fp32_to_bf16: NaN made quiet (0x40 in the top byte of the mantissa), otherwise
+ * round to nearest even on the top 16 bits. */
+static PyObject *py_to_bf16(PyObject *self, PyObject *args) {
+    Py_buffer xb, ob;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*w*", &xb, &ob)) return NULL;
+    PyObject *result = NULL;
+    if (xb.len % 4 != 0 || ob.len * 2 != xb.len) {
+        PyErr_SetString(PyExc_ValueError, "_kernels.to_bf16: out must hold 2 bytes per float32 of x");
+    } else {
+        const uint32_t *x = (const uint32_t *)xb.buf;
+        uint16_t *y = (uint16_t *)ob.buf;
+        const Py_ssize_t n = xb.len / 4;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n; ++i) {
+            uint32_t u = x[i];
+            if ((u & 0x7fffffffu) > 0x7f800000u)
+                y[i] = (uint16_t)((u >> 16) | 64u);
+            else
+                y[i] = (uint16_t)((u + (0x7fffu + ((u >> 16) & 1u))) >> 16);
+        }
+        Py_END_ALLOW_THREADS
+        Py_INCREF(Py_None);
+        result = Py_None;
+    }
+    PyBuffer_Release(&xb);
+    PyBuffer_Release(&ob);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"quantize", py_quantize, METH_VARARGS,
      "quantize(ggml_type, x, rows, n_per_row, imatrix_or_None, out) -> bool: rows of float32 to ggml "
      "blocks, bit-exact with lowbit's numpy codecs; False (out incomplete) if x holds NaN or Inf."},
+    {"to_bf16", py_to_bf16, METH_VARARGS,
+     "to_bf16(x, out) -> None: float32 to bfloat16 bits as ggml_compute_fp32_to_bf16 (and gguf-py)."},
     {NULL, NULL, 0, NULL},
 };
 
