@@ -48,6 +48,8 @@ BASELINE_IMPORTS = (
     "lowbit.formats.gguf.iquants, lowbit.formats.gguf.ternary"
 )
 
+KERNELS_CHECK = "import lowbit.formats.gguf.block as b; print(b._native is not None and b.native_available())"
+
 
 def sha(p: Path) -> str:
     h = hashlib.sha256()
@@ -127,6 +129,12 @@ def main() -> None:
         f"baseline (interpreter + numpy + gguf-py + lowbit GGUF modules): {baseline / 2**20:.0f} MiB",
         flush=True,
     )
+    kernels = (
+        "compiled (lowbit.formats.gguf._kernels)"
+        if run_measured([sys.executable, "-c", KERNELS_CHECK]).stdout.strip() == "True"
+        else "numpy (the compiled kernels are not built)"
+    )
+    print(f"lowbit's legacy/k-quant codecs: {kernels}", flush=True)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as tmp_s:
         tmp = Path(tmp_s)
@@ -265,6 +273,7 @@ def main() -> None:
         ],
     )
     payload = {
+        "lowbit_codecs": kernels,
         "chunks": args.chunks,
         "repeat": args.repeat,
         "baseline_rss_mib": baseline / 2**20,
