@@ -105,50 +105,6 @@ static inline int imax(int a, int b) { return a > b ? a : b; }
 
 /* ------------------------------------------------------------------------------- scale searches */
 
-/* make_qx_quants(n, nmax, x, L, rmse_type=1, qw): 19 symmetric scales around -nmax/max. L = l + nmax. */
-static float make_qx_quants(int n, int nmax, const float *x, uint8_t *L, const float *qw) {
-    float max = 0, amax = 0;
-    for (int i = 0; i < n; ++i) {
-        float ax = fabsf(x[i]);
-        if (ax > amax) { amax = ax; max = x[i]; }
-    }
-    if (amax < GROUP_MAX_EPS) {
-        memset(L, 0, (size_t)n);
-        return 0.f;
-    }
-    float iscale = (float)(-nmax) / max;
-    float sumlx = 0, suml2 = 0;
-    for (int i = 0; i < n; ++i) {
-        int l = imax(-nmax, imin(nmax - 1, nearest_int(iscale * x[i])));
-        L[i] = (uint8_t)(l + nmax);
-        float w = qw ? qw[i] : x[i] * x[i];
-        sumlx += w * x[i] * l;
-        suml2 += w * l * l;
-    }
-    float scale = suml2 != 0 ? sumlx / suml2 : 0.0f;
-    float best = scale * sumlx;
-    for (int is = -9; is <= 9; ++is) {
-        if (is == 0) continue;
-        iscale = -((float)nmax + 0.1f * is) / max;
-        sumlx = suml2 = 0;
-        for (int i = 0; i < n; ++i) {
-            int l = imax(-nmax, imin(nmax - 1, nearest_int(iscale * x[i])));
-            float w = qw ? qw[i] : x[i] * x[i];
-            sumlx += w * x[i] * l;
-            suml2 += w * l * l;
-        }
-        if (suml2 > 0 && sumlx * sumlx > best * suml2) {
-            for (int i = 0; i < n; ++i) {
-                int l = imax(-nmax, imin(nmax - 1, nearest_int(iscale * x[i])));
-                L[i] = (uint8_t)(l + nmax);
-            }
-            scale = sumlx / suml2;
-            best = scale * sumlx;
-        }
-    }
-    return scale;
-}
-
 /* make_q3_quants(n, nmax, x, L, do_rmse=true): x*x-weighted coordinate descent. L = l + nmax. */
 static float make_q3_quants(int n, int nmax, const float *x, uint8_t *L) {
     float max = 0, amax = 0;
@@ -194,75 +150,6 @@ static float make_q3_quants(int n, int nmax, const float *x, uint8_t *L) {
     }
     for (int i = 0; i < n; ++i) L[i] = (uint8_t)(Ls[i] + nmax);
     return suml2 > 0 ? sumlx / suml2 : 0.0f;
-}
-
-/* make_qkx2_quants (flat test max == min) / make_qkx3_quants (max <= min): asymmetric (scale, min)
- * search, codes in [0, nmax]; *the_min = -min. */
-static float make_qkx_quants(int n, int nmax, const float *x, const float *weights, uint8_t *L,
-                             float *the_min, float rmin, float rdelta, int nstep, int use_mad,
-                             int version) {
-    uint8_t Laux[QK_K];
-    float min = x[0], max = x[0];
-    float sum_w = weights[0];
-    float sum_x = sum_w * x[0];
-    for (int i = 1; i < n; ++i) {
-        if (x[i] < min) min = x[i];
-        if (x[i] > max) max = x[i];
-        float w = weights[i];
-        sum_w += w;
-        sum_x += w * x[i];
-    }
-    if (min > 0) min = 0;
-    if (version == 3 ? max <= min : max == min) {
-        memset(L, 0, (size_t)n);
-        *the_min = -min;
-        return 0.f;
-    }
-    float iscale = (float)nmax / (max - min);
-    float scale = 1 / iscale;
-    float best_error = 0;
-    for (int i = 0; i < n; ++i) {
-        int l = nearest_int(iscale * (x[i] - min));
-        L[i] = (uint8_t)imax(0, imin(nmax, l));
-        float diff = scale * L[i] + min - x[i];
-        diff = use_mad ? fabsf(diff) : diff * diff;
-        best_error += weights[i] * diff;
-    }
-    for (int is = 0; is <= nstep; ++is) {
-        iscale = (rmin + rdelta * is + nmax) / (max - min);
-        float sum_l = 0, sum_l2 = 0, sum_xl = 0;
-        for (int i = 0; i < n; ++i) {
-            int l = imax(0, imin(nmax, nearest_int(iscale * (x[i] - min))));
-            Laux[i] = (uint8_t)l;
-            float w = weights[i];
-            sum_l += w * l;
-            sum_l2 += w * l * l;
-            sum_xl += w * l * x[i];
-        }
-        float D = sum_w * sum_l2 - sum_l * sum_l;
-        if (D > 0) {
-            float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
-            float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
-            if (this_min > 0) {
-                this_min = 0;
-                this_scale = sum_xl / sum_l2;
-            }
-            float err = 0;
-            for (int i = 0; i < n; ++i) {
-                float diff = this_scale * Laux[i] + this_min - x[i];
-                diff = use_mad ? fabsf(diff) : diff * diff;
-                err += weights[i] * diff;
-            }
-            if (err < best_error) {
-                memcpy(L, Laux, (size_t)n);
-                best_error = err;
-                scale = this_scale;
-                min = this_min;
-            }
-        }
-    }
-    *the_min = -min;
-    return scale;
 }
 
 /* make_qp_quants(n, nmax, x, L, quant_weights): non-negative scales of the sub-blocks. */
@@ -449,6 +336,20 @@ static void make_qkx_quants_x8(int n, int nmax, const float *x, const float *w, 
     }
 }
 
+/* make_qx_quants' sums for one candidate inverse scale per lane: sumlx += w*x*l, suml2 += w*l*l. */
+static inline void qx_sums_x8(int n, int nmax, const float *x, const float *w, const float *wx,
+                              const float *iscale, float *sumlx, float *suml2) {
+    for (int k = 0; k < LANES; ++k) sumlx[k] = suml2[k] = 0;
+    for (int i = 0; i < n; ++i) {
+        const float *xi = x + LANES * i;
+        for (int k = 0; k < LANES; ++k) {
+            float l = clampf_code(iscale[k] * xi[k], -nmax, nmax - 1);
+            sumlx[k] += wx[LANES * i + k] * l;
+            suml2[k] += w[LANES * i + k] * l * l;
+        }
+    }
+}
+
 /* make_qx_quants (rmse_type 1) on LANES blocks: x, qw (or NULL: x*x) [n][LANES]; L = l + nmax. */
 static void make_qx_quants_x8(int n, int nmax, const float *x, const float *qw, float *L,
                               float *scale_out) {
@@ -470,16 +371,8 @@ static void make_qx_quants_x8(int n, int nmax, const float *x, const float *qw, 
     for (int k = 0; k < LANES; ++k) {
         if (amax[k] < GROUP_MAX_EPS) mx[k] = 1.f; /* replaced at the end */
         iscale[k] = (float)(-nmax) / mx[k];
-        sumlx[k] = suml2[k] = 0;
     }
-    for (int i = 0; i < n; ++i) {
-        const float *xi = x + LANES * i;
-        for (int k = 0; k < LANES; ++k) {
-            float l = clampf_code(iscale[k] * xi[k], -nmax, nmax - 1);
-            sumlx[k] += wx[LANES * i + k] * l;
-            suml2[k] += w[LANES * i + k] * l * l;
-        }
-    }
+    qx_sums_x8(n, nmax, x, w, wx, iscale, sumlx, suml2);
     for (int k = 0; k < LANES; ++k) {
         scale[k] = suml2[k] != 0 ? sumlx[k] / suml2[k] : 0.0f;
         best[k] = scale[k] * sumlx[k];
@@ -487,18 +380,8 @@ static void make_qx_quants_x8(int n, int nmax, const float *x, const float *qw, 
     }
     for (int is = -9; is <= 9; ++is) {
         if (is == 0) continue;
-        for (int k = 0; k < LANES; ++k) {
-            iscale[k] = -((float)nmax + 0.1f * is) / mx[k];
-            sumlx[k] = suml2[k] = 0;
-        }
-        for (int i = 0; i < n; ++i) {
-            const float *xi = x + LANES * i;
-            for (int k = 0; k < LANES; ++k) {
-                float l = clampf_code(iscale[k] * xi[k], -nmax, nmax - 1);
-                sumlx[k] += wx[LANES * i + k] * l;
-                suml2[k] += w[LANES * i + k] * l * l;
-            }
-        }
+        for (int k = 0; k < LANES; ++k) iscale[k] = -((float)nmax + 0.1f * is) / mx[k];
+        qx_sums_x8(n, nmax, x, w, wx, iscale, sumlx, suml2);
         for (int k = 0; k < LANES; ++k) {
             if (suml2[k] > 0 && sumlx[k] * sumlx[k] > best[k] * suml2[k]) {
                 best_is[k] = iscale[k];
@@ -515,15 +398,51 @@ static void make_qx_quants_x8(int n, int nmax, const float *x, const float *qw, 
     for (int k = 0; k < LANES; ++k) scale_out[k] = amax[k] < GROUP_MAX_EPS ? 0.f : scale[k];
 }
 
-/* Blocks [LANES][n] (block k at src + k*stride) <-> lanes [n][LANES]. */
-static inline void to_lanes(const float *src, int64_t stride, int n, float *dst) {
-    for (int k = 0; k < LANES; ++k)
-        for (int i = 0; i < n; ++i) dst[LANES * i + k] = src[stride * k + i];
+/* Lanes [n][LANES] -> the codes of the first m blocks, [m][n]. */
+static inline void codes_from_lanes(const float *L, int n, int m, uint8_t *dst) {
+    for (int k = 0; k < m; ++k)
+        for (int i = 0; i < n; ++i) dst[n * k + i] = (uint8_t)(int)L[LANES * i + k];
 }
 
-static inline void codes_from_lanes(const float *L, int n, uint8_t *dst, int64_t stride) {
-    for (int k = 0; k < LANES; ++k)
-        for (int i = 0; i < n; ++i) dst[stride * k + i] = (uint8_t)(int)L[LANES * i + k];
+/* Blocks b0..b0+m-1 (m <= LANES) of nb contiguous blocks of n into lanes; the unused lanes repeat the
+ * last block (their results are dropped). */
+static inline void group_to_lanes(const float *src, int n, int m, float *dst) {
+    for (int k = 0; k < LANES; ++k) {
+        const float *b = src + (int64_t)n * (k < m ? k : m - 1);
+        for (int i = 0; i < n; ++i) dst[LANES * i + k] = b[i];
+    }
+}
+
+/* make_qx_quants (rmse_type 1) of nb contiguous blocks of n <= 32 elements: weights w (NULL: x*x);
+ * codes into L (nb*n, l + nmax), scales into scales (nb). */
+static void qx_search_blocks(int n, int nb, int nmax, const float *x, const float *w, uint8_t *L,
+                             float *scales) {
+    float xt[32 * LANES], wt[32 * LANES], Lt[32 * LANES], sc[LANES];
+    for (int b0 = 0; b0 < nb; b0 += LANES) {
+        const int m = nb - b0 < LANES ? nb - b0 : LANES;
+        group_to_lanes(x + (int64_t)n * b0, n, m, xt);
+        if (w) group_to_lanes(w + (int64_t)n * b0, n, m, wt);
+        make_qx_quants_x8(n, nmax, xt, w ? wt : NULL, Lt, sc);
+        codes_from_lanes(Lt, n, m, L + (int64_t)n * b0);
+        memcpy(scales + b0, sc, sizeof(float) * (size_t)m);
+    }
+}
+
+/* make_qkx2/3_quants of nb contiguous blocks of n <= 32 elements with weights w; codes into L, the
+ * scales and ggml's "the_min" (-min) of each block into scales and mins. */
+static void qkx_search_blocks(int n, int nb, int nmax, const float *x, const float *w, uint8_t *L,
+                              float *scales, float *mins, float rmin, float rdelta, int nstep,
+                              int use_mad, int version) {
+    float xt[32 * LANES], wt[32 * LANES], Lt[32 * LANES], sc[LANES], mn[LANES];
+    for (int b0 = 0; b0 < nb; b0 += LANES) {
+        const int m = nb - b0 < LANES ? nb - b0 : LANES;
+        group_to_lanes(x + (int64_t)n * b0, n, m, xt);
+        group_to_lanes(w + (int64_t)n * b0, n, m, wt);
+        make_qkx_quants_x8(n, nmax, xt, wt, Lt, sc, mn, rmin, rdelta, nstep, use_mad, version);
+        codes_from_lanes(Lt, n, m, L + (int64_t)n * b0);
+        memcpy(scales + b0, sc, sizeof(float) * (size_t)m);
+        memcpy(mins + b0, mn, sizeof(float) * (size_t)m);
+    }
 }
 
 /* ---------------------------------------------------------------------------------- legacy types */
@@ -561,6 +480,18 @@ static inline int32_t order_key(float f) {
     return b ^ ((b >> 31) & 0x7fffffff);
 }
 
+/* A legacy block's codes (32, each < 32): [qh: bit 4 of code j at bit j, little-endian] then
+ * qs[j] = low nibble of code j | low nibble of code j + 16 << 4. */
+static void pack_legacy_codes(const uint8_t *q, uint8_t *p, int high) {
+    if (high) {
+        uint32_t qh = 0;
+        for (int j = 0; j < QK; ++j) qh |= ((uint32_t)(q[j] >> 4) & 1u) << j;
+        memcpy(p, &qh, 4);
+        p += 4;
+    }
+    for (int j = 0; j < QK / 2; ++j) p[j] = (uint8_t)((q[j] & 0xf) | ((q[j + QK / 2] & 0xf) << 4));
+}
+
 static void q4_0_or_q5_0_ref(const float *x, int64_t nb, uint8_t *y, int nmax) {
     const int size = nmax > 8 ? 22 : 18;
     const float offset = (float)nmax + 0.5f;
@@ -569,22 +500,15 @@ static void q4_0_or_q5_0_ref(const float *x, int64_t nb, uint8_t *y, int nmax) {
         const float d = max / (float)(-nmax);
         const float id = inv_or_zero(d);
         put_f16(y, d);
-        int q[QK];
+        uint8_t q[QK];
         if (isfinite(id)) {
             /* |x*id| <= nmax (to an ulp): the value lies in [0, 2*nmax + 1), where C's (int8_t) of
              * the float is a plain truncation */
-            for (int j = 0; j < QK; ++j) q[j] = imin(2 * nmax - 1, (int)(x[j] * id + offset));
+            for (int j = 0; j < QK; ++j) q[j] = (uint8_t)imin(2 * nmax - 1, (int)(x[j] * id + offset));
         } else {
-            for (int j = 0; j < QK; ++j) q[j] = imin(2 * nmax - 1, (int8_t)trunc_int(x[j] * id + offset)) & 0xff;
+            for (int j = 0; j < QK; ++j) q[j] = (uint8_t)imin(2 * nmax - 1, (int8_t)trunc_int(x[j] * id + offset));
         }
-        uint32_t qh = 0;
-        uint8_t *qs = y + (nmax > 8 ? 6 : 2);
-        for (int j = 0; j < QK / 2; ++j) {
-            qs[j] = (uint8_t)((q[j] & 0xf) | ((q[j + QK / 2] & 0xf) << 4));
-            qh |= ((uint32_t)(q[j] >> 4) & 1u) << j;
-            qh |= ((uint32_t)(q[j + QK / 2] >> 4) & 1u) << (j + QK / 2);
-        }
-        if (nmax > 8) memcpy(y + 2, &qh, 4);
+        pack_legacy_codes(q, y + 2, nmax > 8);
     }
 }
 
@@ -611,27 +535,18 @@ static void q4_1_or_q5_1_ref(const float *x, int64_t nb, uint8_t *y, int nmax) {
         const float id = inv_or_zero(d);
         put_f16(y, d);
         put_f16(y + 2, min);
-        int q[QK];
+        uint8_t q[QK];
         if (isfinite(id)) {
             /* 0 <= (x - min)*id <= nmax (to an ulp): C's conversions are truncations; Q4_1 clamps
              * at 15, Q5_1 keeps the low 5 bits (the packing drops a 32) */
-            for (int j = 0; j < QK; ++j) q[j] = (int)((x[j] - min) * id + 0.5f);
-            if (nmax == 15)
-                for (int j = 0; j < QK; ++j) q[j] = imin(15, q[j]);
+            for (int j = 0; j < QK; ++j) q[j] = (uint8_t)imin(nmax == 15 ? 15 : 255, (int)((x[j] - min) * id + 0.5f));
         } else {
             for (int j = 0; j < QK; ++j) {
                 int32_t c = trunc_int((x[j] - min) * id + 0.5f);
-                q[j] = nmax == 15 ? imin(15, (int8_t)c) & 0xff : c & 0xff;
+                q[j] = (uint8_t)(nmax == 15 ? imin(15, (int8_t)c) : c);
             }
         }
-        uint32_t qh = 0;
-        uint8_t *qs = y + (nmax > 15 ? 8 : 4);
-        for (int j = 0; j < QK / 2; ++j) {
-            qs[j] = (uint8_t)((q[j] & 0xf) | ((q[j + QK / 2] & 0xf) << 4));
-            qh |= ((uint32_t)(q[j] >> 4) & 1u) << j;
-            qh |= ((uint32_t)(q[j + QK / 2] >> 4) & 1u) << (j + QK / 2);
-        }
-        if (nmax > 15) memcpy(y + 4, &qh, 4);
+        pack_legacy_codes(q, y + 4, nmax > 15);
     }
 }
 
@@ -668,8 +583,7 @@ static int64_t count_nonfinite(const float *x, int64_t n) {
     return bad;
 }
 
-/* Legacy types with an importance vector: one row. Blocks go through the searches LANES at a time;
- * the last n/32 % LANES blocks one at a time. */
+/* Legacy types with an importance vector: one row. */
 static void legacy_impl_row(const float *x, int64_t n, const float *qw, uint8_t *y, int type) {
     float sum_x2 = 0;
     for (int64_t j = 0; j < n; ++j) sum_x2 += x[j] * x[j];
@@ -679,44 +593,23 @@ static void legacy_impl_row(const float *x, int64_t n, const float *qw, uint8_t 
     const int high = type == T_Q5_0 || type == T_Q5_1;
     const int size = (sym ? 2 : 4) + (high ? 4 : 0) + 16;
     const int64_t nb = n / QK;
-    float weight[QK * LANES], xt[QK * LANES], wt[QK * LANES], Lt[QK * LANES];
-    float d[LANES], the_min[LANES];
+    float weight[QK * LANES], d[LANES], the_min[LANES];
     uint8_t L[QK * LANES];
     for (int64_t b0 = 0; b0 < nb; b0 += LANES) {
-        const int nblk = nb - b0 >= LANES ? LANES : (int)(nb - b0);
+        const int m = nb - b0 >= LANES ? LANES : (int)(nb - b0);
         const float *xb = x + QK * b0;
         const float *qb = qw + QK * b0;
-        for (int j = 0; j < QK * nblk; ++j) weight[j] = qb[j] * sqrtf(sigma2 + xb[j] * xb[j]);
-        if (nblk == LANES) {
-            to_lanes(xb, QK, QK, xt);
-            to_lanes(weight, QK, QK, wt);
-            if (sym)
-                make_qx_quants_x8(QK, nmax, xt, wt, Lt, d);
-            else
-                make_qkx_quants_x8(QK, nmax, xt, wt, Lt, d, the_min, -0.9f, 0.05f, 36, 0, 3);
-            codes_from_lanes(Lt, QK, L, QK);
-        } else {
-            for (int k = 0; k < nblk; ++k) {
-                if (sym)
-                    d[k] = make_qx_quants(QK, nmax, xb + QK * k, L + QK * k, weight + QK * k);
-                else
-                    d[k] = make_qkx_quants(QK, nmax, xb + QK * k, weight + QK * k, L + QK * k, &the_min[k],
-                                           -0.9f, 0.05f, 36, 0, 3);
-            }
-        }
-        for (int k = 0; k < nblk; ++k) {
+        for (int j = 0; j < QK * m; ++j) weight[j] = qb[j] * sqrtf(sigma2 + xb[j] * xb[j]);
+        if (sym)
+            qx_search_blocks(QK, m, nmax, xb, weight, L, d);
+        else
+            qkx_search_blocks(QK, m, nmax, xb, weight, L, d, the_min, -0.9f, 0.05f, 36, 0, 3);
+        for (int k = 0; k < m; ++k) {
             uint8_t *yb = y + size * (b0 + k);
             const uint8_t *Lk = L + QK * k;
             put_f16(yb, d[k]);
             if (!sym) put_f16(yb + 2, -the_min[k]);
-            uint8_t *qs = yb + (sym ? 2 : 4);
-            if (high) {
-                uint32_t qh = 0;
-                for (int j = 0; j < QK; ++j) qh |= ((uint32_t)(Lk[j] >> 4) & 1u) << j;
-                memcpy(qs, &qh, 4);
-                qs += 4;
-            }
-            for (int j = 0; j < QK / 2; ++j) qs[j] = (uint8_t)((Lk[j] & 0xf) | ((Lk[j + QK / 2] & 0xf) << 4));
+            pack_legacy_codes(Lk, yb + (sym ? 2 : 4), high);
         }
     }
 }
@@ -736,27 +629,6 @@ static float block_sigma2(const float *x, float factor) {
     return factor * sum_x2 / (float)QK_K;
 }
 
-/* make_qkx_quants_x8 on sub-blocks first..first+7 (of ``sub`` elements) of x / w, codes into L. */
-static void qkx_subblocks(const float *x, const float *w, int sub, int first, int nmax, uint8_t *L,
-                          float *scales, float *mins, float rmin, float rdelta, int nstep, int use_mad,
-                          int version) {
-    float xt[32 * LANES], wt[32 * LANES], Lt[32 * LANES];
-    to_lanes(x + sub * first, sub, sub, xt);
-    to_lanes(w + sub * first, sub, sub, wt);
-    make_qkx_quants_x8(sub, nmax, xt, wt, Lt, scales + first, mins + first, rmin, rdelta, nstep, use_mad,
-                       version);
-    codes_from_lanes(Lt, sub, L + sub * first, sub);
-}
-
-/* make_qx_quants_x8 on sub-blocks first..first+7 of 16 (Q6_K, Q3_K). qw: NULL for x*x weights. */
-static void qx_subblocks16(const float *x, const float *qw, int first, int nmax, uint8_t *L, float *scales) {
-    float xt[16 * LANES], wt[16 * LANES], Lt[16 * LANES];
-    to_lanes(x + 16 * first, 16, 16, xt);
-    if (qw) to_lanes(qw + 16 * first, 16, 16, wt);
-    make_qx_quants_x8(16, nmax, xt, qw ? wt : NULL, Lt, scales + first);
-    codes_from_lanes(Lt, 16, L + 16 * first, 16);
-}
-
 /* The imatrix path of Q2_K and Q4_K/Q5_K: make_qkx3_quants per sub-block, then make_qp_quants of
  * the scales and of the mins, weighted by each sub-block's sum of weights. */
 static void fit_scales_and_mins(const float *x, const float *qw, int sub, float sigma_factor, int nmax,
@@ -771,8 +643,7 @@ static void fit_scales_and_mins(const float *x, const float *qw, int sub, float 
         for (int l = 0; l < sub; ++l) sum += w[sub * s + l];
         sw[s] = sum;
     }
-    for (int first = 0; first < nsub; first += LANES)
-        qkx_subblocks(x, w, sub, first, nmax, L, scales, mins, -0.9f, 0.05f, 36, 0, 3);
+    qkx_search_blocks(sub, nsub, nmax, x, w, L, scales, mins, -0.9f, 0.05f, 36, 0, 3);
     *d = make_qp_quants(nsub, scale_max, scales, Ls, sw);
     *dmin = make_qp_quants(nsub, scale_max, mins, Lm, sw);
 }
@@ -789,8 +660,7 @@ static void q2_k_block(const float *x, const float *qw, uint8_t *y) {
     if (!qw) {
         float w[QK_K], scales[16], mins[16], max_scale = 0, max_min = 0;
         for (int j = 0; j < QK_K; ++j) w[j] = fabsf(x[j]);
-        for (int first = 0; first < 16; first += LANES)
-            qkx_subblocks(x, w, 16, first, 3, L, scales, mins, -0.5f, 0.1f, 15, 1, 2);
+        qkx_search_blocks(16, 16, 3, x, w, L, scales, mins, -0.5f, 0.1f, 15, 1, 2);
         for (int s = 0; s < 16; ++s) {
             if (scales[s] > max_scale) max_scale = scales[s];
             if (mins[s] > max_min) max_min = mins[s];
@@ -860,8 +730,8 @@ static void q3_k_block(const float *x, const float *qw, uint8_t *y) {
             for (int l = 0; l < 16; ++l) sum += w[16 * s + l];
             sw[s] = sum;
         }
-        for (int first = 0; first < 16; first += LANES) qx_subblocks16(x, w, first, 4, L, scales);
-        d = make_qx_quants(16, 32, scales, Ls, sw);
+        qx_search_blocks(16, 16, 4, x, w, L, scales);
+        qx_search_blocks(16, 1, 32, scales, sw, Ls, &d);
         for (int s = 0; s < 16; ++s) ls[s] = Ls[s];
     }
     uint8_t *hmask = y, *qs = y + 32, *scales_out = y + 96;
@@ -919,9 +789,9 @@ static void q45_k_block(const float *x, const float *qw, uint8_t *y, int nmax) {
             for (int l = 0; l < 32; ++l) w[32 * s + l] = av_x + fabsf(xs[l]);
         }
         if (nmax == 15)
-            qkx_subblocks(x, w, 32, 0, 15, L, scales, mins, -1.f, 0.1f, 20, 0, 2);
+            qkx_search_blocks(32, 8, 15, x, w, L, scales, mins, -1.f, 0.1f, 20, 0, 2);
         else
-            qkx_subblocks(x, w, 32, 0, 31, L, scales, mins, -0.5f, 0.1f, 15, 0, 2);
+            qkx_search_blocks(32, 8, 31, x, w, L, scales, mins, -0.5f, 0.1f, 15, 0, 2);
         for (int s = 0; s < 8; ++s) {
             if (scales[s] > max_scale) max_scale = scales[s];
             if (mins[s] > max_min) max_min = mins[s];
@@ -967,7 +837,7 @@ static void q45_k_block(const float *x, const float *qw, uint8_t *y, int nmax) {
 static void q6_k_block(const float *x, const float *qw, uint8_t *y) {
     uint8_t L[QK_K];
     float scales[16], max_abs = 0, max_scale = 0;
-    for (int first = 0; first < 16; first += LANES) qx_subblocks16(x, qw, first, 32, L, scales);
+    qx_search_blocks(16, 16, 32, x, qw, L, scales);
     for (int s = 0; s < 16; ++s) {
         float a = fabsf(scales[s]);
         if (a > max_abs) { max_abs = a; max_scale = scales[s]; }
