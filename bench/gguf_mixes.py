@@ -48,6 +48,8 @@ BASELINE_IMPORTS = (
     "lowbit.formats.gguf.iquants, lowbit.formats.gguf.ternary"
 )
 
+KERNELS_CHECK = "import lowbit.formats.gguf.block as b; print(b._native is not None and b.native_available())"
+
 
 def sha(p: Path) -> str:
     h = hashlib.sha256()
@@ -66,6 +68,9 @@ def tensor_stats(p: Path) -> tuple[float, int, int]:
     return 8 * sum(t.nbytes for t in tensors) / n, n, max(t.nbytes for t in tensors)
 
 
+PPL_THREADS = 2
+
+
 def perplexity(model: Path, text: Path, chunks: int, base: Path, make_base: bool) -> dict[str, float]:
     argv = [
         str(LLAMA_BIN / "llama-perplexity"),
@@ -78,7 +83,7 @@ def perplexity(model: Path, text: Path, chunks: int, base: Path, make_base: bool
         "--chunks",
         str(chunks),
         "-t",
-        "2",
+        str(PPL_THREADS),
         "-nr",
         "--kl-divergence-base",
         str(base),
@@ -111,8 +116,19 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--ppl-mixes", default=None, help="evaluate only these mixes (default: all)")
     ap.add_argument("--no-ppl", action="store_true")
+    ap.add_argument(
+        "--no-timing",
+        action="store_true",
+        help="quality only: quantize once with each tool, compare the files, run llama-perplexity "
+        "(PPL/KLD do not depend on the machine's load, so this can run next to other work)",
+    )
+    ap.add_argument("--ppl-threads", type=int, default=2)
     ap.add_argument("--out", default="gguf", help="results name (bench/results/NAME.json)")
     args = ap.parse_args()
+    global PPL_THREADS
+    PPL_THREADS = args.ppl_threads
+    if args.no_timing:
+        args.repeat = 1
     q = str(LLAMA_BIN / "llama-quantize")
     calib = shared_path("data/text/wikitext-2-raw-test-calib.txt")
     text = shared_path("data/text/wikitext-2-raw-test.txt")
@@ -127,6 +143,12 @@ def main() -> None:
         f"baseline (interpreter + numpy + gguf-py + lowbit GGUF modules): {baseline / 2**20:.0f} MiB",
         flush=True,
     )
+    kernels = (
+        "compiled (lowbit.formats.gguf._kernels)"
+        if run_measured([sys.executable, "-c", KERNELS_CHECK]).stdout.strip() == "True"
+        else "numpy (the compiled kernels are not built)"
+    )
+    print(f"lowbit's legacy/k-quant codecs: {kernels}", flush=True)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as tmp_s:
         tmp = Path(tmp_s)
@@ -223,6 +245,10 @@ def main() -> None:
                             "ref_ppl": ref.get("ppl"),
                         }
                     )
+                    if args.no_timing:
+                        for k in ("lowbit_s", "lowbit_inner_s", "llama_s", "time_ratio", "lowbit_runs_s"):
+                            row.pop(k)
+                        row.pop("llama_runs_s")
                     if mix in ppl_mixes:
                         pl = perplexity(ours, text, args.chunks, base, make_base=False)
                         pq = pl if same else perplexity(theirs, text, args.chunks, base, make_base=False)
@@ -235,16 +261,20 @@ def main() -> None:
                             }
                         )
                     rows.append(row)
+                    what = (
+                        f"PPL {row.get('ppl_lowbit')} KLD {row.get('kld_lowbit')}"
+                        if args.no_timing
+                        else f"{t_l:.2f} s vs {t_q:.2f} s ({t_l / t_q:.2f}x, library {inner:.2f} s)"
+                    )
                     print(
-                        f"  {label} {mix} imatrix={use_imatrix}: {t_l:.2f} s vs {t_q:.2f} s "
-                        f"({t_l / t_q:.2f}x, library {inner:.2f} s), {rss_l / 2**20:.0f} MiB, identical={same}",
+                        f"  {label} {mix} imatrix={use_imatrix}: {what}, {rss_l / 2**20:.0f} MiB, identical={same}",
                         flush=True,
                     )
             rows.append(
                 {"input": label, "mix": "(budget)", "rss_budget_mib": budget / 2**20, "params": n_params}
             )
     print_table(
-        [r for r in rows if "lowbit_s" in r],
+        [r for r in rows if "bpw" in r],
         [
             ("input", "input", "s"),
             ("mix", "mix", "s"),
@@ -265,6 +295,8 @@ def main() -> None:
         ],
     )
     payload = {
+        "timing": not args.no_timing,
+        "lowbit_codecs": kernels,
         "chunks": args.chunks,
         "repeat": args.repeat,
         "baseline_rss_mib": baseline / 2**20,

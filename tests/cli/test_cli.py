@@ -261,3 +261,29 @@ def test_gptq_options_reach_the_method(tmp_path: Path, capsys: pytest.CaptureFix
     assert not torch.equal(plain[key], act[key])
     assert not torch.equal(act[key], default[key])  # the blend
     assert run("explicit", ["--act-order", "static", "--diag-blend", "0.25"])[key].equal(default[key])
+
+
+def test_only_the_named_subcommand_is_imported(capsys: pytest.CaptureFixture[str]) -> None:
+    """`lowbit quantize ...` builds a parser with that subcommand alone (the others' imports are not
+    paid for); without a subcommand, or with an unknown one, the full parser answers."""
+    import subprocess
+    import sys
+
+    from lowbit.cli.main import SUBCOMMANDS, _subcommand, build_parser
+
+    assert _subcommand(["-v", "quantize", "m.gguf", "--scheme", "Q4_0"]) == "quantize"
+    assert _subcommand(["--version"]) is None and _subcommand(["bogus"]) is None
+    assert set(build_parser(only="inspect")._subparsers._group_actions[0].choices) == {"inspect"}  # type: ignore[union-attr]
+    child = (
+        "import contextlib, sys\n"
+        "import lowbit.cli.main as m\n"
+        "with contextlib.suppress(SystemExit):\n"
+        "    m.main(['inspect', '--help'])\n"
+        "print(sorted(k for k in sys.modules if k.startswith('lowbit.cli.') and k != 'lowbit.cli.main'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "['lowbit.cli.inspect']"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in SUBCOMMANDS)

@@ -22,7 +22,9 @@ log = logging.getLogger("lowbit")
 SUBCOMMANDS: tuple[str, ...] = ("demo", "quantize", "imatrix", "eval", "fit", "inspect")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or (``only``) one with just that subcommand: each subcommand module imports
+    the library it drives, and ``lowbit quantize`` need not pay for importing the others'."""
     parser = argparse.ArgumentParser(
         prog="lowbit",
         description="Quantize language models, write files real runtimes load, and measure what was lost.",
@@ -31,14 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in SUBCOMMANDS:
+    for name in SUBCOMMANDS if only is None else (only,):
         module = importlib.import_module(f"lowbit.cli.{name}")
         module.register(sub)
     return parser
 
 
+def _subcommand(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names (its first word that is not an option), if it is one of ours."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    return word if word in SUBCOMMANDS else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=_subcommand(argv))
     args = parser.parse_args(argv)
     level = (
         logging.ERROR if args.quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]

@@ -328,6 +328,12 @@ def _hf_float_rows(
 # ------------------------------------------------------------------------------------ conversion
 def _encode(x: np.ndarray, t: GGMLType, qw: np.ndarray | None) -> np.ndarray:
     """float32 rows (k, n) -> uint8 (k, row_bytes) of ggml type ``t``."""
+    from lowbit.formats.gguf import block
+
+    if t == GGMLType.BF16 and block._native is not None and block.native_available():
+        out = np.empty(x.shape, dtype=np.uint16)  # one pass, GIL released (gguf-py's takes four)
+        block._native.to_bf16(np.ascontiguousarray(x, dtype=np.float32), out)
+        return out.view(np.uint8)
     if t in _PLAIN_FLOATS:
         from gguf.quants import quantize
 

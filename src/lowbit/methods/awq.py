@@ -57,7 +57,7 @@ from lowbit.formats.affine import block_reduce, expand_blocks
 from lowbit.formats.base import PER_CHANNEL, Block, Codec, QuantizedTensor
 from lowbit.methods.base import BlockContext, Method
 from lowbit.models.registry import FeedMapping
-from lowbit.transforms.scaling import expand_mapping, fold_scales, scaled_width
+from lowbit.transforms.scaling import expand_mapping, fold_scales, input_key, scaled_width
 
 log = logging.getLogger(__name__)
 
@@ -208,10 +208,12 @@ class _Search:
 
 
 def _input_key(mapping: FeedMapping, target: str, inputs: Mapping[str, torch.Tensor]) -> str | None:
-    """The :attr:`BlockContext.inputs` key of ``target``'s input (the norm's name for linears a norm
-    feeds; the linear's own name otherwise, e.g. MoE experts that see only their routed tokens)."""
-    if mapping.kind == "norm" and mapping.source in inputs:
-        return mapping.source
+    """The :attr:`BlockContext.inputs` key of ``target``'s input (:func:`input_key`), falling back to
+    the linear's own name (e.g. MoE experts that see only their routed tokens); None if neither was
+    captured."""
+    key = input_key(mapping, target)
+    if key in inputs:
+        return key
     return target if target in inputs else None
 
 

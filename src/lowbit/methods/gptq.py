@@ -399,16 +399,19 @@ class GPTQ(Method):
         """``config``, with any of the given knobs replaced (the CLI's ``--act-order``, ``--damp``,
         ``--diag-blend``). ``act_order`` as llm-compressor's ``actorder``: ``"static"`` (act-order,
         contiguous groups), ``"group"`` (act-order, dynamic groups: ``g_idx``) or ``"none"``."""
-        changes: dict[str, object] = {
-            k: v for k, v in {"damp": damp, "diag_blend": diag_blend}.items() if v is not None
-        }
+        config = config or GPTQConfig()
+        if damp is not None:
+            config = dataclasses.replace(config, damp=damp)
+        if diag_blend is not None:
+            config = dataclasses.replace(config, diag_blend=diag_blend)
         if act_order is not None:
             if act_order not in ACT_ORDERS:
                 raise ArgumentError(
                     f"act-order must be one of {', '.join(ACT_ORDERS)} (llm-compressor's actorder), not {act_order!r}"
                 )
-            changes["act_order"], changes["static_groups"] = ACT_ORDERS[act_order]
-        self.config = dataclasses.replace(config or GPTQConfig(), **changes)
+            ordered, static = ACT_ORDERS[act_order]
+            config = dataclasses.replace(config, act_order=ordered, static_groups=static)
+        self.config = config
 
     @property
     def scatters_groups(self) -> bool:

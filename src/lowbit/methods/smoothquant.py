@@ -36,7 +36,7 @@ from lowbit.formats.activations import ActKind, ActQuant, ActStrategy
 from lowbit.formats.base import Codec, QuantizedTensor
 from lowbit.methods.base import BlockContext, Method
 from lowbit.models.registry import FeedMapping
-from lowbit.transforms.scaling import expand_mapping, fold_scales, scaled_width
+from lowbit.transforms.scaling import expand_mapping, fold_scales, input_key, scaled_width
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +80,10 @@ def parse_alpha(alpha: float | str) -> float | None:
 
 
 def _input_key(mapping: FeedMapping) -> str | None:
-    """The calibration key of the targets' common input: the norm's name for a norm mapping (its targets
-    share one input), the single target's own name for a linear mapping (up -> down: down's input)."""
-    if mapping.kind == "norm":
-        return mapping.source
-    return mapping.targets[0] if len(mapping.targets) == 1 else None
+    """The calibration key of the targets' common input, or None when they have none (a linear source
+    feeding several targets separately)."""
+    keys = {input_key(mapping, t) for t in mapping.targets}
+    return keys.pop() if len(keys) == 1 else None
 
 
 class SmoothQuant(Method):

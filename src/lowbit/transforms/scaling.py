@@ -43,6 +43,25 @@ def expert_indices(pattern: str, names: Iterable[str]) -> list[int]:
     return sorted({int(m.group(1)) for n in names if (m := rx.match(n))})
 
 
+def input_key(mapping: FeedMapping, target: str) -> str:
+    """The calibration key of ``target``'s input, given that ``mapping`` feeds it: the targets of a norm
+    share one input, keyed by the norm's name; a linear source (up → down, v → o) feeds each target
+    separately, keyed by the target's own name. The walk's statistics and the block methods that look
+    them up (AWQ, SmoothQuant) use this one rule."""
+    return mapping.source if mapping.kind == "norm" else target
+
+
+def input_keys(mappings: Iterable[FeedMapping], linears: Iterable[str]) -> dict[str, str]:
+    """Block-relative linear name -> the key of its input (:func:`input_key`): linears fed by the same
+    norm share one key; every other linear (or an unexpanded ``{e}`` pattern's experts) is its own."""
+    keys = {lin: lin for lin in linears}
+    for m in mappings:
+        for t in m.targets:
+            if t in keys:
+                keys[t] = input_key(m, t)
+    return keys
+
+
 def expand_mapping(mapping: FeedMapping, names: Iterable[str]) -> list[FeedMapping]:
     """Concrete mappings (no ``{e}``) of ``mapping`` over the tensors ``names`` (block-relative,
     with ``.weight``).

@@ -34,6 +34,7 @@ from lowbit.errors import ArgumentError, InputFileError
 from lowbit.formats.activations import ActQuant, LLMInt8
 from lowbit.formats.base import Codec, QuantizedTensor, sqnr_db
 from lowbit.methods.base import BlockContext, Method
+from lowbit.transforms.scaling import input_keys
 from lowbit.walk.blocks import BlockRunner
 from lowbit.walk.quantize_walk import LayerStat, WalkItem, WalkStats, check_finite
 from lowbit.walk.sources import ModelSource
@@ -143,17 +144,6 @@ def _sample_tokens(x: torch.Tensor, limit: int, gen: torch.Generator) -> torch.T
         return x2.clone()
     idx = torch.randperm(x2.shape[0], generator=gen)[:limit]
     return x2[idx]
-
-
-def _input_keys(source: ModelSource, rel_linears: list[str]) -> dict[str, str]:
-    """Relative linear name -> the name of its input (linears fed by the same norm share one)."""
-    keys = {lin: lin for lin in rel_linears}
-    for m in source.arch.mappings:
-        if m.kind == "norm":
-            for t in m.targets:
-                if t in keys:
-                    keys[t] = m.source
-    return keys
 
 
 class _StopForward(Exception):
@@ -334,7 +324,7 @@ class _BlockCalibration:
         self.layer = runner.layer(index, weights)
         self.modules = dict(self.layer.named_modules())
         rel_linears = [n[: -len(".weight")] for n in weights if arch.is_quantizable(self.prefix + n)]
-        keys = _input_keys(runner.source, rel_linears)
+        keys = input_keys(arch.mappings, rel_linears)
         self.key_of = {lin: keys[lin] for lin in rel_linears}
         self.members: dict[str, list[str]] = {}
         for lin in rel_linears:

@@ -44,6 +44,7 @@ KTYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["none", "imatrix"])
 @pytest.mark.parametrize("input_name", INPUTS)
 @pytest.mark.parametrize("type_name", KTYPES)
+@pytest.mark.usefixtures("codec_path")
 def test_quantize_matches_ggml_golden_bytes(
     shared_file: Callable[[str], Path], type_name: str, input_name: str, with_imatrix: bool
 ) -> None:
@@ -72,12 +73,14 @@ def test_dequantize_matches_ggml_and_gguf_py(
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.shared
 @pytest.mark.parametrize("type_name", KTYPES)
+@pytest.mark.usefixtures("codec_path")
 def test_quantize_matches_libggml_on_fresh_inputs(ggml_quantize: GGMLQuantize, type_name: str) -> None:
     assert_matches_libggml(ggml_quantize, type_name, fuzz_inputs(20261123))
 
 
 @pytest.mark.shared
 @pytest.mark.parametrize("type_name", ["Q2_K", "Q4_K", "Q5_K"])
+@pytest.mark.usefixtures("codec_path")
 def test_signed_zero_minimum_matches_libggml(ggml_quantize: GGMLQuantize, type_name: str) -> None:
     assert_matches_libggml(ggml_quantize, type_name, sparse_signed_zero_inputs(2, 10), both=False)
 
@@ -98,6 +101,7 @@ _QKX3_SHA256 = {
 
 
 @pytest.mark.parametrize("type_name", sorted(_QKX3_SHA256))
+@pytest.mark.usefixtures("codec_path")
 def test_search_with_min_next_to_max_keeps_ggml_rounding(type_name: str) -> None:
     x = np.zeros(256, dtype=np.float32)
     x[192:224] = np.where((0xBDDCE5B5 >> np.arange(32)) & 1, -0.0, 0.0)

@@ -27,6 +27,7 @@ WEIGHTED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1")
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["none", "imatrix"])
 @pytest.mark.parametrize("input_name", INPUTS)
 @pytest.mark.parametrize("type_name", TYPES)
+@pytest.mark.usefixtures("codec_path")
 def test_bit_exact_with_ggml(
     shared_file: Callable[[str], Path], type_name: str, input_name: str, with_imatrix: bool
 ) -> None:
@@ -38,6 +39,7 @@ def test_bit_exact_with_ggml(
 
 @pytest.mark.shared
 @pytest.mark.parametrize("type_name", TYPES)
+@pytest.mark.usefixtures("codec_path")
 def test_quantize_matches_libggml_on_fresh_inputs(ggml_quantize: GGMLQuantize, type_name: str) -> None:
     """Scales 1e-30..1e30, ties, sparse rows with signed zeros, odd imatrices; with and without."""
     assert_matches_libggml(ggml_quantize, type_name, fuzz_inputs(20261123))
@@ -45,12 +47,14 @@ def test_quantize_matches_libggml_on_fresh_inputs(ggml_quantize: GGMLQuantize, t
 
 @pytest.mark.shared
 @pytest.mark.parametrize("type_name", WEIGHTED)
+@pytest.mark.usefixtures("codec_path")
 def test_signed_zero_minimum_matches_libggml(ggml_quantize: GGMLQuantize, type_name: str) -> None:
     """Sparse rows with signed zeros and an imatrix: Q4_1/Q5_1 store the sign of the first zero of a
     block whose minimum is zero (before the fix, 28 of these 40 tensors differed in that byte)."""
     assert_matches_libggml(ggml_quantize, type_name, sparse_signed_zero_inputs(1, 40), both=False)
 
 
+@pytest.mark.usefixtures("codec_path")
 def test_ref_path_keeps_ggmls_signed_zeros() -> None:
     """Without an imatrix: an all-zero block stores d = -0.0 in Q4_0/Q5_0 (ggml's +0 / -8), whatever
     the signs of its zeros; Q4_1/Q5_1 store m = the first zero of a block whose minimum is zero, and

@@ -29,6 +29,7 @@ import importlib
 import os
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
 from typing import ClassVar
 
 import numpy as np
@@ -37,6 +38,25 @@ from gguf import quants as gguf_quants
 
 from lowbit.errors import NonFiniteWeightError, SchemeError, ShapeError
 from lowbit.formats.gguf.types import GGMLType, ggml_type, type_info
+
+_native: ModuleType | None
+try:  # the compiled row quantizers (setup.py); optional: the numpy codecs give the same bytes
+    import lowbit.formats.gguf._kernels as _native
+except ImportError:  # pragma: no cover - installed without a C compiler
+    _native = None
+
+NATIVE_TYPES: frozenset[str] = frozenset(
+    {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+)
+"""Types whose rows :mod:`lowbit.formats.gguf._kernels` quantizes (with and without an importance
+vector), byte for byte as the numpy codec of the type (tested on both paths)."""
+
+
+def native_available() -> bool:
+    """Whether the compiled kernels are built and not switched off (``LOWBIT_NATIVE=0`` forces the
+    numpy codecs, e.g. to compare the two)."""
+    return _native is not None and os.environ.get("LOWBIT_NATIVE", "1") != "0"
+
 
 CODECS: dict[str, GGMLBlockCodec] = {}
 """ggml type name (``"Q4_0"``) -> the codec of that type. Filled by subclasses of :class:`GGMLBlockCodec`
@@ -120,8 +140,10 @@ class GGMLBlockCodec(ABC):
         n_per_row = int(x.shape[1])
         self.row_bytes(n_per_row)  # raises ShapeError unless whole blocks
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if not np.isfinite(x).all():
-            raise NonFiniteWeightError(f"cannot quantize to {self.name}: the input holds NaN or Inf values")
+        native = _native if self.name in NATIVE_TYPES and native_available() else None
+        non_finite = f"cannot quantize to {self.name}: the input holds NaN or Inf values"
+        if native is None and not np.isfinite(x).all():  # the kernels check each row themselves
+            raise NonFiniteWeightError(non_finite)
         qw: np.ndarray | None = None
         if imatrix is not None and self.uses_imatrix:
             qw = np.ascontiguousarray(imatrix, dtype=np.float32)
@@ -140,6 +162,10 @@ class GGMLBlockCodec(ABC):
 
         def run(a: int) -> None:
             b = min(a + step, rows)
+            if native is not None:  # releases the GIL: the pieces run in parallel
+                if not native.quantize(int(self.ggml_type), x[a:b], b - a, n_per_row, qw, out[a:b]):
+                    raise NonFiniteWeightError(non_finite)
+                return
             # ggml overflows and divides by zero silently (huge inputs, zero blocks), so does numpy
             # here; np.errstate is per thread, hence set in the worker
             with np.errstate(all="ignore"):
