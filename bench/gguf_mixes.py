@@ -149,6 +149,14 @@ def main() -> None:
         else "numpy (the compiled kernels are not built)"
     )
     print(f"lowbit's legacy/k-quant codecs: {kernels}", flush=True)
+    meta = {
+        "timing": not args.no_timing,
+        "lowbit_codecs": kernels,
+        "chunks": args.chunks,
+        "repeat": args.repeat,
+        "baseline_rss_mib": baseline / 2**20,
+        "baseline_imports": BASELINE_IMPORTS,
+    }
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as tmp_s:
         tmp = Path(tmp_s)
@@ -261,6 +269,7 @@ def main() -> None:
                             }
                         )
                     rows.append(row)
+                    write_results(args.out, {**meta, "complete": False, "rows": rows})  # survives a stop
                     what = (
                         f"PPL {row.get('ppl_lowbit')} KLD {row.get('kld_lowbit')}"
                         if args.no_timing
@@ -294,16 +303,7 @@ def main() -> None:
             ("kld_llama", "KLD llama", ".5f"),
         ],
     )
-    payload = {
-        "timing": not args.no_timing,
-        "lowbit_codecs": kernels,
-        "chunks": args.chunks,
-        "repeat": args.repeat,
-        "baseline_rss_mib": baseline / 2**20,
-        "baseline_imports": BASELINE_IMPORTS,
-        "rows": rows,
-    }
-    print(f"wrote {write_results(args.out, payload)}")
+    print(f"wrote {write_results(args.out, {**meta, 'complete': True, 'rows': rows})}")
 
 
 if __name__ == "__main__":

@@ -403,15 +403,15 @@ def test_existing_output_needs_force(tmp_path: Path, capsys: Any) -> None:
 def test_failure_midway_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An error after some tensors were written removes the temporary file; the old output survives."""
     calls = {"n": 0}
-    real = gguf_export._tensor_pieces
+    real = gguf_export._piece_jobs
 
-    def flaky(item: Any, qw: Any, pool: Any = None) -> Any:
+    def flaky(item: Any, qw: Any, threads: int) -> Any:
         calls["n"] += 1
         if calls["n"] == 5:
             raise OSError("disk full")
-        return real(item, qw, pool)
+        return real(item, qw, threads)
 
-    monkeypatch.setattr(gguf_export, "_tensor_pieces", flaky)
+    monkeypatch.setattr(gguf_export, "_piece_jobs", flaky)
     out = tmp_path / "out.gguf"
     with pytest.raises(OSError, match="disk full"):
         write_gguf(_stories_dir(), "Q8_0", out)

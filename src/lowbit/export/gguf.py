@@ -35,10 +35,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import json
 import logging
 import math
+import operator
 import re
 import threading
 import time
@@ -343,59 +345,60 @@ def _encode(x: np.ndarray, t: GGMLType, qw: np.ndarray | None) -> np.ndarray:
     return get_codec(t).quantize_rows(x, qw, threads=1)  # the caller runs the threads
 
 
-def _tensor_pieces(
-    item: _Planned, qw: np.ndarray | None, pool: ThreadPoolExecutor | None = None
-) -> Iterator[np.ndarray]:
-    """The bytes of ``item`` in its destination type, in file order, one piece of rows at a time.
-
-    Pieces of about ``_PIECE_ELEMENTS`` are read, converted and their input pages released by
-    ``pool``'s threads (numpy releases the GIL in its loops; None: in this thread); at most two pieces
-    per thread are in flight, so memory holds a few pieces, never a whole tensor. A small tensor is
-    still cut into a few pieces per thread, so that both cores work on it.
+def _piece_jobs(item: _Planned, qw: np.ndarray | None, threads: int) -> list[Callable[[], np.ndarray]]:
+    """The work that makes ``item``'s bytes in its destination type, in file order: one job per
+    piece of about ``_PIECE_ELEMENTS`` rows' worth, each reading, converting and releasing the input
+    pages of its rows. A small tensor is still cut into a few pieces per thread, so that every
+    thread works on it.
 
     ``qw`` is the importance vector (n_per_row * n_mat,): one (n_per_row,) slice per stacked matrix
     (expert), as llama-quantize quantizes each expert with its own slice.
     """
     if item.raw is not None and item.src_type == item.dst_type:
-        yield np.ascontiguousarray(item.raw()).reshape(-1).view(np.uint8)
-        return
-    from lowbit.formats.gguf.block import n_workers
-
+        raw = item.raw
+        return [lambda: np.ascontiguousarray(raw()).reshape(-1).view(np.uint8)]
     ne0 = item.ne0
     rows_per_mat = int(item.shape[-2]) if len(item.shape) >= 2 else 1
     n_mat = item.n_rows // rows_per_mat
-    threads = n_workers() if pool is not None else 1
     step = max(1, min(_PIECE_ELEMENTS // max(ne0, 1), -(-rows_per_mat // (2 * threads))))
-    pieces = [
-        (m, a, min(a + step, (m + 1) * rows_per_mat))
-        for m in range(n_mat)
-        for a in range(m * rows_per_mat, (m + 1) * rows_per_mat, step)
-    ]
 
-    def work(piece: tuple[int, int, int]) -> np.ndarray:
-        m, a, b = piece
+    def work(m: int, a: int, b: int) -> np.ndarray:
         w = None if qw is None else qw[m * ne0 : (m + 1) * ne0]
         data = _encode(item.float_rows(a, b), item.dst_type, w)
         item.release_rows(a, b)
         return data.reshape(-1)
 
-    if pool is None or len(pieces) == 1:
-        for piece in pieces:
-            yield work(piece)
+    jobs: list[Callable[[], np.ndarray]] = [
+        functools.partial(work, m, a, min(a + step, (m + 1) * rows_per_mat))
+        for m in range(n_mat)
+        for a in range(m * rows_per_mat, (m + 1) * rows_per_mat, step)
+    ]
+    return jobs or [lambda: np.zeros(0, dtype=np.uint8)]  # every tensor yields a piece, even empty
+
+
+def _in_order(
+    jobs: Iterator[tuple[int, Callable[[], np.ndarray]]], pool: ThreadPoolExecutor | None, window: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Run ``(key, job)`` pairs on ``pool`` (None: in this thread) with at most ``window`` in flight,
+    yielding ``(key, result)`` in the order given. The window runs across tensors, so the threads do
+    not wait at each tensor's end for its last piece to be written; memory holds ``window`` pieces."""
+    if pool is None:
+        for key, job in jobs:
+            yield key, job()
         return
-    in_flight: collections.deque[Future[np.ndarray]] = collections.deque()
-    todo = iter(pieces)
-    for piece in itertools.islice(todo, 2 * threads):
-        in_flight.append(pool.submit(work, piece))
+    in_flight: collections.deque[tuple[int, Future[np.ndarray]]] = collections.deque()
+    for key, job in itertools.islice(jobs, window):
+        in_flight.append((key, pool.submit(job)))
     try:
         while in_flight:
-            data = in_flight.popleft().result()
-            nxt = next(todo, None)
+            key, fut = in_flight.popleft()
+            data = fut.result()
+            nxt = next(jobs, None)
             if nxt is not None:
-                in_flight.append(pool.submit(work, nxt))
-            yield data
+                in_flight.append((nxt[0], pool.submit(nxt[1])))
+            yield key, data
     finally:
-        for f in in_flight:  # an error, or the consumer stopped: finish nothing more
+        for _, f in in_flight:  # an error, or the consumer stopped: start nothing more
             f.cancel()
 
 
@@ -807,20 +810,22 @@ def write_gguf(
         for it in items
     ]
     records: list[GGUFTensorRecord] = []
-    used = 0
     from lowbit.formats.gguf.block import n_workers
 
+    qws = [_imatrix_for(it, im) for it in items]
+    used = sum(qw is not None for qw in qws)
+    threads = n_workers()
     with (
         atomic_file(out_path, force) as tmp,
         tmp.open("wb") as f,
-        ThreadPoolExecutor(max_workers=n_workers(), thread_name_prefix="lowbit-gguf") as pool,
+        ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lowbit-gguf") as pool,
     ):
         writer = GGUFStreamWriter(f, alignment)
         writer.write_header(kvs, table)
-        for it in _progress(items, progress, spec.name):
-            qw = _imatrix_for(it, im)
-            used += qw is not None
-            nbytes = writer.write_tensor_pieces(_tensor_pieces(it, qw, pool))
+        jobs = ((i, job) for i, it in enumerate(items) for job in _piece_jobs(it, qws[i], threads))
+        stream = itertools.groupby(_in_order(jobs, pool, 2 * threads), key=operator.itemgetter(0))
+        for it, (_, pieces) in zip(_progress(items, progress, spec.name), stream, strict=True):
+            nbytes = writer.write_tensor_pieces(data for _, data in pieces)
             it.release()
             records.append(
                 GGUFTensorRecord(
