@@ -48,7 +48,7 @@ BASELINE_IMPORTS = (
     "lowbit.formats.gguf.iquants, lowbit.formats.gguf.ternary"
 )
 
-KERNELS_CHECK = "import lowbit.formats.gguf.block as b; print(b._native is not None and b.native_available())"
+KERNELS_CHECK = "import lowbit.formats.gguf.block as b; print(b.native_kernels() is not None)"
 
 
 def sha(p: Path) -> str:

@@ -332,9 +332,10 @@ def _encode(x: np.ndarray, t: GGMLType, qw: np.ndarray | None) -> np.ndarray:
     """float32 rows (k, n) -> uint8 (k, row_bytes) of ggml type ``t``."""
     from lowbit.formats.gguf import block
 
-    if t == GGMLType.BF16 and block._native is not None and block.native_available():
+    kernels = block.native_kernels() if t == GGMLType.BF16 else None
+    if kernels is not None:
         out = np.empty(x.shape, dtype=np.uint16)  # one pass, GIL released (gguf-py's takes four)
-        block._native.to_bf16(np.ascontiguousarray(x, dtype=np.float32), out)
+        kernels.to_bf16(np.ascontiguousarray(x, dtype=np.float32), out)
         return out.view(np.uint8)
     if t in _PLAIN_FLOATS:
         from gguf.quants import quantize
@@ -377,15 +378,11 @@ def _piece_jobs(item: _Planned, qw: np.ndarray | None, threads: int) -> list[Cal
 
 
 def _in_order(
-    jobs: Iterator[tuple[int, Callable[[], np.ndarray]]], pool: ThreadPoolExecutor | None, window: int
+    jobs: Iterator[tuple[int, Callable[[], np.ndarray]]], pool: ThreadPoolExecutor, window: int
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Run ``(key, job)`` pairs on ``pool`` (None: in this thread) with at most ``window`` in flight,
-    yielding ``(key, result)`` in the order given. The window runs across tensors, so the threads do
-    not wait at each tensor's end for its last piece to be written; memory holds ``window`` pieces."""
-    if pool is None:
-        for key, job in jobs:
-            yield key, job()
-        return
+    """Run ``(key, job)`` pairs on ``pool`` with at most ``window`` in flight, yielding ``(key,
+    result)`` in the order given. The window runs across tensors, so the threads do not wait at each
+    tensor's end for its last piece to be written; memory holds ``window`` pieces."""
     in_flight: collections.deque[tuple[int, Future[np.ndarray]]] = collections.deque()
     for key, job in itertools.islice(jobs, window):
         in_flight.append((key, pool.submit(job)))

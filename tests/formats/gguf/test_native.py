@@ -8,8 +8,6 @@ partial (the kernels search 8 blocks at a time and the rest one by one), every s
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 from ggml_oracle import first_difference, fuzz_inputs
@@ -17,15 +15,7 @@ from ggml_oracle import first_difference, fuzz_inputs
 from lowbit.errors import NonFiniteWeightError
 from lowbit.formats.gguf import block, get_codec
 
-
-@pytest.fixture(autouse=True)
-def kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test here needs the built kernels: skip without them (fail under ``CI=true``)."""
-    if block._native is None:
-        if os.environ.get("CI", "").strip().lower() == "true":
-            pytest.fail("lowbit.formats.gguf._kernels is not built; CI installs with a C compiler")
-        pytest.skip("lowbit.formats.gguf._kernels is not built (no C compiler at install)")
-    monkeypatch.delenv("LOWBIT_NATIVE", raising=False)
+pytestmark = pytest.mark.usefixtures("native_kernels")  # skip without them, fail under CI=true
 
 
 def _both(
@@ -36,7 +26,7 @@ def _both(
     native = codec.quantize_rows(x, imatrix)
     monkeypatch.setenv("LOWBIT_NATIVE", "0")
     reference = codec.quantize_rows(x, imatrix)
-    monkeypatch.delenv("LOWBIT_NATIVE")
+    monkeypatch.setenv("LOWBIT_NATIVE", "1")
     return native, reference
 
 
@@ -53,7 +43,7 @@ def test_every_legacy_and_k_quant_type_has_a_kernel() -> None:
         "Q5_K",
         "Q6_K",
     }
-    assert block.native_available()
+    assert block.native_kernels() is not None
 
 
 @pytest.mark.parametrize("type_name", sorted(block.NATIVE_TYPES))

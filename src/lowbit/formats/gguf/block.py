@@ -52,10 +52,10 @@ NATIVE_TYPES: frozenset[str] = frozenset(
 vector), byte for byte as the numpy codec of the type (tested on both paths)."""
 
 
-def native_available() -> bool:
-    """Whether the compiled kernels are built and not switched off (``LOWBIT_NATIVE=0`` forces the
-    numpy codecs, e.g. to compare the two)."""
-    return _native is not None and os.environ.get("LOWBIT_NATIVE", "1") != "0"
+def native_kernels() -> ModuleType | None:
+    """The compiled kernels, or None when they are not built or switched off (``LOWBIT_NATIVE=0``
+    forces the numpy codecs, e.g. to compare the two)."""
+    return _native if os.environ.get("LOWBIT_NATIVE", "1") != "0" else None
 
 
 CODECS: dict[str, GGMLBlockCodec] = {}
@@ -140,7 +140,7 @@ class GGMLBlockCodec(ABC):
         n_per_row = int(x.shape[1])
         self.row_bytes(n_per_row)  # raises ShapeError unless whole blocks
         x = np.ascontiguousarray(x, dtype=np.float32)
-        native = _native if self.name in NATIVE_TYPES and native_available() else None
+        native = native_kernels() if self.name in NATIVE_TYPES else None
         non_finite = f"cannot quantize to {self.name}: the input holds NaN or Inf values"
         if native is None and not np.isfinite(x).all():  # the kernels check each row themselves
             raise NonFiniteWeightError(non_finite)
