@@ -594,3 +594,26 @@ def test_cli_help_mentions_gguf(capsys: Any) -> None:
         main(["quantize", "--help"])
     text = capsys.readouterr().out
     assert "--imatrix" in text and "gguf" in text
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("mix", ["Q8_0", "Q4_K_M"])
+def test_non_finite_weight_is_one_line_naming_the_tensor(
+    mix: str, shared_file: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An infinity in a weight that gets quantized: exit 2, one line naming the GGUF tensor, no file."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(shared_file(TINY_DIR), model)
+    (st,) = model.glob("*.safetensors")
+    weights = load_file(st)
+    weights["model.layers.1.mlp.down_proj.weight"][3, 5] = float("inf")
+    save_file(weights, st, metadata={"format": "pt"})
+    out = tmp_path / "out.gguf"
+    assert main(["quantize", str(model), "--scheme", mix, "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: blk.1.ffn_down.weight: ") and "NaN or Inf" in err[0]
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["model"]

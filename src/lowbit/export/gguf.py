@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lowbit.calib.imatrix import Imatrix
-from lowbit.errors import InputFileError, SchemeError, UnsupportedArchitectureError
+from lowbit.errors import InputFileError, NonFiniteWeightError, SchemeError, UnsupportedArchitectureError
 from lowbit.export.atomic import atomic_file, check_output
 from lowbit.export.gguf_stream import GGUFStreamWriter, TensorEntry, encode_kv
 from lowbit.formats.gguf.mixes import (
@@ -365,7 +365,10 @@ def _piece_jobs(item: _Planned, qw: np.ndarray | None, threads: int) -> list[Cal
 
     def work(m: int, a: int, b: int) -> np.ndarray:
         w = None if qw is None else qw[m * ne0 : (m + 1) * ne0]
-        data = _encode(item.float_rows(a, b), item.dst_type, w)
+        try:
+            data = _encode(item.float_rows(a, b), item.dst_type, w)
+        except NonFiniteWeightError as e:  # the codec does not know which tensor it was given
+            raise NonFiniteWeightError(f"{item.name}: {e}") from None
         item.release_rows(a, b)
         return data.reshape(-1)
 
