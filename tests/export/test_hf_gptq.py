@@ -36,9 +36,9 @@ from lowbit.export.hf_gptq import (
     linear_tensors,
     read_linear,
 )
-from lowbit.formats.affine import AffineCodec, AffineQuantized
+from lowbit.formats.affine import AffineCodec, AffineQuantized, GroupIndexedQuantized
 from lowbit.formats.base import PER_CHANNEL, PER_TENSOR, Block, group
-from lowbit.methods.gptq import GPTQConfig, GPTQQuantized, gptq_quantize
+from lowbit.methods.gptq import GPTQConfig, gptq_quantize
 from lowbit.walk.quantize_walk import walk_quantize
 from lowbit.walk.sources import SafetensorsSource, open_model
 
@@ -127,7 +127,7 @@ def test_act_order_round_trip(symmetric: bool) -> None:
     assert torch.equal(t["g_idx"], q.g_idx)
     assert torch.equal(t["scales"], q.group_scales.T)
     back = read_linear(t, GptqLayout.of(codec), ZeroFormat.written_for(symmetric))
-    assert isinstance(back, GPTQQuantized)
+    assert isinstance(back, GroupIndexedQuantized)
     _assert_same(back, q)
     assert torch.equal(back.g_idx, q.g_idx) and torch.equal(back.group_scales, q.group_scales)
     if q.group_zeros is not None:

@@ -363,7 +363,7 @@ def test_registered_method() -> None:
     assert torch.equal(q.codes, gptq_quantize(w, h.float(), codec, GPTQConfig(act_order=True)).codes)
     with pytest.raises(ArgumentError, match="Hessian"):
         GPTQ().quantize_linear(w, codec)
-    with pytest.raises(SchemeError, match="affine"):
+    with pytest.raises(SchemeError, match="per-group parameters"):
         GPTQ().quantize_linear(w, _Identity(), {"hessian": h})
 
 

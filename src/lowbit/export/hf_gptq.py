@@ -35,7 +35,7 @@ for ``sym=True``. Asymmetric schemes are written as ``"gptq_v2"``: any ``z = 0``
 is 0 or positive) would wrap in v1 and be read differently by different loaders, and optimum itself
 switches asymmetric quantization to ``gptq_v2``. The reader follows GPTQModel for both.
 
-Activation order (:class:`~lowbit.methods.gptq.GPTQQuantized` with a ``g_idx`` that is not
+Activation order (:class:`~lowbit.formats.affine.GroupIndexedQuantized` with a ``g_idx`` that is not
 ``arange(in) // g``): ``g_idx`` is stored as is, ``scales``/``qzeros`` hold the group-ordered parameters,
 the codes stay in the original column order, and the config says ``desc_act: true`` (loaders that would
 otherwise assume contiguous groups then read ``g_idx``).
@@ -71,9 +71,8 @@ from lowbit.errors import InputFileError, SchemeError, ShapeError
 from lowbit.export.hf_checkpoint import CheckpointFormat
 from lowbit.formats import bitpack
 from lowbit.formats.activations import ActQuant, LLMInt8
-from lowbit.formats.affine import AffineCodec, AffineQuantized
+from lowbit.formats.affine import AffineCodec, AffineQuantized, GroupIndexedQuantized
 from lowbit.formats.base import PER_CHANNEL, Codec, QuantizedTensor, group
-from lowbit.methods.gptq import GPTQQuantized, GPTQReport
 
 if TYPE_CHECKING:
     from lowbit.walk.sources import SafetensorsSource
@@ -223,7 +222,7 @@ def decode_zeros(qzeros: torch.Tensor, bits: int, out_f: int, fmt: ZeroFormat) -
 # --------------------------------------------------------------------- one Linear
 def linear_tensors(q: AffineQuantized) -> dict[str, torch.Tensor]:
     """``qweight``, ``qzeros``, ``scales``, ``g_idx`` of one quantized Linear (layouts in the module
-    docstring). A :class:`GPTQQuantized` with activation-order groups stores its ``g_idx`` and group
+    docstring). A :class:`GroupIndexedQuantized` with activation-order groups stores its ``g_idx`` and group
     parameters; any other :class:`AffineQuantized` stores ``g_idx = arange(in) // g``."""
     codec = q.codec
     layout = GptqLayout.of(codec)
@@ -237,7 +236,7 @@ def linear_tensors(q: AffineQuantized) -> dict[str, torch.Tensor]:
     offset = 1 << (bits - 1)
     g, n_groups = layout.groups(in_f)
 
-    if isinstance(q, GPTQQuantized) and not q.contiguous_groups:
+    if isinstance(q, GroupIndexedQuantized) and not q.contiguous_groups:
         g_idx = q.g_idx.to(torch.int32)
         scales, zeros = q.group_scales, q.group_zeros  # (out, G), indexed by g_idx
     else:
@@ -266,7 +265,7 @@ def read_linear(tensors: Mapping[str, torch.Tensor], layout: GptqLayout, fmt: Ze
     """Inverse of :func:`linear_tensors`: an :class:`AffineQuantized` (codes in lowbit's convention:
     signed when symmetric) whose ``codec.dequantize`` is the stored weight, exactly.
 
-    Activation-order files (a ``g_idx`` other than ``arange(in) // g``) give a :class:`GPTQQuantized`
+    Activation-order files (a ``g_idx`` other than ``arange(in) // g``) give a :class:`GroupIndexedQuantized`
     with ``g_idx``, the group parameters and their expansion to ``(out, in)``; the order in which GPTQ
     processed the columns is not stored (``perm`` None) and neither is its report (NaN losses).
     """
@@ -325,8 +324,7 @@ def read_linear(tensors: Mapping[str, torch.Tensor], layout: GptqLayout, fmt: Ze
             shape=(out_f, in_f), codes=codes, scales=group_scales, zeros=group_zeros, codec=codec
         )
     gi = g_idx.long()
-    nan = math.nan
-    return GPTQQuantized(
+    return GroupIndexedQuantized(
         shape=(out_f, in_f),
         codes=codes,
         scales=group_scales[:, gi],
@@ -335,8 +333,6 @@ def read_linear(tensors: Mapping[str, torch.Tensor], layout: GptqLayout, fmt: Ze
         g_idx=g_idx,
         group_scales=group_scales,
         group_zeros=group_zeros,
-        perm=None,
-        report=GPTQReport(loss=nan, rtn_loss=nan, damp=nan, retries=0, diagonal_fallback=False),
     )
 
 
@@ -422,7 +418,7 @@ class GptqFormat(CheckpointFormat):
     def linear_tensors(self, q: QuantizedTensor) -> dict[str, torch.Tensor]:
         if not isinstance(q, AffineQuantized):
             raise SchemeError(f"GPTQ checkpoints hold integer weights, not a {type(q).__name__}")
-        if isinstance(q, GPTQQuantized) and not q.contiguous_groups:
+        if isinstance(q, GroupIndexedQuantized) and not q.contiguous_groups:
             self._desc_act = True
         return linear_tensors(q)
 

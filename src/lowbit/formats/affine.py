@@ -14,13 +14,15 @@ exporter stored reproduces :meth:`AffineCodec.dequantize` exactly.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from lowbit.errors import NonFiniteWeightError, SchemeError, ShapeError
-from lowbit.formats.base import PER_CHANNEL, Block, Codec, QuantizedTensor
+from lowbit.formats.base import PER_CHANNEL, Block, ColumnQuantizer, QuantizedTensor, RegionCodec
 
 _FLOAT_BITS: dict[torch.dtype, int] = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32}
 
@@ -41,7 +43,60 @@ class AffineQuantized(QuantizedTensor):
 
 
 @dataclass(frozen=True)
-class AffineCodec(Codec):
+class GroupIndexedQuantized(AffineQuantized):
+    """:class:`AffineQuantized` whose groups need not be runs of consecutive columns (GPTQ's act-order
+    with dynamic groups).
+
+    ``codes``: ``(out, in)`` in the original column order; ``codec.dequantize(q)`` is the result.
+    ``g_idx``: ``(in,)`` int32, the group of each input column: column ``c`` uses
+    ``group_scales[:, g_idx[c]]`` (and ``group_zeros``); ``arange(in) // g`` for contiguous groups.
+    ``group_scales`` / ``group_zeros``: ``(row blocks, groups)``, indexed by ``g_idx``.
+    ``scales`` / ``zeros``: the codec's grid (the same tensors as ``group_*``) when the groups are
+    contiguous; otherwise expanded to ``(out, in)``, so that the codec dequantizes them correctly
+    (an exporter that stores ``g_idx`` must read ``group_scales`` instead).
+    """
+
+    g_idx: torch.Tensor
+    group_scales: torch.Tensor
+    group_zeros: torch.Tensor | None
+
+    @property
+    def contiguous_groups(self) -> bool:
+        """True when column ``c`` is in group ``c // g`` (no ``g_idx`` needed to load it)."""
+        g = self.codec.block.resolve((self.shape[0], self.shape[1]))[1]
+        return torch.equal(self.g_idx, (torch.arange(self.shape[1]) // g).to(torch.int32))
+
+
+@dataclass(frozen=True, eq=False)
+class AffineRun(ColumnQuantizer):
+    """Affine parameters of the groups of a run of columns: ``scales``/``zeros`` ``(row blocks, groups)``
+    (the codec's grid for those columns), and the same expanded to rows as float32 for the column loop."""
+
+    start: int
+    width: int
+    codec: AffineCodec
+    group_cols: int
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    _s_rows: torch.Tensor
+    _z_rows: torch.Tensor | None
+
+    def quantize_column(self, x: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = c // self.group_cols
+        s = self._s_rows[:, k]
+        q = torch.round(x / s)
+        z = None if self._z_rows is None else self._z_rows[:, k]
+        if z is not None:
+            q = q + z
+        codes = q.clamp(self.codec.qmin, self.codec.qmax).to(torch.int16)
+        deq = codes.float()
+        if z is not None:
+            deq = deq - z
+        return codes, deq * s
+
+
+@dataclass(frozen=True)
+class AffineCodec(RegionCodec):
     bits: int = 4
     symmetric: bool = True
     block: Block = PER_CHANNEL
@@ -108,6 +163,79 @@ class AffineCodec(Codec):
         if zeros is not None:
             q = q - self._expand(zeros, codes.shape).float()
         return q * self._expand(scales, codes.shape).float()
+
+    # ----------------------------------------------------------------- regions (GPTQ)
+    def region_width(self, shape: tuple[int, int]) -> int:
+        return self.block.resolve(shape)[1]
+
+    @property
+    def contiguous_regions_only(self) -> bool:
+        return False  # a g_idx (GPTQ's desc_act) can say which group each column is in
+
+    def fit_region(self, w: torch.Tensor, start: int, importance: torch.Tensor | None = None) -> AffineRun:
+        """Scales/zeros of the groups of ``w`` (out, k) by range (``importance`` is not used: the grid
+        is absmax / min-max, as :meth:`quantize`'s)."""
+        out_f, k = w.shape
+        scales, zeros = self.choose_qparams(w)  # (row blocks, ceil(k / g))
+        r = self.block.resolve((out_f, k))[0]
+        g = self.block.cols if self.block.cols is not None else k
+
+        def rows(grid: torch.Tensor) -> torch.Tensor:
+            return grid.repeat_interleave(r, dim=0)[:out_f]
+
+        return AffineRun(
+            start=start,
+            width=k,
+            codec=self,
+            group_cols=min(g, k),
+            scales=scales,
+            zeros=zeros,
+            _s_rows=rows(scales).float(),
+            _z_rows=None if zeros is None else rows(zeros).float(),
+        )
+
+    def pack_regions(
+        self,
+        shape: tuple[int, int],
+        codes: torch.Tensor,
+        regions: Sequence[ColumnQuantizer],
+        perm: torch.Tensor | None = None,
+    ) -> GroupIndexedQuantized:
+        """Codes (out, in) in processing order and the runs' group parameters -> the result in the
+        original column order, with ``g_idx`` saying where each column's group went."""
+        out_f, in_f = shape
+        runs = [r for r in regions if isinstance(r, AffineRun)]
+        if len(runs) != len(regions):
+            raise TypeError("AffineCodec packs only its own AffineRun regions")
+        group_scales = torch.cat([r.scales for r in runs], dim=1)
+        group_zeros = None if self.symmetric else torch.cat([r.zeros for r in runs if r.zeros is not None], dim=1)
+        g = self.region_width(shape)
+        if perm is None:
+            inv = torch.arange(in_f)
+            g_idx = (torch.arange(in_f) // g).to(torch.int32)
+        else:
+            inv = torch.argsort(perm)
+            # processed position j (column perm[j]) lies in run group j // g
+            g_idx = (torch.arange(in_f) // g)[inv].to(torch.int32)
+        codes = codes[:, inv]
+        if torch.equal(g_idx, (torch.arange(in_f) // g).to(torch.int32)):
+            scales, zeros = group_scales, group_zeros
+        else:
+            r = self.block.resolve(shape)[0]
+            gi = g_idx.long()
+            scales = group_scales.repeat_interleave(r, dim=0)[:out_f][:, gi]  # (out, in)
+            zeros = None if group_zeros is None else group_zeros.repeat_interleave(r, dim=0)[:out_f][:, gi]
+        assert math.ceil(in_f / g) == group_scales.shape[1]
+        return GroupIndexedQuantized(
+            shape=(out_f, in_f),
+            codes=codes,
+            scales=scales,
+            zeros=zeros,
+            codec=self,
+            g_idx=g_idx,
+            group_scales=group_scales,
+            group_zeros=group_zeros,
+        )
 
     def _expand(self, grid: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
         if tuple(grid.shape) == tuple(shape):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,11 @@ class Codec(ABC):
     def quantize(self, w: torch.Tensor) -> QuantizedTensor:
         """Quantize ``w`` (float, any float dtype; computed in float32)."""
 
+    def quantize_weighted(self, w: torch.Tensor, importance: torch.Tensor | None) -> QuantizedTensor:
+        """Round-to-nearest guided by an importance per input column (``importance`` (in,) float32, the
+        mean ``x²`` of each input: an importance matrix); codecs without a parameter search ignore it."""
+        return self.quantize(w)
+
     @abstractmethod
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         """Float32 tensor of ``q.shape``."""
@@ -93,6 +99,69 @@ class Codec(ABC):
     def fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
         """``dequantize(quantize(w))`` in ``w``'s dtype: the simulated-quantization weight."""
         return self.dequantize(self.quantize(w)).to(w.dtype)
+
+
+class ColumnQuantizer(ABC):
+    """Quantization parameters fixed for a run of input columns: quantizes one column at a time.
+
+    Made by :meth:`RegionCodec.fit_region` for the columns ``[start, start + width)`` of a weight; a
+    column is addressed by its index *within the run* (``0 .. width-1``).
+    """
+
+    start: int
+    width: int
+
+    @abstractmethod
+    def quantize_column(self, x: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Column ``c`` of the run, ``x`` (out,) float32 -> (codes (out,) int16, dequantized (out,) float32)."""
+
+
+class RegionCodec(Codec):
+    """A codec whose parameters are shared by runs of consecutive input columns ("regions"): an affine
+    group of ``g`` columns, a ggml block of 32 or super-block of 256. Methods that choose the codes
+    themselves (GPTQ) drive it in three steps, gpt-fast's choose-qparams -> quantize -> pack:
+
+    1. :meth:`fit_region`: parameters for a run of whole regions, from the weights as they are now
+       (GPTQ: its error-corrected weights, or the original weights up front) and an importance per
+       column (the Hessian diagonal, an importance matrix), which codecs with a parameter search use;
+    2. :meth:`ColumnQuantizer.quantize_column`: codes of one column under those fixed parameters;
+    3. :meth:`pack_regions`: the codes and the parameters as the codec's quantized result, which
+       :meth:`dequantize` turns back into exactly the dequantized columns of step 2.
+
+    ``quantize`` (round-to-nearest) is the same as fitting every region to the weights and rounding each
+    column, up to the codec's own rounding conventions (ggml's ties and zero blocks).
+    """
+
+    @abstractmethod
+    def region_width(self, shape: tuple[int, int]) -> int:
+        """Columns per region of a weight of ``shape`` (out, in); a last region may be shorter."""
+
+    @property
+    def contiguous_regions_only(self) -> bool:
+        """Whether a region must be consecutive columns of the stored weight (ggml blocks); False for
+        codecs whose format can store a per-column group index (affine groups with a ``g_idx``)."""
+        return True
+
+    @abstractmethod
+    def fit_region(
+        self, w: torch.Tensor, start: int, importance: torch.Tensor | None = None
+    ) -> ColumnQuantizer:
+        """Parameters for columns ``[start, start + w.shape[1])`` from their weights ``w`` (out, k),
+        ``k`` a whole number of regions (or up to the end of the row); ``importance`` (k,) float32,
+        larger = the column's error costs more."""
+
+    @abstractmethod
+    def pack_regions(
+        self,
+        shape: tuple[int, int],
+        codes: torch.Tensor,
+        regions: Sequence[ColumnQuantizer],
+        perm: torch.Tensor | None = None,
+    ) -> QuantizedTensor:
+        """The quantized result of ``codes`` (out, in) int16 and ``regions``, which cover the columns
+        in order. ``perm`` (in,): when given, position ``j`` of ``codes`` and of the regions' column
+        numbering is input column ``perm[j]`` (act-order with regions in processing order; only codecs
+        whose :attr:`contiguous_regions_only` is False accept a permutation that is not the identity)."""
 
 
 def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:

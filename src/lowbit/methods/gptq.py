@@ -69,8 +69,8 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import ArgumentError, NonFiniteWeightError, SchemeError, ShapeError
-from lowbit.formats.affine import AffineCodec, AffineQuantized
-from lowbit.formats.base import Codec
+from lowbit.formats.affine import GroupIndexedQuantized
+from lowbit.formats.base import Codec, ColumnQuantizer, QuantizedTensor, RegionCodec
 from lowbit.methods.base import Method
 
 log = logging.getLogger(__name__)
@@ -139,31 +139,15 @@ class GPTQReport:
 
 
 @dataclass(frozen=True)
-class GPTQQuantized(AffineQuantized):
-    """:class:`AffineQuantized` plus the group layout act-order produces.
+class GPTQQuantized(GroupIndexedQuantized):
+    """An affine GPTQ result: :class:`~lowbit.formats.affine.GroupIndexedQuantized` (codes in the
+    original column order, ``g_idx`` and the group-ordered parameters act-order produces) plus
+    ``perm`` (in,) int64, the order in which columns were quantized (act-order), else ``None``, and the
+    layer's :class:`GPTQReport`. Results of other region codecs (ggml block types) are the codec's own
+    quantized type."""
 
-    ``codes``: ``(out, in)`` in the original column order; ``codec.dequantize(q)`` is GPTQ's result.
-    ``g_idx``: ``(in,)`` int32, the group of each input column: column ``c`` uses
-    ``group_scales[:, g_idx[c]]`` (and ``group_zeros``). ``arange(in) // g`` unless act-order with
-    dynamic groups. Per-channel: all 0.
-    ``group_scales`` / ``group_zeros``: ``(row blocks, groups)``, indexed by ``g_idx``.
-    ``scales`` / ``zeros``: the codec's grid (the same tensors as ``group_*``) when the groups are
-    contiguous; otherwise expanded to ``(out, in)``, so that the codec dequantizes them correctly
-    (an exporter that stores ``g_idx`` must read ``group_scales`` instead).
-    ``perm``: ``(in,)`` int64, the order in which columns were quantized (act-order), else ``None``.
-    """
-
-    g_idx: torch.Tensor
-    group_scales: torch.Tensor
-    group_zeros: torch.Tensor | None
     perm: torch.Tensor | None
     report: GPTQReport
-
-    @property
-    def contiguous_groups(self) -> bool:
-        """True when column ``c`` is in group ``c // g`` (no ``g_idx`` needed to load it)."""
-        g = self.codec.block.resolve((self.shape[0], self.shape[1]))[1]
-        return torch.equal(self.g_idx, (torch.arange(self.shape[1]) // g).to(torch.int32))
 
 
 # --------------------------------------------------------------------- linear algebra
@@ -225,20 +209,35 @@ def _inverse_cholesky(h: torch.Tensor, config: GPTQConfig) -> tuple[torch.Tensor
 
 # --------------------------------------------------------------------- the algorithm
 def gptq_quantize(
-    weight: torch.Tensor, hessian: torch.Tensor, codec: AffineCodec, config: GPTQConfig | None = None
-) -> GPTQQuantized:
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    codec: RegionCodec,
+    config: GPTQConfig | None = None,
+    importance: torch.Tensor | None = None,
+) -> QuantizedTensor:
     """GPTQ-quantize ``weight`` (out, in), any float dtype, given ``hessian`` (in, in) (see
-    :class:`lowbit.calib.hessian.HessianAccumulator`), with an integer ``codec`` whose blocks are
-    per-tensor, per-channel or groups of input columns (``Block(r, g)``)."""
+    :class:`lowbit.calib.hessian.HessianAccumulator`), with a codec whose parameters are shared by runs
+    of input columns (:class:`~lowbit.formats.base.RegionCodec`: integer groups, ggml block types).
+
+    ``importance`` (in,): what codecs with a parameter search weight each column's error by when they
+    fit a region (ggml's importance matrix); default the Hessian's diagonal, which is llama-imatrix's
+    statistic of the same inputs (mean ``x²`` per column) up to a factor. An affine codec returns a
+    :class:`GPTQQuantized`."""
     with _one_thread():
-        return _gptq_quantize(weight, hessian, codec, config or GPTQConfig())
+        return _gptq_quantize(weight, hessian, codec, config or GPTQConfig(), importance)
 
 
 def _gptq_quantize(
-    weight: torch.Tensor, hessian: torch.Tensor, codec: AffineCodec, config: GPTQConfig
-) -> GPTQQuantized:
-    if not isinstance(codec, AffineCodec):
-        raise SchemeError(f"GPTQ needs an integer (affine) codec, not {codec.name}")
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    codec: RegionCodec,
+    config: GPTQConfig,
+    importance: torch.Tensor | None,
+) -> QuantizedTensor:
+    if not isinstance(codec, RegionCodec):
+        raise SchemeError(
+            f"GPTQ needs a codec with per-group parameters (integers, ggml block types), not {codec.name}"
+        )
     if weight.ndim != 2 or not weight.is_floating_point():
         raise ShapeError(f"GPTQ quantizes 2-D float linear weights, not {weight.dtype} {tuple(weight.shape)}")
     out_f, in_f = weight.shape
@@ -252,6 +251,19 @@ def _gptq_quantize(
     h_orig = hessian.detach().to(torch.float64)
     if not torch.isfinite(h_orig).all():
         raise ArgumentError("the Hessian holds NaN or Inf values; recompute the calibration statistics")
+    region = codec.region_width((out_f, in_f))  # columns sharing parameters (= in_f per channel)
+    static = config.static_groups or region >= in_f
+    if config.act_order and not static and codec.contiguous_regions_only:
+        raise SchemeError(
+            f"{codec.name} keeps its parameters per run of {region} consecutive columns, so GPTQ's "
+            "act-order needs static groups with it (--act-order static or none, not group)"
+        )
+    if importance is None:
+        imp = h_orig.diagonal().float().clamp(min=0.0)
+    else:
+        imp = importance.detach().float().reshape(-1)
+        if imp.shape != (in_f,) or not torch.isfinite(imp).all():
+            raise ArgumentError(f"the importance vector must be {in_f} finite values, not {tuple(imp.shape)}")
 
     h = (h_orig + h_orig.T) / 2  # (in, in); x.T @ x is not always bitwise symmetric
     if config.diag_blend:
@@ -260,9 +272,6 @@ def _gptq_quantize(
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-
-    rows_per_block, g = codec.block.resolve((out_f, in_f))  # g = in_f for per-channel / per-tensor
-    n_groups = math.ceil(in_f / g)
 
     if config.act_order:
         perm = torch.argsort(h.diagonal(), descending=True, stable=True)  # (in,)
@@ -275,55 +284,36 @@ def _gptq_quantize(
     u64, damp, retries, fallback = _inverse_cholesky(h_p, config)
     u = u64.float()  # (in, in) upper triangular
 
-    def rows(grid: torch.Tensor) -> torch.Tensor:  # (row blocks, m) -> (out, m)
-        return grid.repeat_interleave(rows_per_block, dim=0)[:out_f]
-
-    static = config.static_groups or g == in_f
-    if static:
-        # One grid for the un-permuted weights (per-channel: "entering" the single group at column 0
-        # sees the un-updated weights, so this is also the dynamic choice).
-        group_scales, group_zeros = codec.choose_qparams(w)  # (row blocks, n_groups)
-        col_group = perm // g  # (in,) group of the j-th processed column
-        scales_rows = rows(group_scales)  # (out, n_groups)
-        zeros_rows = None if group_zeros is None else rows(group_zeros)
-    else:
-        grid_rows = math.ceil(out_f / rows_per_block)
-        group_scales = torch.empty(grid_rows, n_groups, dtype=codec.scale_dtype)
-        group_zeros = None if codec.symmetric else torch.empty(grid_rows, n_groups, dtype=torch.int16)
+    # Static: every region's parameters up front, from the un-permuted (dead-zeroed) weights; column
+    # perm[j] is column perm[j] of that one run. Dynamic: a region's parameters when the loop enters it,
+    # from the current, error-updated weights of its columns (in processing order).
+    regions: list[ColumnQuantizer] = [codec.fit_region(w, 0, imp)] if static else []
+    imp_p = imp[perm]
+    perm_list = perm.tolist()
 
     # The loop works on the transpose: column j of W is row j of wt, contiguous, so the per-column
     # update of the block's remaining columns is one in-place rank-1 update of contiguous rows.
     wt = w_p.T.contiguous()  # (in, out): row j = processed column j
     codes_t = torch.empty(in_f, out_f, dtype=torch.int16)  # in processing order
-    s_col = z_col = None
+    run = regions[0] if static else None
     for i1 in range(0, in_f, config.block_size):
         i2 = min(i1 + config.block_size, in_f)
         err1 = torch.zeros(i2 - i1, out_f)  # (B, out) scaled errors, for the lazy update
         for i in range(i2 - i1):
             j = i1 + i
-            if static:
-                k = int(col_group[j])
-                s_col = scales_rows[:, k : k + 1]
-                z_col = None if zeros_rows is None else zeros_rows[:, k : k + 1]
-            elif j % g == 0:
-                end = min(j + g, in_f)
+            if not static and j % region == 0:
+                end = min(j + region, in_f)
                 cur = wt[j : min(end, i2)]
-                if end > i2:  # the group reaches past this block: apply the block's pending updates
+                if end > i2:  # the region reaches past this block: apply the block's pending updates
                     ahead = wt[i2:end] - u[i1:j, i2:end].T @ err1[:i]
                     cur = torch.cat([cur, ahead])
-                s_grid, z_grid = codec.choose_qparams(cur.T)  # (row blocks, 1)
-                group_scales[:, j // g] = s_grid[:, 0]
-                s_col = rows(s_grid)
-                if z_grid is not None:
-                    assert group_zeros is not None
-                    group_zeros[:, j // g] = z_grid[:, 0]
-                    z_col = rows(z_grid)
-            assert s_col is not None
-            col = wt[j].unsqueeze(1)  # (out, 1)
-            c = codec.quantize_with(col, s_col, z_col)  # (out, 1) int16
-            codes_t[j] = c[:, 0]
+                run = codec.fit_region(cur.T, j, imp_p[j:end])
+                regions.append(run)
+            assert run is not None
+            col = wt[j]  # (out,)
+            codes_t[j], deq = run.quantize_column(col, perm_list[j] if static else j - run.start)
             e = err1[i]
-            torch.sub(col[:, 0], codec.dequantize_codes(c, s_col, z_col)[:, 0], out=e)
+            torch.sub(col, deq, out=e)
             e.div_(u[j, j])
             if i + 1 < i2 - i1:  # wt[j+1:i2] -= u[j, j+1:i2]ᵀ ⊗ e
                 wt[j + 1 : i2].addr_(u[j, j + 1 : i2], e, alpha=-1.0)
@@ -331,23 +321,14 @@ def _gptq_quantize(
             wt[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1.0)
     codes_p = codes_t.T
 
-    inv = torch.argsort(perm)
-    codes = codes_p[:, inv]
     if static:
-        g_idx = (torch.arange(in_f) // g).to(torch.int32)
+        q = codec.pack_regions((out_f, in_f), codes_p[:, torch.argsort(perm)], regions)
     else:
-        g_idx = (torch.arange(in_f) // g)[inv].to(torch.int32)  # column perm[j] is in group j // g
-    contiguous = torch.equal(g_idx, (torch.arange(in_f) // g).to(torch.int32))
-    if contiguous:
-        scales, zeros = group_scales, group_zeros
-    else:
-        gi = g_idx.long()
-        scales = rows(group_scales)[:, gi]  # (out, in)
-        zeros = None if group_zeros is None else rows(group_zeros)[:, gi]
+        q = codec.pack_regions((out_f, in_f), codes_p, regions, perm if config.act_order else None)
 
-    q_hat = codec.dequantize_codes(codes, scales, zeros)  # (out, in)
+    q_hat = codec.dequantize(q).reshape(out_f, in_f)
     loss = hessian_loss(w_orig - q_hat, h_orig)
-    rtn_loss = hessian_loss(w_orig - codec.dequantize(codec.quantize(w_orig)), h_orig)
+    rtn_loss = hessian_loss(w_orig - codec.dequantize(codec.quantize_weighted(w_orig, imp)), h_orig)
     report = GPTQReport(loss=loss, rtn_loss=rtn_loss, damp=damp, retries=retries, diagonal_fallback=fallback)
     log.info(
         "GPTQ %s %dx%d: tr(ΔHΔᵀ) %.4g vs RTN %.4g (ratio %.3f), damp %.3g%s",
@@ -360,18 +341,10 @@ def _gptq_quantize(
         damp,
         " (diagonal fallback)" if fallback else "",
     )
-    return GPTQQuantized(
-        shape=(out_f, in_f),
-        codes=codes,
-        scales=scales,
-        zeros=zeros,
-        codec=codec,
-        g_idx=g_idx,
-        group_scales=group_scales,
-        group_zeros=group_zeros,
-        perm=perm if config.act_order else None,
-        report=report,
-    )
+    if isinstance(q, GroupIndexedQuantized):
+        fields = {f.name: getattr(q, f.name) for f in dataclasses.fields(q)}
+        return GPTQQuantized(**fields, perm=perm if config.act_order else None, report=report)
+    return q
 
 
 #: ``--act-order`` value -> (act_order, static_groups)
@@ -419,12 +392,14 @@ class GPTQ(Method):
 
     def quantize_linear(
         self, weight: torch.Tensor, codec: Codec, stats: dict[str, torch.Tensor] | None = None
-    ) -> GPTQQuantized:
+    ) -> QuantizedTensor:
         if stats is None or "hessian" not in stats:
             raise ArgumentError(
                 "GPTQ needs the layer's Hessian (stats['hessian'], from calibration); "
                 "run with calibration text, or use --method rtn"
             )
-        if not isinstance(codec, AffineCodec):
-            raise SchemeError(f"GPTQ needs an integer (affine) codec, not {codec.name}")
-        return gptq_quantize(weight, stats["hessian"], codec, self.config)
+        if not isinstance(codec, RegionCodec):
+            raise SchemeError(
+                f"GPTQ needs a codec with per-group parameters (integers, ggml block types), not {codec.name}"
+            )
+        return gptq_quantize(weight, stats["hessian"], codec, self.config, stats.get("importance"))
