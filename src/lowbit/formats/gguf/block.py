@@ -101,6 +101,11 @@ class GGMLBlockCodec(ABC):
 
     ggml_type: ClassVar[GGMLType]
     uses_imatrix: ClassVar[bool] = True
+    # A block as parameters + codes (for methods that choose the codes: GPTQ): every ``sub_size``
+    # consecutive elements share one (scale, offset) and element ``e`` dequantizes, in float32 as ggml's
+    # ``to_float``, to ``scale * levels[code] - offset``. 0: the type is not split (ternary, MXFP4).
+    sub_size: ClassVar[int] = 0
+    levels: ClassVar[tuple[int, ...]] = ()  # value of each code index, ascending
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -197,9 +202,52 @@ class GGMLBlockCodec(ABC):
             )
         if data.shape[0] == 0:
             return np.zeros((0, n_per_row), dtype=np.float32)
-        out = self._dequantize(np.ascontiguousarray(data), n_per_row)
+        with np.errstate(all="ignore"):  # ggml's to_float overflows silently (huge fp16 scale products)
+            out = self._dequantize(np.ascontiguousarray(data), n_per_row)
         assert out.dtype == np.float32 and out.shape == (data.shape[0], n_per_row)
         return out
+
+    # ------------------------------------------------------------------ parameters and codes
+    @property
+    def splittable(self) -> bool:
+        """Whether :meth:`split_blocks` / :meth:`join_blocks` exist for this type."""
+        return self.sub_size > 0
+
+    def split_blocks(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """uint8 (B, type_size) blocks -> ``scale``, ``offset`` float32 (B, block_size / sub_size) and
+        ``codes`` uint8 (B, block_size), indices into :attr:`levels`: element ``e`` of block ``b`` is
+        ``scale[b, e // sub_size] * levels[codes[b, e]] - offset[b, e // sub_size]``, the float32 that
+        :meth:`dequantize_rows` gives (ggml's order of operations)."""
+        blocks = self._check_blocks(blocks)
+        if not self.splittable:
+            raise SchemeError(f"{self.name} blocks cannot be split into scales and codes")
+        with np.errstate(over="ignore", invalid="ignore"):
+            return self._split(blocks)
+
+    def join_blocks(self, blocks: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """``blocks`` (B, type_size) with their codes replaced by ``codes`` (B, block_size), indices into
+        :attr:`levels`; the parameters (scales, minimums) are kept. A new array."""
+        blocks = self._check_blocks(blocks)
+        if not self.splittable:
+            raise SchemeError(f"{self.name} blocks cannot be split into scales and codes")
+        codes = np.asarray(codes)
+        if codes.shape != (blocks.shape[0], self.block_size):
+            raise ShapeError(f"{self.name} codes are ({blocks.shape[0]}, {self.block_size}), not {codes.shape}")
+        if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= len(self.levels)):
+            raise ShapeError(f"{self.name} codes are indices 0..{len(self.levels) - 1}")
+        return self._join(blocks.copy(), codes.astype(np.int32))
+
+    def _check_blocks(self, blocks: np.ndarray) -> np.ndarray:
+        blocks = np.asarray(blocks)
+        if blocks.dtype != np.uint8 or blocks.ndim != 2 or blocks.shape[1] != self.type_size:
+            raise ShapeError(f"{self.name} blocks are uint8 (n, {self.type_size}), not {blocks.dtype} {blocks.shape}")
+        return np.ascontiguousarray(blocks)
+
+    def _split(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def _join(self, blocks: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
     @abstractmethod
     def _quantize(self, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
@@ -399,6 +447,18 @@ def pack_nibbles(q: np.ndarray) -> U8Array:
     """4-bit codes (..., n) -> uint8 (..., n/2): byte j = q[j] & 15 | (q[j + n/2] & 15) << 4."""
     half = q.shape[-1] // 2
     return ((q[..., :half] & 0x0F) | ((q[..., half:] & 0x0F) << 4)).astype(np.uint8)
+
+
+def unpack_nibbles(b: np.ndarray) -> U8Array:
+    """Inverse of :func:`pack_nibbles`: uint8 (..., n/2) -> codes (..., n) in 0..15."""
+    b = np.asarray(b, dtype=np.uint8)
+    return np.concatenate([b & 0x0F, b >> 4], axis=-1)
+
+
+def unpack_high_bits(b: np.ndarray, n: int = 32) -> U8Array:
+    """Inverse of :func:`pack_high_bits` for the bit itself: uint8 (..., 4) -> (..., n) in 0..1."""
+    word = np.ascontiguousarray(b, dtype=np.uint8).view("<u4")  # (..., 1)
+    return ((word >> np.arange(n, dtype=np.uint32)) & 1).astype(np.uint8)
 
 
 def pack_high_bits(q: np.ndarray, bit: int = 4) -> U8Array:

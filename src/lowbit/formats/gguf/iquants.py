@@ -36,10 +36,12 @@ from lowbit.formats.gguf.block import (
     GGUFPyCodec,
     absmax_first,
     fp16_bytes,
+    fp16_from_bytes,
     inv_or_zero,
     nearest_int,
     pack_nibbles,
     seq_sum,
+    unpack_nibbles,
 )
 from lowbit.formats.gguf.search import imatrix_weights
 from lowbit.formats.gguf.types import GGMLType
@@ -147,6 +149,20 @@ def _weights(xs: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
 
 class _IQ4(GGMLBlockCodec):
     super_block: int = QK
+    sub_size = QK
+    levels = KVALUES_IQ4NL
+    qs_start: int  # byte where the 4-bit indices start (16 bytes per block of 32)
+
+    def _codes(self, blocks: np.ndarray) -> np.ndarray:
+        n = self.super_block // QK
+        qs = blocks[:, self.qs_start :].reshape(-1, n, QK // 2)
+        return unpack_nibbles(qs).reshape(blocks.shape[0], self.super_block)
+
+    def _join(self, blocks: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        n = self.super_block // QK
+        packed = pack_nibbles(codes.reshape(-1, n, QK))
+        blocks[:, self.qs_start :] = packed.reshape(blocks.shape[0], -1)
+        return blocks
 
     def _quantize(self, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
         rows, n = x.shape
@@ -170,6 +186,11 @@ class _IQ4(GGMLBlockCodec):
 class IQ4_NL(_IQ4):
     ggml_type = GGMLType.IQ4_NL
     super_block = QK
+    qs_start = 2
+
+    def _split(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        d = fp16_from_bytes(blocks[:, 0:2])[:, None]
+        return d, np.zeros_like(d), self._codes(blocks)
 
     def _super_blocks(self, xs: np.ndarray, ws: np.ndarray) -> np.ndarray:
         xt = np.ascontiguousarray(xs.T)  # (32, B)
@@ -182,6 +203,16 @@ class IQ4_NL(_IQ4):
 class IQ4_XS(_IQ4):
     ggml_type = GGMLType.IQ4_XS
     super_block = 256
+    qs_start = 8
+
+    def _split(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        d = fp16_from_bytes(blocks[:, 0:2])
+        sh = blocks[:, 2:4].copy().view("<u2").astype(np.int32)  # (B, 1)
+        sl = blocks[:, 4:8].astype(np.int32)
+        ib = np.arange(8)
+        ls = ((sl[:, ib // 2] >> (4 * (ib % 2))) & 0xF) | (((sh >> (2 * ib)) & 3) << 4)
+        scale = d[:, None] * (ls - 32).astype(np.float32)
+        return scale, np.zeros_like(scale), self._codes(blocks)
 
     def _super_blocks(self, xs: np.ndarray, ws: np.ndarray) -> np.ndarray:
         S = xs.shape[0]

@@ -253,6 +253,20 @@ class _KQuant(GGMLBlockCodec):
 # ===================================================================================================
 class Q2_K(_KQuant):
     ggml_type: ClassVar[GGMLType] = GGMLType.Q2_K
+    sub_size = 16
+    levels = (0, 1, 2, 3)
+
+    def _split(self, blocks: U8Array) -> tuple[F32Array, F32Array, U8Array]:
+        sc = blocks[:, 0:16].astype(np.int32)
+        d = fp16_from_bytes(blocks[:, 80:82])
+        dmin = fp16_from_bytes(blocks[:, 82:84])
+        scale = d[:, None] * to_f32(sc & 0xF)
+        offset = dmin[:, None] * to_f32(sc >> 4)
+        return scale, offset, _unpack_2bit(blocks[:, 16:80]).astype(np.uint8)
+
+    def _join(self, blocks: U8Array, codes: I32Array) -> U8Array:
+        blocks[:, 16:80] = _pack_2bit(codes)
+        return blocks
 
     def _quantize_ref(self, xb: F32Array) -> U8Array:
         B = xb.shape[0]
@@ -299,6 +313,19 @@ class Q2_K(_KQuant):
 # ===================================================================================================
 class Q3_K(_KQuant):
     ggml_type: ClassVar[GGMLType] = GGMLType.Q3_K
+    sub_size = 16
+    levels = tuple(range(-4, 4))  # code L = low 2 bits + 4 * hmask bit, value L - 4
+
+    def _split(self, blocks: U8Array) -> tuple[F32Array, F32Array, U8Array]:
+        L = _unpack_2bit(blocks[:, 32:96]) | (_unpack_bit_planes(blocks[:, 0:32]) << 2)
+        d = fp16_from_bytes(blocks[:, 108:110])
+        scale = d[:, None] * to_f32(_unpack_q3_scales(blocks[:, 96:108]))
+        return scale, np.zeros_like(scale), L.astype(np.uint8)
+
+    def _join(self, blocks: U8Array, codes: I32Array) -> U8Array:
+        blocks[:, 0:32] = _pack_bit_planes(codes >> 2)
+        blocks[:, 32:96] = _pack_2bit(codes & 3)
+        return blocks
 
     def _quantize_ref(self, xb: F32Array) -> U8Array:
         B = xb.shape[0]
@@ -346,6 +373,25 @@ class _Q45K(_KQuant):
     nmax: ClassVar[int]
     ref_search: ClassVar[tuple[float, float, int]]  # (rmin, rdelta, nstep) of make_qkx2_quants
     clamp_impl_scales: ClassVar[bool]  # the impl path applies MIN(63, .) to the qp codes (Q5_K only)
+    sub_size = 32
+
+    def _split(self, blocks: U8Array) -> tuple[F32Array, F32Array, U8Array]:
+        d = fp16_from_bytes(blocks[:, 0:2])
+        dmin = fp16_from_bytes(blocks[:, 2:4])
+        sc, m = unpack_scale_min_k4(blocks[:, 4:16])
+        if self.nmax > 15:
+            q = _unpack_4bit(blocks[:, 48:176]) + (_unpack_bit_planes(blocks[:, 16:48]) << 4)
+        else:
+            q = _unpack_4bit(blocks[:, 16:144])
+        return d[:, None] * to_f32(sc), dmin[:, None] * to_f32(m), q.astype(np.uint8)
+
+    def _join(self, blocks: U8Array, codes: I32Array) -> U8Array:
+        if self.nmax > 15:
+            blocks[:, 16:48] = _pack_bit_planes(codes >> 4)
+            blocks[:, 48:176] = _pack_4bit(codes & 15)
+        else:
+            blocks[:, 16:144] = _pack_4bit(codes)
+        return blocks
 
     def _quantize_ref(self, xb: F32Array) -> U8Array:
         B = xb.shape[0]
@@ -409,6 +455,7 @@ class _Q45K(_KQuant):
 class Q4_K(_Q45K):
     ggml_type: ClassVar[GGMLType] = GGMLType.Q4_K
     nmax = 15
+    levels = tuple(range(16))
     ref_search = (-1.0, 0.1, 20)
     clamp_impl_scales = False
 
@@ -416,6 +463,7 @@ class Q4_K(_Q45K):
 class Q5_K(_Q45K):
     ggml_type: ClassVar[GGMLType] = GGMLType.Q5_K
     nmax = 31
+    levels = tuple(range(32))
     ref_search = (-0.5, 0.1, 15)
     clamp_impl_scales = True
 
@@ -425,6 +473,8 @@ class Q5_K(_Q45K):
 # ===================================================================================================
 class Q6_K(_KQuant):
     ggml_type: ClassVar[GGMLType] = GGMLType.Q6_K
+    sub_size = 16
+    levels = tuple(range(-32, 32))
 
     def _quantize_ref(self, xb: F32Array) -> U8Array:
         return self._quantize_with(xb, None)
@@ -445,34 +495,43 @@ class Q6_K(_KQuant):
         sc = c_int8(np.minimum(nearest_int(iscale[:, None] * scales), 127))
         dl = d[:, None] * to_f32(sc)
         L = _requantize(xb, _from_sub_t(Lt), dl, None, -32, 31)
-        Lq = L.reshape(B, 2, 4, 32)  # (block, half, group g, l)
-        ql = (Lq[:, :, 0:2] & 0xF) | ((Lq[:, :, 2:4] & 0xF) << 4)  # (B, 2, 2, 32)
-        qh = (
-            (Lq[:, :, 0] >> 4)
-            | ((Lq[:, :, 1] >> 4) << 2)
-            | ((Lq[:, :, 2] >> 4) << 4)
-            | ((Lq[:, :, 3] >> 4) << 6)
-        )
-        out = np.concatenate(
-            [
-                ql.reshape(B, 128).astype(np.uint8),
-                qh.reshape(B, 64).astype(np.uint8),
-                (sc & 0xFF).astype(np.uint8),
-                fp16_bytes(d_block),
-            ],
-            axis=1,
-        )
+        ql, qh = _pack_q6(L)
+        out = np.concatenate([ql, qh, (sc & 0xFF).astype(np.uint8), fp16_bytes(d_block)], axis=1)
         out[zero] = 0
         return out
 
+    def _split(self, blocks: U8Array) -> tuple[F32Array, F32Array, U8Array]:
+        d = fp16_from_bytes(blocks[:, 208:210])
+        scale = d[:, None] * to_f32(blocks[:, 192:208].view(np.int8).astype(np.int32))
+        return scale, np.zeros_like(scale), _unpack_q6(blocks[:, 0:128], blocks[:, 128:192]).astype(np.uint8)
+
+    def _join(self, blocks: U8Array, codes: I32Array) -> U8Array:
+        blocks[:, 0:128], blocks[:, 128:192] = _pack_q6(codes)
+        return blocks
+
     def _dequantize_blocks(self, blocks: U8Array) -> F32Array:
         B = blocks.shape[0]
-        ql = blocks[:, 0:128].astype(np.int32).reshape(B, 2, 1, 2, 32)  # (block, half, ., g%2, l)
-        qh = blocks[:, 128:192].astype(np.int32).reshape(B, 2, 1, 32)
         sc = blocks[:, 192:208].view(np.int8).astype(np.int32)
         d = fp16_from_bytes(blocks[:, 208:210])
-        low = (ql >> np.array([0, 4]).reshape(1, 1, 2, 1, 1)) & 0xF  # (B, 2, g//2, g%2, 32)
-        high = (qh >> np.array([0, 2, 4, 6]).reshape(1, 1, 4, 1)) & 3  # (B, 2, g, 32)
-        q = (low.reshape(B, 2, 4, 32) | (high << 4)) - 32
+        q = _unpack_q6(blocks[:, 0:128], blocks[:, 128:192]) - 32
         dl = (d[:, None] * to_f32(sc))[:, :, None]
         return (dl * to_f32(q).reshape(B, 16, 16)).reshape(B, QK_K)
+
+
+def _pack_q6(L: I32Array) -> tuple[U8Array, U8Array]:
+    """Q6_K codes ``(B, 256)`` in 0..63 -> ``ql (B, 128)``, ``qh (B, 64)`` (layout in the module docstring)."""
+    B = L.shape[0]
+    Lq = L.reshape(B, 2, 4, 32)  # (block, half, group g, l)
+    ql = (Lq[:, :, 0:2] & 0xF) | ((Lq[:, :, 2:4] & 0xF) << 4)  # (B, 2, 2, 32)
+    qh = (Lq[:, :, 0] >> 4) | ((Lq[:, :, 1] >> 4) << 2) | ((Lq[:, :, 2] >> 4) << 4) | ((Lq[:, :, 3] >> 4) << 6)
+    return ql.reshape(B, 128).astype(np.uint8), qh.reshape(B, 64).astype(np.uint8)
+
+
+def _unpack_q6(ql_bytes: U8Array, qh_bytes: U8Array) -> I32Array:
+    """Inverse of :func:`_pack_q6`: codes ``(B, 256)`` in 0..63."""
+    B = ql_bytes.shape[0]
+    ql = ql_bytes.astype(np.int32).reshape(B, 2, 1, 2, 32)  # (block, half, ., g%2, l)
+    qh = qh_bytes.astype(np.int32).reshape(B, 2, 1, 32)
+    low = (ql >> np.array([0, 4]).reshape(1, 1, 2, 1, 1)) & 0xF  # (B, 2, g//2, g%2, 32)
+    high = (qh >> np.array([0, 2, 4, 6]).reshape(1, 1, 4, 1)) & 3  # (B, 2, g, 32)
+    return (low.reshape(B, 2, 4, 32) | (high << 4)).reshape(B, QK_K)

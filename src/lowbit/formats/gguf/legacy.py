@@ -39,12 +39,15 @@ from lowbit.formats.gguf.block import (
     c_int8,
     c_trunc_int,
     fp16_bytes,
+    fp16_from_bytes,
     inv_or_zero,
     max_first,
     min_first,
     pack_high_bits,
     pack_nibbles,
     seq_sum,
+    unpack_high_bits,
+    unpack_nibbles,
 )
 from lowbit.formats.gguf.search import imatrix_weights, make_qkx_quants, make_qx_quants
 from lowbit.formats.gguf.types import GGMLType
@@ -62,9 +65,31 @@ def _to_blocks_t(a: np.ndarray) -> np.ndarray:
 
 class _Legacy(GGMLBlockCodec):
     """Blocks of 32 in chunks: :meth:`_ref_blocks` without an importance vector, :meth:`_weighted_blocks`
-    with one. Both take blocks as columns, ``(32, B)`` float32, and return ``(B, type_size)`` bytes."""
+    with one. Both take blocks as columns, ``(32, B)`` float32, and return ``(B, type_size)`` bytes.
+
+    Split (:meth:`split_blocks`): one scale ``d`` per block (offset ``-m`` for the types with a min),
+    the 4 or 5-bit code ``L`` as the level index (Q8_0: the int8 value + 128)."""
 
     nmax: ClassVar[int]  # codes in [0, 2*nmax) (symmetric types) or [0, nmax] (types with a min)
+    sub_size = QK
+    n_heads: ClassVar[int] = 1  # fp16 values at the start of a block: d (and m)
+
+    def _split(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        d = fp16_from_bytes(blocks[:, 0:2])[:, None]
+        # x = d*L + m = d*L - (-m); symmetric types: d*(L - nmax) - (+0), which keeps a -0.0 as ggml
+        offset = -fp16_from_bytes(blocks[:, 2:4])[:, None] if self.n_heads == 2 else np.zeros_like(d)
+        qs = 2 * self.n_heads + (4 if self.nmax > 15 else 0)
+        codes = unpack_nibbles(blocks[:, qs : qs + 16])
+        if self.nmax > 15:
+            codes |= unpack_high_bits(blocks[:, qs - 4 : qs]) << 4
+        return d, offset, codes
+
+    def _join(self, blocks: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        qs = 2 * self.n_heads + (4 if self.nmax > 15 else 0)
+        if self.nmax > 15:
+            blocks[:, qs - 4 : qs] = pack_high_bits(codes)
+        blocks[:, qs : qs + 16] = pack_nibbles(codes)
+        return blocks
 
     def _quantize(self, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
         rows, n = x.shape
@@ -125,6 +150,8 @@ class _Symmetric(_Legacy):
 class _WithMin(_Legacy):
     """Q4_1, Q5_1: ``x = d * L + m``."""
 
+    n_heads = 2
+
     def _ref_blocks(self, xt: F32Array) -> U8Array:
         mn = min_first(xt)  # C: min = FLT_MAX, max = -FLT_MAX, strict comparisons: a zero keeps its sign
         mx = max_first(xt)
@@ -183,21 +210,25 @@ def _pack_blocks_t(head: list[U8Array], Lt: U8Array, high_bits: bool) -> U8Array
 class Q4_0(_Symmetric):
     ggml_type = GGMLType.Q4_0
     nmax = 8
+    levels = tuple(range(-8, 8))
 
 
 class Q5_0(_Symmetric):
     ggml_type = GGMLType.Q5_0
     nmax = 16
+    levels = tuple(range(-16, 16))
 
 
 class Q4_1(_WithMin):
     ggml_type = GGMLType.Q4_1
     nmax = 15
+    levels = tuple(range(16))
 
 
 class Q5_1(_WithMin):
     ggml_type = GGMLType.Q5_1
     nmax = 31
+    levels = tuple(range(32))
 
 
 class Q8_0(_Legacy):
@@ -208,6 +239,16 @@ class Q8_0(_Legacy):
     ggml_type = GGMLType.Q8_0
     uses_imatrix = False
     nmax = 127
+    levels = tuple(range(-128, 128))
+
+    def _split(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        d = fp16_from_bytes(blocks[:, 0:2])[:, None]
+        codes = (blocks[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        return d, np.zeros_like(d), codes
+
+    def _join(self, blocks: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        blocks[:, 2:] = (codes - 128).astype(np.int8).view(np.uint8)
+        return blocks
 
     def _ref_blocks(self, xt: F32Array) -> U8Array:
         amax = np.maximum(xt.max(axis=0), -xt.min(axis=0))  # max |x|: exact (no sums)
