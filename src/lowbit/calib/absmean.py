@@ -4,6 +4,8 @@
   activation scale AWQ searches its per-channel scaling exponent against.
 * :class:`AbsMaxAccumulator` (``"absmax"``): ``max_t |x_t[c]|``, the activation range SmoothQuant
   migrates into the weights.
+* :class:`ImportanceAccumulator` (``"importance"``): ``mean_t x_t[c]²``, llama-imatrix's importance of
+  each input column, which ggml's quantizers weight their parameter search with.
 
 Both take batches of any shape ``(..., in_features)`` (every leading position is one token), keep state
 that does not depend on how the tokens were split into batches, and merge exactly.
@@ -91,3 +93,47 @@ class AbsMaxAccumulator:
         if self.count == 0:
             raise ArgumentError("the activation statistic saw no calibration tokens; was the layer run?")
         return self.max.to(dtype)
+
+
+class ImportanceAccumulator:
+    """``mean_t x_t²`` (in_features,): llama-imatrix's statistic (its ``in_sum2 / counts``).
+
+    State: ``sum`` of ``x²`` (in,) in float64 and ``count`` (tokens). One batch is summed in float32
+    (torch reduces pairwise: ~1e-7 relative error) and batches are added in float64; a NaN/Inf shows in
+    the batch sum and is refused.
+    """
+
+    name: ClassVar[str] = "importance"
+
+    def __init__(self, in_features: int) -> None:
+        if in_features < 1:
+            raise ShapeError(f"in_features must be positive, not {in_features}")
+        self.in_features = in_features
+        self.sum = torch.zeros(in_features, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.in_features:
+            raise ShapeError(f"expected inputs of shape (..., {self.in_features}), got {tuple(x.shape)}")
+        x2 = x.detach().reshape(-1, self.in_features).float()  # (T, in)
+        part = (x2 * x2).sum(dim=0)
+        if not torch.isfinite(part).all():
+            raise ArgumentError(
+                "calibration activations overflow (NaN or Inf in the sum of squares); "
+                "the model does not run stably in float32 on this text"
+            )
+        self.sum += part.double()
+        self.count += x2.shape[0]
+
+    def merge(self, other: ImportanceAccumulator) -> Self:
+        if other.in_features != self.in_features:
+            raise ShapeError(f"cannot merge statistics of widths {self.in_features} and {other.in_features}")
+        self.sum += other.sum
+        self.count += other.count
+        return self
+
+    def result(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Per-channel mean ``x²`` (in_features,) in ``dtype``."""
+        if self.count == 0:
+            raise ArgumentError("the activation statistic saw no calibration tokens; was the layer run?")
+        return (self.sum / self.count).to(dtype)

@@ -57,6 +57,7 @@ from lowbit.errors import ArgumentError, InputFileError, ShapeError, Unsupported
 from lowbit.export.atomic import atomic_file
 
 if TYPE_CHECKING:  # torch is imported where activations are computed, not to read or write files
+    from lowbit.calib.absmean import ImportanceAccumulator
     import torch
 
     from lowbit.walk.sources import ModelSource
@@ -567,37 +568,9 @@ def read_token_ids(path: Path, source: ModelSource) -> tuple[torch.Tensor, int |
     return tokens, bos_id
 
 
-class _SquareSum:
-    """``Σ_t x_t²`` (in,) in float64 and the token count, fed ``(..., in)`` activations by a hook."""
-
-    def __init__(self, in_features: int) -> None:
-        import torch
-
-        self.in_features = in_features
-        self.sum = torch.zeros(in_features, dtype=torch.float64)
-        self.count = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        import torch
-
-        if x.shape[-1] != self.in_features:
-            raise ShapeError(f"expected inputs of shape (..., {self.in_features}), got {tuple(x.shape)}")
-        x2 = x.detach().reshape(-1, self.in_features).float()  # (T, in)
-        # One batch (a few thousand tokens) is summed in float32 (torch reduces pairwise: ~1e-7
-        # relative error), batches are added in float64; a NaN/Inf anywhere shows in the batch sum.
-        part = (x2 * x2).sum(dim=0)
-        if not torch.isfinite(part).all():
-            raise ArgumentError(
-                "calibration activations overflow (NaN or Inf in the sum of squares); "
-                "the model does not run stably in float32 on this text"
-            )
-        self.sum += part.double()
-        self.count += x2.shape[0]
-
-    def entry(self) -> ImatrixEntry:
-        return ImatrixEntry(
-            self.sum.numpy().astype(np.float32)[None, :], np.array([self.count], dtype=np.int64)
-        )
+def _entry(acc: ImportanceAccumulator) -> ImatrixEntry:
+    """An accumulator's sums of squares and token count as an imatrix entry (llama-imatrix's layout)."""
+    return ImatrixEntry(acc.sum.numpy().astype(np.float32)[None, :], np.array([acc.count], dtype=np.int64))
 
 
 def compute_imatrix(
@@ -628,6 +601,7 @@ def compute_imatrix(
     """
     import torch
 
+    from lowbit.calib.absmean import ImportanceAccumulator
     from lowbit.eval.windows import check_tokens, plan_windows, progress_enabled
     from lowbit.walk.blocks import BlockRunner
     from lowbit.walk.torch_model import threads_for
@@ -647,7 +621,7 @@ def compute_imatrix(
     if bos_id is not None:
         windows[:, 0] = bos_id
     t0 = time.perf_counter()
-    stats: dict[str, _SquareSum] = {}
+    stats: dict[str, ImportanceAccumulator] = {}
     with threads_for(source.config), torch.inference_mode():
         runner = BlockRunner(source)
         hidden = torch.cat(
@@ -666,7 +640,7 @@ def compute_imatrix(
         for i in range(runner.num_layers):
             layer = runner.layer(i, runner.block_weights(i))
             handles = [
-                module.register_forward_pre_hook(_hook(stats.setdefault(gname, _SquareSum(in_f))))
+                module.register_forward_pre_hook(_hook(stats.setdefault(gname, ImportanceAccumulator(in_f))))
                 for gname, in_f, module in _block_linears(source, i, layer)
             ]
             try:
@@ -688,14 +662,14 @@ def compute_imatrix(
         time.perf_counter() - t0,
     )
     return Imatrix(
-        {n: s.entry() for n, s in stats.items()},
+        {n: _entry(s) for n, s in stats.items()},
         (dataset,) if dataset else (),
         plan.n_chunks,
         cfg.ctx,
     )
 
 
-def _hook(acc: _SquareSum) -> Any:
+def _hook(acc: ImportanceAccumulator) -> Any:
     def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         acc.add(args[0])
 
@@ -721,12 +695,14 @@ def _block_linears(
 
 
 def _collect_output(
-    source: ModelSource, runner: Any, hidden: torch.Tensor, batch: int, stats: dict[str, _SquareSum]
+    source: ModelSource, runner: Any, hidden: torch.Tensor, batch: int, stats: dict[str, ImportanceAccumulator]
 ) -> None:
     """``output.weight``'s inputs: the final norm of the last block's outputs (llama-imatrix
     ``--process-output``). Tied embeddings have no output tensor, as in llama.cpp."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    from lowbit.calib.absmean import ImportanceAccumulator
 
     arch = source.arch
     head = f"{arch.lm_head}.weight"
@@ -742,6 +718,6 @@ def _collect_output(
         {n[len(prefix) :]: source.read(n).float() for n in source.names() if n.startswith(prefix)}
     )
     norm = norm.float().eval()
-    acc = stats.setdefault(arch.gguf_name(head) or OUTPUT_WEIGHT, _SquareSum(hidden.shape[-1]))
+    acc = stats.setdefault(arch.gguf_name(head) or OUTPUT_WEIGHT, ImportanceAccumulator(hidden.shape[-1]))
     for b in range(0, hidden.shape[0], batch):
         acc.add(norm(hidden[b : b + batch]))

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -162,6 +162,32 @@ class RegionCodec(Codec):
         in order. ``perm`` (in,): when given, position ``j`` of ``codes`` and of the regions' column
         numbering is input column ``perm[j]`` (act-order with regions in processing order; only codecs
         whose :attr:`contiguous_regions_only` is False accept a permutation that is not the identity)."""
+
+
+@dataclass(frozen=True)
+class CodecPlan:
+    """Which codec quantizes which tensor: ``default`` for every tensor the walk quantizes, except those
+    named in ``tensors`` (full tensor names), whose entry may be ``None``: kept in float (e.g. a GGUF
+    mix's F16 fall-back for a width no block type divides). A scheme is one codec; a GGUF mix is a plan
+    (Q4_K for most linears, Q6_K for some ``attn_v``/``ffn_down``, fall-backs for odd widths)."""
+
+    default: Codec | None
+    tensors: Mapping[str, Codec | None] = field(default_factory=dict)
+
+    def __call__(self, name: str) -> Codec | None:
+        return self.tensors[name] if name in self.tensors else self.default
+
+    @classmethod
+    def of(cls, codec: Codec | CodecPlan) -> CodecPlan:
+        return codec if isinstance(codec, CodecPlan) else cls(codec)
+
+    def codecs(self) -> list[Codec]:
+        """Every distinct codec of the plan (the default first)."""
+        out: list[Codec] = []
+        for c in (self.default, *self.tensors.values()):
+            if c is not None and c not in out:
+                out.append(c)
+        return out
 
 
 def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from lowbit.errors import SchemeError, ShapeError
-from lowbit.formats.base import ColumnQuantizer, QuantizedTensor, RegionCodec
+from lowbit.formats.base import Block, ColumnQuantizer, QuantizedTensor, RegionCodec
 from lowbit.formats.gguf import GGMLBlockCodec, GGMLType, get_codec, ggml_type, tensor_nbytes
 
 
@@ -93,6 +93,11 @@ class GGMLCodec(RegionCodec):
     @property
     def name(self) -> str:
         return self.type.name
+
+    @property
+    def block(self) -> Block:
+        """The weights sharing one scale: a sub-block of a row (32, or 16 in Q2_K/Q3_K/Q6_K)."""
+        return Block(1, self.blocks.sub_size or self.blocks.block_size)
 
     def storage_bits(self, shape: tuple[int, ...]) -> int:
         return 8 * tensor_nbytes(self.type, tuple(int(d) for d in shape))

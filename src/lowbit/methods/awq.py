@@ -140,6 +140,13 @@ class ClipReport:
 
 
 # --------------------------------------------------------------------- helpers
+def _codec(ctx: BlockContext, linear: str) -> Codec:
+    """The codec of a linear AWQ quantizes (those kept in float are never measured)."""
+    codec = ctx.codec_for(linear)
+    assert codec is not None, f"{linear} is kept in float"
+    return codec
+
+
 def grouping(codec: Codec, shape: tuple[int, int]) -> Block:
     """The block of weights that share quantization parameters under ``codec`` (affine codecs say so;
     flat-block codecs such as NF4 count as row groups when their block size divides the row; anything
@@ -153,12 +160,12 @@ def grouping(codec: Codec, shape: tuple[int, int]) -> Block:
     return PER_CHANNEL
 
 
-def normalized_weight_mean(weights: list[torch.Tensor], codec: Codec) -> torch.Tensor:
+def normalized_weight_mean(weights: list[torch.Tensor], codecs: list[Codec]) -> torch.Tensor:
     """``w̄`` (in,): mean over all rows of ``weights`` (each (out_i, in)) of ``|W|`` divided by the max of
-    its quantization group (+1e-6), as duo scaling uses it."""
+    its quantization group under its codec (+1e-6), as duo scaling uses it."""
     total = torch.zeros(weights[0].shape[1], dtype=torch.float64)
     rows = 0
-    for w in weights:
+    for w, codec in zip(weights, codecs, strict=True):
         a = w.float().abs()
         block = grouping(codec, (a.shape[0], a.shape[1]))
         gmax = expand_blocks(block_reduce(a, block, "amax"), block, (a.shape[0], a.shape[1]))
@@ -265,7 +272,9 @@ class AWQ(Method):
         quantizable = {
             n[: -len(".weight")]
             for n in ctx.weights
-            if n.endswith(".weight") and ctx.arch.is_quantizable(prefix + n)
+            if n.endswith(".weight")
+            and ctx.arch.is_quantizable(prefix + n)
+            and ctx.codec_for(n[: -len(".weight")]) is not None
         }
         state = _Search(
             weights={k: v.float() if v.is_floating_point() else v for k, v in ctx.weights.items()},
@@ -327,7 +336,7 @@ class AWQ(Method):
         distinct = sorted({k for k in keys.values() if k is not None})
         x_mean = torch.cat([state.inputs[k] for k in distinct]).abs().mean(0)  # (in,)
         w_mean = (
-            normalized_weight_mean([state.weights[f"{t}.weight"] for t in measured], ctx.codec)
+            normalized_weight_mean([state.weights[f"{t}.weight"] for t in measured], [_codec(ctx, t) for t in measured])
             if cfg.duo_scaling
             else None
         )
@@ -339,7 +348,7 @@ class AWQ(Method):
             if reference is not None:
                 cand = fold_scales(state.weights, mapping, s, ctx.arch.norm_offset)
                 for t in measured:
-                    cand[f"{t}.weight"] = ctx.codec.fake_quantize(cand[f"{t}.weight"])
+                    cand[f"{t}.weight"] = _codec(ctx, t).fake_quantize(cand[f"{t}.weight"])
                 return float((ctx.run(cand) - reference).double().pow(2).mean())
             total = 0.0
             for t in measured:
@@ -347,7 +356,7 @@ class AWQ(Method):
                 key = keys[t]
                 assert key is not None
                 gram, n = state.gram(key)
-                delta = w - ctx.codec.fake_quantize(w * s[None, :]).float() / s[None, :]
+                delta = w - _codec(ctx, t).fake_quantize(w * s[None, :]).float() / s[None, :]
                 total += _output_loss(delta, gram, n)
             return total
 
@@ -386,7 +395,8 @@ class AWQ(Method):
         out_f, in_f = w.shape
         x = state.inputs[key]
         x = x[:: max(1, x.shape[0] // cfg.clip_sample_tokens)][: cfg.clip_sample_tokens]  # (T, in)
-        block = grouping(ctx.codec, (out_f, in_f))
+        codec = _codec(ctx, lin)
+        block = grouping(codec, (out_f, in_f))
         r, c = block.resolve((out_f, in_f))
         n_groups = math.ceil(in_f / c)
         xg = F.pad(x, (0, n_groups * c - in_f)).reshape(x.shape[0], n_groups, c)  # (T, G, c)
@@ -399,7 +409,7 @@ class AWQ(Method):
             factor = 1.0 - i / cfg.clip_n_grid
             bound = expand_blocks(org_max * factor, block, (out_f, in_f))  # (out, in)
             cur = torch.minimum(torch.maximum(w, -bound), bound)
-            d = ctx.codec.fake_quantize(cur).float() - w  # (out, in)
+            d = codec.fake_quantize(cur).float() - w  # (out, in)
             dg = F.pad(d, (0, n_groups * c - in_f)).reshape(out_f, n_groups, c)  # (out, G, c)
             err = torch.empty(out_f, n_groups)
             for o in range(0, out_f, chunk):

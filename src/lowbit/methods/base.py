@@ -37,6 +37,9 @@ class BlockContext:
     ``stats``: the accumulated statistics the method declared in ``needs`` over *all* calibration tokens,
     keyed like ``inputs`` (e.g. ``stats["input_layernorm"]["absmax"]``).
     ``activations``: how the scheme quantizes the linears' inputs at run time (None: float).
+    ``codec`` quantizes every linear except those in ``codecs`` (block-relative linear name, without
+    ``.weight`` -> codec, or None: the linear stays in float): a GGUF mix gives some linears more bits,
+    and keeps widths no block type divides in F16; use :meth:`codec_for`.
     """
 
     index: int
@@ -47,6 +50,11 @@ class BlockContext:
     run: Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
     stats: Mapping[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)
     activations: ActQuant | LLMInt8 | None = None
+    codecs: Mapping[str, Codec | None] = field(default_factory=dict)
+
+    def codec_for(self, linear: str) -> Codec | None:
+        """The codec of block-relative linear ``linear`` (``"mlp.down_proj"``); None: kept in float."""
+        return self.codecs[linear] if linear in self.codecs else self.codec
 
 
 class Method(ABC):

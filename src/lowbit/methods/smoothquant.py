@@ -157,9 +157,11 @@ class SmoothQuant(Method):
         ref = x @ w.t()
         norm = ref.pow(2).sum().item() or 1.0
 
+        codec = ctx.codec_for(mapping.targets[0]) or ctx.codec
+
         def error(s: torch.Tensor) -> float:
             xq = act.fake_quantize(x / s[None, :])
-            wq = ctx.codec.fake_quantize(w * s[None, :])
+            wq = codec.fake_quantize(w * s[None, :])
             return (xq @ wq.t() - ref).pow(2).sum().item() / norm
 
         base = error(torch.ones_like(x_absmax))

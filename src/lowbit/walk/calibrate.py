@@ -28,11 +28,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lowbit.calib.absmean import AbsMaxAccumulator, AbsMeanAccumulator
+from lowbit.calib.absmean import AbsMaxAccumulator, AbsMeanAccumulator, ImportanceAccumulator
 from lowbit.calib.hessian import HessianAccumulator
 from lowbit.errors import ArgumentError, InputFileError
 from lowbit.formats.activations import ActQuant, LLMInt8
-from lowbit.formats.base import Codec, QuantizedTensor, sqnr_db
+from lowbit.formats.base import Codec, CodecPlan, QuantizedTensor, sqnr_db
 from lowbit.methods.base import BlockContext, Method
 from lowbit.transforms.scaling import input_keys
 from lowbit.walk.blocks import BlockRunner
@@ -42,7 +42,7 @@ from lowbit.walk.sources import ModelSource
 log = logging.getLogger(__name__)
 
 ACCUMULATORS: dict[str, Callable[[int], Any]] = {
-    cls.name: cls for cls in (HessianAccumulator, AbsMeanAccumulator, AbsMaxAccumulator)
+    cls.name: cls for cls in (HessianAccumulator, AbsMeanAccumulator, AbsMaxAccumulator, ImportanceAccumulator)
 }
 
 
@@ -164,7 +164,7 @@ def _windows_for(method: Method, config: CalibConfig, available: int) -> int:
 
 def calibrate_walk(
     source: ModelSource,
-    codec: Codec,
+    codec: Codec | CodecPlan,
     method: Method,
     config: CalibConfig,
     stats: WalkStats | None = None,
@@ -186,11 +186,15 @@ def calibrate_walk(
       last group's inputs), then a pass of the quantized block for the outputs (llm-compressor's order).
     * non-sequential: one pass over the original block gives both the statistics and the outputs.
 
+    ``codec``: one codec for every block linear, or a :class:`CodecPlan` per tensor (a GGUF mix); a
+    linear the plan keeps in float is calibrated through but not quantized.
+
     ``activations``: how the scheme quantizes linear inputs at run time. With a static scale, each
     quantized linear's ``input_scale`` is calibrated on the inputs it sees in the *quantized* (and, for
     block-level methods, transformed) block, and carried on its :class:`WalkItem`.
     """
     static = isinstance(activations, ActQuant) and not activations.dynamic
+    plan = CodecPlan.of(codec)
     runner = BlockRunner(source, dtype=config.dtype)
     arch = source.arch
     ids = calibration_tokens(source, config)
@@ -237,7 +241,7 @@ def calibrate_walk(
         for n in grp.names:
             block_weights[n[len(prefix) :]] = t = source.read(n)
             check_finite(n, t)  # before the block runs: a NaN would otherwise surface as NaN activations
-        blk = _BlockCalibration(runner, codec, method, config, i, block_weights, gen, activations)
+        blk = _BlockCalibration(runner, plan, method, config, i, block_weights, gen, activations)
         outputs = blk.one_pass(hidden, pos) if one_pass else blk.statistics_pass(hidden, pos, batches)
         blk.finish(hidden)
         quantized: dict[str, torch.Tensor] = {}
@@ -249,7 +253,9 @@ def calibrate_walk(
                 q, deq = blk.results[lin], blk.dequantized[lin]
                 quantized[rel] = deq
                 if stats is not None:
-                    bits = codec.storage_bits(tuple(w.shape))
+                    c = plan(name)
+                    assert c is not None
+                    bits = c.storage_bits(tuple(w.shape))
                     notes = blk.notes.get(lin, {})
                     stats.layers.append(LayerStat(name, tuple(w.shape), bits, sqnr_db(w, deq), notes))
                     stats.quantized_params += w.numel()
@@ -307,7 +313,7 @@ class _BlockCalibration:
     def __init__(
         self,
         runner: BlockRunner,
-        codec: Codec,
+        plan: CodecPlan,
         method: Method,
         config: CalibConfig,
         index: int,
@@ -315,7 +321,7 @@ class _BlockCalibration:
         gen: torch.Generator,
         activations: ActQuant | LLMInt8 | None = None,
     ) -> None:
-        self.runner, self.codec, self.method, self.config = runner, codec, method, config
+        self.runner, self.plan, self.method, self.config = runner, plan, method, config
         self.index, self.weights, self.gen = index, weights, gen
         self.activations = activations
         self.notes: dict[str, dict[str, float]] = {}  # linear -> what the method reports about it
@@ -346,14 +352,22 @@ class _BlockCalibration:
             for lin in lins
         ]
 
+    def codec_for(self, lin: str) -> Codec | None:
+        """The plan's codec of block-relative linear ``lin``; None: it stays in float."""
+        return self.plan(self.prefix + lin + ".weight")
+
     def _quantize_linear(self, lin: str) -> None:
         w = self.weights[lin + ".weight"]
         check_finite(self.prefix + lin + ".weight", w)
+        codec = self.codec_for(lin)
+        if codec is None:  # kept in float: the block runs it as it is
+            self.dequantized[lin] = w.float()
+            return
         accs = self.accs[self.key_of[lin]]
-        q = _quantize_one(self.method, self.codec, w, accs, self.prefix + lin)
+        q = _quantize_one(self.method, codec, w, accs, self.prefix + lin)
         if all(acc.count for acc in accs.values()):
             self.notes[lin] = self.method.describe_layer({need: acc.result() for need, acc in accs.items()})
-        deq = self.codec.dequantize(q).reshape(w.shape)
+        deq = codec.dequantize(q).reshape(w.shape)
         check_finite(self.prefix + lin + ".weight (quantized)", deq)  # never a NaN into a checkpoint
         self.results[lin] = q
         self.dequantized[lin] = deq
@@ -426,7 +440,10 @@ class _BlockCalibration:
                 index=i,
                 weights=self.weights,
                 arch=runner.source.arch,
-                codec=self.codec,
+                codec=self.plan.default or next(iter(self.plan.codecs())),
+                codecs={
+                    lin: c for lin in self.key_of if (c := self.codec_for(lin)) is not self.plan.default
+                },
                 inputs={k: torch.cat(v)[:n] for k, v in self.samples.items()},
                 run=run,
                 stats={k: {need: acc.result() for need, acc in a.items()} for k, a in self.accs.items()},
@@ -437,7 +454,7 @@ class _BlockCalibration:
             self.weights = self.method.transform_block(ctx)
         for rel in self.weights:  # in the block's tensor order
             lin = rel[: -len(".weight")]
-            if lin in self.key_of and lin not in self.results:
+            if lin in self.key_of and lin not in self.dequantized:
                 self._quantize_linear(lin)
 
 

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lowbit.errors import NonFiniteWeightError
-from lowbit.formats.base import Codec, QuantizedTensor, sqnr_db
+from lowbit.formats.base import Codec, CodecPlan, QuantizedTensor, sqnr_db
 from lowbit.methods.base import Method
 from lowbit.walk.sources import ModelSource
 from lowbit.walk.stats import LayerStat, WalkStats
@@ -45,28 +45,32 @@ def check_finite(name: str, w: torch.Tensor) -> None:
 
 def walk_quantize(
     source: ModelSource,
-    codec: Codec,
+    codec: Codec | CodecPlan,
     method: Method,
     stats: WalkStats | None = None,
     progress: bool = True,
     measure_error: bool = True,
 ) -> Iterator[WalkItem]:
-    """Yield every tensor of ``source`` in block order, block linears quantized.
+    """Yield every tensor of ``source`` in block order, block linears quantized with their codec of
+    ``codec`` (one codec, or a :class:`CodecPlan` per tensor).
 
-    Embeddings, norms and lm_head pass through unchanged (``quantized`` is None).
+    Embeddings, norms and lm_head pass through unchanged (``quantized`` is None), as do linears whose
+    plan says ``None``.
     """
     arch = source.arch
+    plan = CodecPlan.of(codec)
     groups = source.blocks()
     bar = tqdm(groups, desc="quantize", unit="block", disable=not progress, leave=False)
     for grp in bar:
         for name in grp.names:
             t = source.read(name)
-            if arch.is_quantizable(name):
+            c = plan(name) if arch.is_quantizable(name) else None
+            if c is not None:
                 check_finite(name, t)
-                q = method.quantize_linear(t, codec)
-                bits = codec.storage_bits(tuple(t.shape))
+                q = method.quantize_linear(t, c)
+                bits = c.storage_bits(tuple(t.shape))
                 if stats is not None:
-                    err = sqnr_db(t, codec.dequantize(q)) if measure_error else math.nan
+                    err = sqnr_db(t, c.dequantize(q)) if measure_error else math.nan
                     stats.layers.append(LayerStat(name, tuple(t.shape), bits, err))
                     stats.quantized_params += t.numel()
                     stats.quantized_bits += bits
@@ -80,14 +84,21 @@ def walk_quantize(
 
 
 def simulate(
-    source: ModelSource, codec: Codec, method: Method, stats: WalkStats | None = None, progress: bool = True
+    source: ModelSource,
+    codec: Codec | CodecPlan,
+    method: Method,
+    stats: WalkStats | None = None,
+    progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Float weights of the simulated-quantization model: each quantized linear replaced by its
     dequantized codes (float32), everything else as stored."""
     out: dict[str, torch.Tensor] = {}
-    for item in walk_quantize(source, codec, method, stats, progress):
+    plan = CodecPlan.of(codec)
+    for item in walk_quantize(source, plan, method, stats, progress):
         if item.quantized is not None:
-            out[item.name] = codec.dequantize(item.quantized).to(torch.float32)
+            c = plan(item.name)
+            assert c is not None
+            out[item.name] = c.dequantize(item.quantized).to(torch.float32)
         else:
             out[item.name] = item.tensor
     return out
