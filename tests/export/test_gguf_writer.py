@@ -30,6 +30,7 @@ from lowbit.calib.imatrix import load_imatrix
 from lowbit.cli.main import main
 from lowbit.errors import SchemeError, UnsupportedArchitectureError
 from lowbit.export import gguf as gguf_export
+from lowbit.export import gguf_meta
 from lowbit.export.gguf import write_gguf
 from lowbit.formats.gguf.block import get_codec
 from lowbit.formats.gguf.mixes import ModelInfo, TensorSpec, get_mix, tensor_types
@@ -547,7 +548,7 @@ def test_bpe_tokenizer_keys_equal_smollm2_gguf(tmp_path: Path) -> None:
     }
     tj_path.write_text(json.dumps(tj))
     w = gguf.GGUFWriter(None, "llama")
-    gguf_export._add_tokenizer(w, tmp_path, {"vocab_size": 49152})
+    gguf_meta._add_tokenizer(w, tmp_path, {"vocab_size": 49152})
     ours = {k: v.value for k, v in w.kv_data[0].items() if k.startswith("tokenizer.")}
     ref = {k: f.contents() for k, f in _read(inp).fields.items() if k.startswith("tokenizer.")}
     # the SmolLM2 file's converter also wrote add_space_prefix/add_bos_token (false); today's does not
@@ -576,7 +577,7 @@ def test_bpe_tokenizer_keys_equal_smollm2_gguf(tmp_path: Path) -> None:
             {
                 "type": "Sequence",
                 "pretokenizers": [
-                    {"type": "Split", "pattern": {"Regex": gguf_export._LLAMA3_SPLIT}},
+                    {"type": "Split", "pattern": {"Regex": gguf_meta._LLAMA3_SPLIT}},
                     {"type": "ByteLevel", "use_regex": False},
                 ],
             },
@@ -586,7 +587,7 @@ def test_bpe_tokenizer_keys_equal_smollm2_gguf(tmp_path: Path) -> None:
     ],
 )
 def test_bpe_pre_tokenizer_name(pre: dict[str, Any], name: str) -> None:
-    assert gguf_export._bpe_pre_name({"pre_tokenizer": pre}) == name
+    assert gguf_meta._bpe_pre_name({"pre_tokenizer": pre}) == name
 
 
 def test_cli_help_mentions_gguf(capsys: Any) -> None:

@@ -695,7 +695,11 @@ def _block_linears(
 
 
 def _collect_output(
-    source: ModelSource, runner: Any, hidden: torch.Tensor, batch: int, stats: dict[str, ImportanceAccumulator]
+    source: ModelSource,
+    runner: Any,
+    hidden: torch.Tensor,
+    batch: int,
+    stats: dict[str, ImportanceAccumulator],
 ) -> None:
     """``output.weight``'s inputs: the final norm of the last block's outputs (llama-imatrix
     ``--process-output``). Tied embeddings have no output tensor, as in llama.cpp."""

@@ -208,7 +208,9 @@ class AffineCodec(RegionCodec):
         if len(runs) != len(regions):
             raise TypeError("AffineCodec packs only its own AffineRun regions")
         group_scales = torch.cat([r.scales for r in runs], dim=1)
-        group_zeros = None if self.symmetric else torch.cat([r.zeros for r in runs if r.zeros is not None], dim=1)
+        group_zeros = (
+            None if self.symmetric else torch.cat([r.zeros for r in runs if r.zeros is not None], dim=1)
+        )
         g = self.region_width(shape)
         if perm is None:
             inv = torch.arange(in_f)

@@ -336,7 +336,9 @@ class AWQ(Method):
         distinct = sorted({k for k in keys.values() if k is not None})
         x_mean = torch.cat([state.inputs[k] for k in distinct]).abs().mean(0)  # (in,)
         w_mean = (
-            normalized_weight_mean([state.weights[f"{t}.weight"] for t in measured], [_codec(ctx, t) for t in measured])
+            normalized_weight_mean(
+                [state.weights[f"{t}.weight"] for t in measured], [_codec(ctx, t) for t in measured]
+            )
             if cfg.duo_scaling
             else None
         )

@@ -42,7 +42,8 @@ from lowbit.walk.sources import ModelSource
 log = logging.getLogger(__name__)
 
 ACCUMULATORS: dict[str, Callable[[int], Any]] = {
-    cls.name: cls for cls in (HessianAccumulator, AbsMeanAccumulator, AbsMaxAccumulator, ImportanceAccumulator)
+    cls.name: cls
+    for cls in (HessianAccumulator, AbsMeanAccumulator, AbsMaxAccumulator, ImportanceAccumulator)
 }
 
 
@@ -441,9 +442,7 @@ class _BlockCalibration:
                 weights=self.weights,
                 arch=runner.source.arch,
                 codec=self.plan.default or next(iter(self.plan.codecs())),
-                codecs={
-                    lin: c for lin in self.key_of if (c := self.codec_for(lin)) is not self.plan.default
-                },
+                codecs={lin: c for lin in self.key_of if (c := self.codec_for(lin)) is not self.plan.default},
                 inputs={k: torch.cat(v)[:n] for k, v in self.samples.items()},
                 run=run,
                 stats={k: {need: acc.result() for need, acc in a.items()} for k, a in self.accs.items()},

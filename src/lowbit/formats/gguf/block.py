@@ -232,7 +232,9 @@ class GGMLBlockCodec(ABC):
             raise SchemeError(f"{self.name} blocks cannot be split into scales and codes")
         codes = np.asarray(codes)
         if codes.shape != (blocks.shape[0], self.block_size):
-            raise ShapeError(f"{self.name} codes are ({blocks.shape[0]}, {self.block_size}), not {codes.shape}")
+            raise ShapeError(
+                f"{self.name} codes are ({blocks.shape[0]}, {self.block_size}), not {codes.shape}"
+            )
         if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= len(self.levels)):
             raise ShapeError(f"{self.name} codes are indices 0..{len(self.levels) - 1}")
         return self._join(blocks.copy(), codes.astype(np.int32))
@@ -240,7 +242,9 @@ class GGMLBlockCodec(ABC):
     def _check_blocks(self, blocks: np.ndarray) -> np.ndarray:
         blocks = np.asarray(blocks)
         if blocks.dtype != np.uint8 or blocks.ndim != 2 or blocks.shape[1] != self.type_size:
-            raise ShapeError(f"{self.name} blocks are uint8 (n, {self.type_size}), not {blocks.dtype} {blocks.shape}")
+            raise ShapeError(
+                f"{self.name} blocks are uint8 (n, {self.type_size}), not {blocks.dtype} {blocks.shape}"
+            )
         return np.ascontiguousarray(blocks)
 
     def _split(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -523,7 +523,9 @@ def _pack_q6(L: I32Array) -> tuple[U8Array, U8Array]:
     B = L.shape[0]
     Lq = L.reshape(B, 2, 4, 32)  # (block, half, group g, l)
     ql = (Lq[:, :, 0:2] & 0xF) | ((Lq[:, :, 2:4] & 0xF) << 4)  # (B, 2, 2, 32)
-    qh = (Lq[:, :, 0] >> 4) | ((Lq[:, :, 1] >> 4) << 2) | ((Lq[:, :, 2] >> 4) << 4) | ((Lq[:, :, 3] >> 4) << 6)
+    qh = (
+        (Lq[:, :, 0] >> 4) | ((Lq[:, :, 1] >> 4) << 2) | ((Lq[:, :, 2] >> 4) << 4) | ((Lq[:, :, 3] >> 4) << 6)
+    )
     return ql.reshape(B, 128).astype(np.uint8), qh.reshape(B, 64).astype(np.uint8)
 
 
