@@ -149,7 +149,7 @@ def quantize(
     out_path = Path(out)
     check_output(out_path, force)
     if scheme is not None and (fmt or (GGUF_FORMAT if gguf_mix_name(scheme) else None)) == GGUF_FORMAT:
-        return _quantize_gguf(model, scheme, out_path, method, force, progress, calib, imatrix)
+        return _quantize_gguf(model, scheme, out_path, method, force, progress, calib, imatrix, method_options)
     if imatrix is not None:
         raise ArgumentError("--imatrix is used only when writing GGUF (--format gguf with a GGUF mix)")
     from lowbit.export.hf_checkpoint import get_format, model_dtype, write_checkpoint
@@ -229,22 +229,17 @@ def _quantize_gguf(
     progress: bool,
     calib: CalibConfig | None,
     imatrix: str | Path | Imatrix | None,
+    method_options: Mapping[str, Any] | None = None,
 ) -> QuantizeReport:
-    """A llama-quantize mix as a GGUF file; the report's numbers are per tensor as written."""
-    import math
+    """A llama-quantize mix as a GGUF file; the report's numbers are per tensor as written.
 
-    from lowbit.export.gguf import write_gguf
-    from lowbit.formats.gguf.types import is_quantized
-
+    Round-to-nearest without calibration is llama-quantize's own path (numpy, every tensor in parallel
+    pieces: :func:`lowbit.export.gguf.write_gguf`). A method (GPTQ, AWQ) or calibration text runs the
+    quantize walk over the model, each block linear quantized with its ggml block type as a codec, and
+    the GGUF writer takes the walk's output (:func:`lowbit.export.gguf.write_gguf_walk`); ``--method rtn
+    --calib TEXT`` is round-to-nearest with an importance matrix computed in that walk.
+    """
     sch = parse_scheme(scheme, GGUF_FORMAT)
-    if method != "rtn" or calib is not None:
-        from lowbit.methods.base import get_method
-
-        get_method(method)  # an unknown name: the error that lists the methods
-        raise ArgumentError(
-            "GGUF mixes are quantized by ggml's own quantizers, guided by --imatrix FILE if given; "
-            "--method and --calib do not apply to --format gguf"
-        )
     im: Imatrix | None = None
     im_file: str | None = None
     if isinstance(imatrix, Imatrix):
@@ -253,12 +248,23 @@ def _quantize_gguf(
         im = load_imatrix(imatrix)
         im_file = str(imatrix)
     t0 = time.perf_counter()
-    rep = write_gguf(model, sch.name, out, imatrix=im, force=force, progress=progress, imatrix_file=im_file)
+    if method == "rtn" and calib is None and not method_options:
+        from lowbit.export.gguf import write_gguf
+
+        rep = write_gguf(model, sch.name, out, imatrix=im, force=force, progress=progress, imatrix_file=im_file)
+        label = "ggml+imatrix" if im is not None else "ggml"
+        stats = WalkStats()
+    else:
+        rep, label, stats = _quantize_gguf_walk(
+            model, sch.name, out, method, force, progress, calib, im, im_file, method_options
+        )
+    from lowbit.formats.gguf.types import is_quantized
+
     quantized = [t for t in rep.tensors if t.quantizable and is_quantized(t.type)]
     return QuantizeReport(
         output=out,
         scheme=sch.name,
-        method="ggml+imatrix" if im is not None else "ggml",
+        method=label,
         format=GGUF_FORMAT,
         seconds=time.perf_counter() - t0,
         peak_rss_bytes=peak_rss_bytes(),
@@ -266,10 +272,57 @@ def _quantize_gguf(
         linear_bits_per_weight=rep.linear_bits_per_weight,
         codec_bits_per_weight=rep.linear_bits_per_weight,
         model_bits_per_weight=rep.model_bits_per_weight,
-        mean_sqnr_db=math.nan,
+        mean_sqnr_db=stats.mean_sqnr_db,
         quantized_layers=len(quantized),
-        stats=WalkStats(),
+        stats=stats,
     )
+
+
+def _quantize_gguf_walk(
+    model: str | Path | ModelSource,
+    mix: str,
+    out: Path,
+    method: str,
+    force: bool,
+    progress: bool,
+    calib: CalibConfig | None,
+    im: Imatrix | None,
+    im_file: str | None,
+    method_options: Mapping[str, Any] | None,
+) -> tuple[Any, str, WalkStats]:
+    """The quantize walk with each block linear's ggml type as its codec, written by the GGUF writer."""
+    from lowbit.export.gguf import plan_gguf_walk, write_gguf_walk
+    from lowbit.methods.base import get_method
+    from lowbit.methods.rtn import RTN, WeightedRTN
+    from lowbit.walk.calibrate import calibrate_walk
+    from lowbit.walk.quantize_walk import walk_quantize
+    from lowbit.walk.sources import ModelSource, open_model
+
+    meth = get_method(method, **dict(method_options or {}))
+    if meth.activation_method is not None:
+        raise ArgumentError(
+            f"method {meth.name} prepares a model for {meth.activation_method}, which GGUF mixes do not "
+            "quantize; use --method rtn, gptq or awq"
+        )
+    if type(meth) is RTN and calib is not None:
+        meth = WeightedRTN()
+    if meth.needs_calibration and calib is None:
+        raise ArgumentError(f"method {meth.name} needs calibration text; pass --calib TEXTFILE")
+    source = model if isinstance(model, ModelSource) else open_model(model)
+    arch = source.arch
+    calibrated = [n for n in source.names() if arch.is_quantizable(n)] if calib is not None else []
+    plan = plan_gguf_walk(source, mix, calibrated=calibrated, imatrix=im, imatrix_file=im_file)
+    codecs = plan.codec_plan(arch.is_quantizable)
+    stats = WalkStats()
+    if calib is not None:
+        items = calibrate_walk(source, codecs, meth, calib, stats, progress=progress)
+    else:
+        items = walk_quantize(source, codecs, meth, stats, progress=progress)
+    rep = write_gguf_walk(items, plan, out, force=force)
+    label = meth.name or "rtn"
+    if isinstance(meth, WeightedRTN):
+        label = "rtn+imatrix"
+    return rep, label, stats
 
 
 def simulate_scheme(

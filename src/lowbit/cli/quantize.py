@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--method",
         default="rtn",
         help="rtn (default, no calibration); gptq, awq, smoothquant (these need --calib); llm-int8 "
-        "(--calib optional: counts outlier features per layer)",
+        "(--calib optional: counts outlier features per layer). GGUF mixes take rtn, gptq and awq: each "
+        "linear is quantized with its ggml block type",
     )
     p.add_argument(
         "--format",
@@ -70,6 +71,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "round-to-nearest): robustness when the calibration text differs from the text the model sees",
     )
     p.add_argument(
+        "--refine",
+        type=int,
+        default=None,
+        metavar="ITERS",
+        help="after a block's linears are quantized (any method), move codes between neighbouring levels "
+        "for ITERS signed-gradient steps so that the block's output follows the original model's "
+        "(needs --calib; 0: off)",
+    )
+    p.add_argument(
         "--smooth",
         choices=["all", "norms"],
         default=None,
@@ -93,7 +103,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="FILE",
         help="importance matrix for GGUF mixes (llama-imatrix's .gguf or legacy .dat), as llama-quantize --imatrix",
     )
-    p.add_argument("--calib", default=None, help="calibration text file (methods that need one)")
+    p.add_argument(
+        "--calib",
+        default=None,
+        help="calibration text file (methods that need one; with --method rtn and a GGUF mix: the "
+        "importance matrix is computed from it, as llama-imatrix would)",
+    )
     p.add_argument(
         "--samples",
         type=int,
@@ -145,6 +160,10 @@ def run(args: argparse.Namespace) -> int:
     if args.smooth is not None and args.method != "smoothquant":
         raise ArgumentError("--smooth is SmoothQuant's; use it with --method smoothquant")
     options: dict[str, object] = {"alpha": args.alpha} if args.alpha is not None else {}
+    if args.refine is not None:
+        if args.refine < 0:
+            raise ArgumentError(f"--refine takes a number of steps >= 0, not {args.refine}")
+        options["refine"] = args.refine
     if args.smooth is not None:
         options["mappings"] = args.smooth
     options.update({k: v for k, v in gptq_opts.items() if v is not None})
@@ -154,12 +173,12 @@ def run(args: argparse.Namespace) -> int:
         from lowbit.methods.base import METHODS, get_method
         from lowbit.walk.calibrate import CalibConfig
 
-        method = get_method(args.method)
+        method = get_method(args.method, refine=args.refine)
         gguf = scheme is not None and (
             args.fmt == GGUF_FORMAT or (args.fmt is None and gguf_mix_name(scheme))
         )
         static = scheme is not None and not gguf and parse_scheme(scheme, args.fmt).static_activations
-        if not (method.needs_calibration or method.needs or static):
+        if not (method.needs_calibration or method.needs or static or gguf):
             raise ArgumentError(
                 f"--calib is not used by method {args.method!r}; drop it (methods: {', '.join(sorted(METHODS))})"
             )

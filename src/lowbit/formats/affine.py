@@ -14,6 +14,7 @@ exporter stored reproduces :meth:`AffineCodec.dequantize` exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.errors import NonFiniteWeightError, SchemeError, ShapeError
-from lowbit.formats.base import PER_CHANNEL, Block, ColumnQuantizer, QuantizedTensor, RegionCodec
+from lowbit.formats.base import PER_CHANNEL, Block, ColumnQuantizer, ElementGrid, QuantizedTensor, RegionCodec
 
 _FLOAT_BITS: dict[torch.dtype, int] = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32}
 
@@ -238,6 +239,24 @@ class AffineCodec(RegionCodec):
             group_scales=group_scales,
             group_zeros=group_zeros,
         )
+
+    def element_grid(self, q: QuantizedTensor) -> ElementGrid:
+        """Codes ``q`` at levels ``qmin..qmax``; ``(q - z) * s`` is ``s * q - s * z``."""
+        if not isinstance(q, AffineQuantized):
+            raise TypeError(f"AffineCodec cannot read {type(q).__name__}")
+        shape = (q.codes.shape[0], q.codes.shape[1])
+        s = self._expand(q.scales, shape).float()
+        z = torch.zeros_like(s) if q.zeros is None else self._expand(q.zeros, shape).float()
+        levels = torch.arange(self.qmin, self.qmax + 1, dtype=torch.float32)
+        return ElementGrid(s, s * z, levels, q.codes.long() - self.qmin)
+
+    def with_codes(self, q: QuantizedTensor, codes: torch.Tensor) -> AffineQuantized:
+        if not isinstance(q, AffineQuantized):
+            raise TypeError(f"AffineCodec cannot read {type(q).__name__}")
+        if tuple(codes.shape) != tuple(q.codes.shape):
+            raise ShapeError(f"codes of shape {tuple(codes.shape)} do not fit {tuple(q.codes.shape)}")
+        new = (codes.long() + self.qmin).clamp(self.qmin, self.qmax).to(torch.int16)
+        return dataclasses.replace(q, codes=new)
 
     def _expand(self, grid: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
         if tuple(grid.shape) == tuple(shape):

@@ -116,6 +116,20 @@ class ColumnQuantizer(ABC):
         """Column ``c`` of the run, ``x`` (out,) float32 -> (codes (out,) int16, dequantized (out,) float32)."""
 
 
+@dataclass(frozen=True, eq=False)
+class ElementGrid:
+    """A quantized weight as points on a per-element grid: element ``(o, c)`` is
+    ``scale[o, c] * levels[codes[o, c]] - offset[o, c]`` (up to the float rounding of the codec's own
+    dequantization). ``scale``, ``offset``: ``(out, in)`` float32 (a scale may be 0 or negative);
+    ``levels``: ``(n,)`` float32 ascending; ``codes``: ``(out, in)`` int64 indices into ``levels``.
+    What a method that moves codes between levels (block-output refinement) works on."""
+
+    scale: torch.Tensor
+    offset: torch.Tensor
+    levels: torch.Tensor
+    codes: torch.Tensor
+
+
 class RegionCodec(Codec):
     """A codec whose parameters are shared by runs of consecutive input columns ("regions"): an affine
     group of ``g`` columns, a ggml block of 32 or super-block of 256. Methods that choose the codes
@@ -162,6 +176,15 @@ class RegionCodec(Codec):
         in order. ``perm`` (in,): when given, position ``j`` of ``codes`` and of the regions' column
         numbering is input column ``perm[j]`` (act-order with regions in processing order; only codecs
         whose :attr:`contiguous_regions_only` is False accept a permutation that is not the identity)."""
+
+    @abstractmethod
+    def element_grid(self, q: QuantizedTensor) -> ElementGrid:
+        """``q`` (a result of this codec) as levels on its per-element grid."""
+
+    @abstractmethod
+    def with_codes(self, q: QuantizedTensor, codes: torch.Tensor) -> QuantizedTensor:
+        """``q`` with its codes replaced by ``codes`` (out, in), indices into ``element_grid(q).levels``;
+        the parameters (scales, offsets) are kept."""
 
 
 @dataclass(frozen=True)

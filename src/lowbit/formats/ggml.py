@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from lowbit.errors import SchemeError, ShapeError
-from lowbit.formats.base import Block, ColumnQuantizer, QuantizedTensor, RegionCodec
+from lowbit.formats.base import Block, ColumnQuantizer, ElementGrid, QuantizedTensor, RegionCodec
 from lowbit.formats.gguf import GGMLBlockCodec, GGMLType, get_codec, ggml_type, tensor_nbytes
 
 
@@ -182,3 +182,28 @@ class GGMLCodec(RegionCodec):
         c = codes.to(torch.int32).numpy().reshape(-1, b.block_size)
         data = b.join_blocks(header.reshape(-1, b.type_size), c).reshape(shape[0], -1)
         return GGMLQuantized(shape=tuple(shape), type=self.type, data=data)
+
+    def element_grid(self, q: QuantizedTensor) -> ElementGrid:
+        if not isinstance(q, GGMLQuantized) or q.type != self.type:
+            raise TypeError(f"{self.name} cannot read {type(q).__name__}")
+        b = self._check_splittable()
+        rows = q.data.shape[0]
+        scale, offset, codes = b.split_blocks(q.data.reshape(-1, b.type_size))
+
+        def per_element(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.repeat(a, b.sub_size, axis=1).reshape(rows, -1))
+
+        return ElementGrid(
+            per_element(scale),
+            per_element(offset),
+            torch.tensor(b.levels, dtype=torch.float32),
+            torch.from_numpy(codes.reshape(rows, -1).astype(np.int64)),
+        )
+
+    def with_codes(self, q: QuantizedTensor, codes: torch.Tensor) -> GGMLQuantized:
+        if not isinstance(q, GGMLQuantized) or q.type != self.type:
+            raise TypeError(f"{self.name} cannot read {type(q).__name__}")
+        b = self._check_splittable()
+        c = codes.to(torch.int64).clamp(0, len(b.levels) - 1).numpy().reshape(-1, b.block_size)
+        data = b.join_blocks(q.data.reshape(-1, b.type_size), c).reshape(q.data.shape)
+        return GGMLQuantized(shape=q.shape, type=self.type, data=data)

@@ -19,6 +19,7 @@ from lowbit.formats.activations import ActQuant, LLMInt8
 from lowbit.formats.base import Codec, QuantizedTensor
 
 if TYPE_CHECKING:
+    from lowbit.methods.refine import RefineConfig
     from lowbit.models.registry import Architecture
 
 METHODS: dict[str, type[Method]] = {}
@@ -79,6 +80,13 @@ class Method(ABC):
     # its linears are quantized; the walk then captures sampled inputs and calls transform_block.
     transforms_block: ClassVar[bool] = False
 
+    # Methods whose point is a scheme that quantizes activations too (SmoothQuant, LLM.int8()) say what
+    # they are for; weight-only formats (GGUF mixes) refuse them.
+    activation_method: ClassVar[str | None] = None
+
+    # Block-output refinement after the block's linears are quantized (methods.refine); None: off.
+    refinement: RefineConfig | None = None
+
     @property
     def scatters_groups(self) -> bool:
         """Whether the method's groups can be non-contiguous sets of input columns (GPTQ's act-order with
@@ -86,9 +94,14 @@ class Method(ABC):
         return False
 
     @property
+    def refines(self) -> bool:
+        """Whether the walk refines each quantized block's codes on its output (``refinement``)."""
+        return self.refinement is not None and self.refinement.iters > 0
+
+    @property
     def needs_calibration(self) -> bool:
         """Whether the method cannot run without calibration data (statistics or a block-level search)."""
-        return (bool(self.needs) or self.transforms_block) and not self.calibration_optional
+        return (bool(self.needs) or self.transforms_block or self.refines) and not self.calibration_optional
 
     def describe_layer(self, stats: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """Numbers worth reporting about one linear from its calibration statistics (default: none)."""
@@ -115,9 +128,15 @@ def get_method(name: str, **options: Any) -> Method:
     if cls is None:
         raise SchemeError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
     opts = {k: v for k, v in options.items() if v is not None}
+    refine = opts.pop("refine", None)  # any method's blocks can be refined on their output
     try:
-        return cls(**opts)
+        method = cls(**opts)
     except TypeError:
         raise ArgumentError(
             f"method {name} takes no option {', '.join(sorted(opts))}; see lowbit quantize --help"
         ) from None
+    if refine is not None:
+        from lowbit.methods.refine import RefineConfig
+
+        method.refinement = refine if isinstance(refine, RefineConfig) else RefineConfig(iters=int(refine))
+    return method

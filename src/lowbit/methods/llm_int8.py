@@ -22,6 +22,7 @@ from lowbit.methods.base import Method
 class LLMInt8Method(Method):
     name = "llm-int8"
     needs = ("absmax",)
+    activation_method = "LLM.int8()'s 8-bit activations with outlier features"
     calibration_optional = True
     default_scheme = "int8"
 

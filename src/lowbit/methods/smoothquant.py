@@ -89,6 +89,7 @@ def _input_key(mapping: FeedMapping) -> str | None:
 class SmoothQuant(Method):
     name = "smoothquant"
     needs = ("absmax",)
+    activation_method = "int8 activations (W8A8)"
     transforms_block = True
     default_scheme = "w8a8"
 

@@ -85,6 +85,20 @@ class BlockRunner:
             )
         return layer.to(dtype).requires_grad_(False).eval()
 
+    def layer_forward(
+        self,
+        layer: torch.nn.Module,
+        hidden: torch.Tensor,
+        pos: tuple[torch.Tensor, torch.Tensor] | None,
+        weights: Mapping[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """:meth:`run_layer` with ``weights`` (block-relative names) in place of the layer's own, under
+        autograd: the output is differentiable in them (block-output refinement)."""
+        kwargs: dict[str, Any] = {"attention_mask": None, "position_embeddings": pos}
+        kwargs["position_ids"] = torch.arange(hidden.shape[1])[None]
+        out = torch.func.functional_call(layer, dict(weights), (hidden,), kwargs, strict=False)
+        return out[0] if isinstance(out, tuple) else out
+
     def run_layer(
         self, layer: torch.nn.Module, hidden: torch.Tensor, pos: tuple[torch.Tensor, torch.Tensor] | None
     ) -> torch.Tensor:

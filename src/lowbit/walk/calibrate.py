@@ -34,6 +34,7 @@ from lowbit.errors import ArgumentError, InputFileError
 from lowbit.formats.activations import ActQuant, LLMInt8
 from lowbit.formats.base import Codec, CodecPlan, QuantizedTensor, sqnr_db
 from lowbit.methods.base import BlockContext, Method
+from lowbit.methods.refine import RefineConfig, refine_block
 from lowbit.transforms.scaling import input_keys
 from lowbit.walk.blocks import BlockRunner
 from lowbit.walk.quantize_walk import LayerStat, WalkItem, WalkStats, check_finite
@@ -196,6 +197,11 @@ def calibrate_walk(
     """
     static = isinstance(activations, ActQuant) and not activations.dynamic
     plan = CodecPlan.of(codec)
+    refine = method.refinement if method.refines else None
+    if refine is not None and activations is not None:
+        raise ArgumentError(
+            "block-output refinement (--refine) is for weight-only schemes; this scheme quantizes activations"
+        )
     runner = BlockRunner(source, dtype=config.dtype)
     arch = source.arch
     ids = calibration_tokens(source, config)
@@ -221,6 +227,8 @@ def calibrate_walk(
         config.dtype,
     )
     hidden = torch.cat([runner.embed(ids[i : i + batch]) for i in range(0, ids.shape[0], batch)])
+    # Refinement follows the original model's trajectory too: its inputs to each block.
+    hidden_f = hidden.clone() if refine is not None else None
     pos = runner.position_embeddings(hidden[:batch])
     batches = [slice(b, b + batch) for b in range(0, hidden.shape[0], batch)]
     groups = source.blocks()
@@ -245,6 +253,9 @@ def calibrate_walk(
         blk = _BlockCalibration(runner, plan, method, config, i, block_weights, gen, activations)
         outputs = blk.one_pass(hidden, pos) if one_pass else blk.statistics_pass(hidden, pos, batches)
         blk.finish(hidden)
+        if refine is not None:
+            assert hidden_f is not None
+            hidden_f = blk.refine(refine, block_weights, hidden, hidden_f, pos, batches)
         quantized: dict[str, torch.Tensor] = {}
         items: list[WalkItem] = []
         for rel, w in blk.weights.items():
@@ -267,14 +278,14 @@ def calibrate_walk(
                     stats.other_params += w.numel()
                     stats.other_bits += w.numel() * w.element_size() * 8
                 items.append(WalkItem(name, w))
-        if (config.sequential and not one_pass) or static:
+        if (config.sequential and not one_pass) or static or refine is not None:
             layer = runner.layer(i, {**blk.weights, **quantized})
             ranges: dict[str, torch.Tensor] = {}
             handles = _range_hooks(layer, list(blk.key_of), ranges) if static else []
             rerun = [runner.run_layer(layer, hidden[sl], pos) for sl in batches]
             for h in handles:
                 h.remove()
-            if config.sequential and not one_pass:
+            if (config.sequential and not one_pass) or refine is not None:
                 outputs = rerun
             if static:
                 assert isinstance(activations, ActQuant)
@@ -423,6 +434,45 @@ class _BlockCalibration:
             for h in handles:
                 h.remove()
         return outputs
+
+    def refine(
+        self,
+        config: RefineConfig,
+        original: Mapping[str, torch.Tensor],
+        hidden: torch.Tensor,
+        hidden_f: torch.Tensor,
+        pos: Any,
+        batches: list[slice],
+    ) -> torch.Tensor:
+        """Refine the block's codes on its output (:func:`lowbit.methods.refine.refine_block`): inputs
+        ``hidden`` (the quantized model's), targets the ``original`` block's outputs on ``hidden_f``
+        (the original model's inputs), which are returned: the next block's original inputs."""
+        runner, i = self.runner, self.index
+        float_layer = runner.layer(i, original)
+        targets = torch.cat([runner.run_layer(float_layer, hidden_f[sl], pos) for sl in batches])
+        del float_layer
+        layer32 = runner.layer(i, self.weights, dtype=torch.float32)
+        pos32 = runner.position_embeddings(hidden[:1].float())
+        quantized: dict[str, tuple[Codec, QuantizedTensor]] = {}
+        for lin, q in self.results.items():
+            codec = self.codec_for(lin)
+            assert codec is not None
+            quantized[lin + ".weight"] = (codec, q)
+
+        def forward(w: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            return runner.layer_forward(layer32, x, pos32, w)
+
+        floats = {name: self.weights[name] for name in quantized}
+        new, report = refine_block(i, floats, quantized, forward, hidden, targets, config)
+        self.refine_report = report
+        for name, q in new.items():
+            lin = name[: -len(".weight")]
+            codec = quantized[name][0]
+            self.results[lin] = q
+            deq = codec.dequantize(q).reshape(self.weights[name].shape)
+            check_finite(self.prefix + name + " (refined)", deq)
+            self.dequantized[lin] = deq
+        return targets
 
     def finish(self, hidden: torch.Tensor) -> None:
         """Block-level transform (AWQ) on ``hidden``'s first windows, then quantize every linear not
