@@ -305,7 +305,9 @@ def _quantize_gguf_walk(
             "quantize; use --method rtn, gptq or awq"
         )
     if type(meth) is RTN and calib is not None:
+        refinement = meth.refinement
         meth = WeightedRTN()
+        meth.refinement = refinement
     if meth.needs_calibration and calib is None:
         raise ArgumentError(f"method {meth.name} needs calibration text; pass --calib TEXTFILE")
     source = model if isinstance(model, ModelSource) else open_model(model)

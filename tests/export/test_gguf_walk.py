@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from llama_tools import run_logged
 
 from lowbit.api import quantize
 from lowbit.cli.main import main
@@ -91,9 +92,8 @@ def _kld(exe: Path, model: Path, text: Path, base: Path, make_base: bool) -> flo
     cmd += ["--kl-divergence-base", str(base)] + ([] if make_base else ["--kl-divergence"])
     log = ""
     for _ in range(6):  # llama.cpp's async logger sometimes drops its last lines at exit
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        log = p.stdout + p.stderr
-        assert p.returncode == 0, log[-2000:]
+        rc, log = run_logged(cmd, timeout=600)
+        assert rc == 0, log[-2000:]
         if make_base:
             if re.search(r"Final estimate: PPL", log):
                 return 0.0

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from llama_tools import run_logged
 
 from lowbit.api import quantize
 from lowbit.calib.imatrix import load_imatrix
@@ -308,9 +309,8 @@ def _perplexity(exe: Path, model: Path, text: Path) -> str:
     cmd = [str(exe), "-m", str(model), "-f", str(text), "-c", "128", "--chunks", "4", "-t", "2", "-nr"]
     log = ""
     for _ in range(6):  # llama.cpp's async logger sometimes drops its last lines at exit
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        log = p.stdout + p.stderr
-        assert p.returncode == 0, log[-2000:]
+        rc, log = run_logged(cmd, timeout=300)
+        assert rc == 0, log[-2000:]
         m = re.search(r"Final estimate: PPL = ([0-9.]+ \+/- [0-9.]+)", log)
         if m:
             return m.group(1)

@@ -133,13 +133,16 @@ def test_calibration_input_errors(tmp_path: Path) -> None:
         calibration_tokens(src, CalibConfig(empty))
 
 
-def test_short_text_calibrates_on_the_windows_it_holds(
+def test_short_text_is_an_error_unless_fewer_windows_are_allowed(
     calib_text: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Documented fallback: fewer windows than asked, with a warning naming both counts."""
+    """A text too short for the windows asked: one line naming both counts; with allow_fewer_windows,
+    calibration on the windows it holds, with a warning naming both counts."""
     src = open_model(STORIES)
     n_tokens = len(src.tokenizer().encode(calib_text.read_text(), add_special_tokens=False))
-    cfg = CalibConfig(calib_text, samples=10_000, seqlen=256)
+    with pytest.raises(InputFileError, match=f"{n_tokens // 256} windows of 256, fewer than the 10000 asked"):
+        calibration_tokens(src, CalibConfig(calib_text, samples=10_000, seqlen=256))
+    cfg = CalibConfig(calib_text, samples=10_000, seqlen=256, allow_fewer_windows=True)
     with caplog.at_level("WARNING", logger="lowbit.walk.calibrate"):
         ids = calibration_tokens(src, cfg)
     assert ids.shape == (n_tokens // 256, 256)

@@ -72,6 +72,9 @@ class CalibConfig:
     block_sample_tokens: int = 8192
     block_sample_windows: int = 16
     seed: int = 0
+    # A text with fewer windows than ``samples``: an error (the default: what was asked cannot be done),
+    # or calibrate on the windows it holds, with a warning.
+    allow_fewer_windows: bool = False
 
     def __post_init__(self) -> None:
         if self.samples < 1 or self.seqlen < 8 or (self.batch is not None and self.batch < 1):
@@ -103,9 +106,10 @@ def batch_windows(source: ModelSource, config: CalibConfig, windows: int) -> int
 def calibration_tokens(source: ModelSource, config: CalibConfig) -> torch.Tensor:
     """``(samples, seqlen)`` int64 windows of the calibration text.
 
-    A text too short for ``samples`` windows is not an error: calibration runs on the whole windows it
-    holds, with a warning that names both counts (GPTQ's damping keeps the statistics of a few windows
-    usable). A missing or empty file, or one shorter than a single window, is an :class:`InputFileError`.
+    A text too short for ``samples`` windows is an :class:`InputFileError` that names both counts,
+    unless ``allow_fewer_windows``: then calibration runs on the whole windows it holds, with a warning
+    (GPTQ's damping keeps the statistics of a few windows usable). A missing or empty file, or one
+    shorter than a single window, is always an :class:`InputFileError`.
     """
     from lowbit.eval.windows import encode_text, read_text_exact, tokenizer_bos_id
 
@@ -121,6 +125,11 @@ def calibration_tokens(source: ModelSource, config: CalibConfig) -> torch.Tensor
         raise InputFileError(
             f"calibration text {config.text} has {ids.numel()} tokens, fewer than one window of "
             f"{config.seqlen}; give a longer text or a smaller --seqlen"
+        )
+    if n < config.samples and not config.allow_fewer_windows:
+        raise InputFileError(
+            f"calibration text {config.text} holds {ids.numel()} tokens: {n} windows of {config.seqlen}, "
+            f"fewer than the {config.samples} asked for; pass --samples {n}, a smaller --seqlen or a longer text"
         )
     if n < config.samples:
         log.warning(
