@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,12 +38,7 @@ TEXT = ROOT / "src" / "lowbit" / "assets" / "text" / "tinystories-val.txt"
 TINY = "data/models/tiny256"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ids(n: int = 64, vocab: int = 512) -> torch.Tensor:
@@ -424,13 +419,16 @@ def test_layernorm_and_norm_bias_refuse_rotation() -> None:
         rotate_block(w, arch, make_rotations(RotationConfig(), 64, lay))
 
 
-def test_a_linear_the_registry_does_not_place_is_refused() -> None:
+def test_a_linear_or_norm_the_registry_does_not_place_is_refused() -> None:
     arch = get_architecture("llama")
     lay = HeadLayout(4, 2, 16)
     w = _fake_block(arch, lay, 64, torch.Generator().manual_seed(0))
     stray = replace(arch, residual_writers=("self_attn.o_proj",))  # down_proj is now unaccounted for
     with pytest.raises(UnsupportedArchitectureError, match="mlp.down_proj neither reads"):
         rotate_block(w, stray, make_rotations(RotationConfig(), 64, lay))
+    unfed = replace(arch, mappings=arch.mappings[:2])  # post_attention_layernorm now feeds nothing
+    with pytest.raises(UnsupportedArchitectureError, match="no linear that post_attention_layernorm feeds"):
+        rotate_block(w, unfed, make_rotations(RotationConfig(), 64, lay))
 
 
 def test_config_is_checked() -> None:

@@ -28,6 +28,7 @@ import hashlib
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -74,11 +75,12 @@ class HeadLayout:
     head_dim: int
 
     @classmethod
-    def from_config(cls, config: Mapping[str, object]) -> HeadLayout:
-        hidden = int(str(config["hidden_size"]))
-        n_heads = int(str(config["num_attention_heads"]))
-        n_kv = int(str(config.get("num_key_value_heads") or n_heads))
-        head_dim = int(str(config.get("head_dim") or hidden // n_heads))
+    def from_config(cls, config: Mapping[str, Any]) -> HeadLayout:
+        """From a Hugging Face config (``head_dim`` defaults to hidden_size / num_attention_heads)."""
+        hidden = int(config["hidden_size"])
+        n_heads = int(config["num_attention_heads"])
+        n_kv = int(config.get("num_key_value_heads") or n_heads)
+        head_dim = int(config.get("head_dim") or hidden // n_heads)
         if n_heads % n_kv:
             raise ShapeError(f"{n_heads} attention heads do not divide into {n_kv} KV heads")
         return cls(n_heads, n_kv, head_dim)
@@ -174,6 +176,17 @@ def _rotate_residual(
     w: dict[str, torch.Tensor], arch: Architecture, names: list[str], q: torch.Tensor
 ) -> None:
     """Norms folded, readers ``W Q``, writers ``Qᵀ W`` (and ``Qᵀ b``), in place on the float64 dict."""
+    hidden = q.shape[0]
+    sources = {m.source for m in arch.mappings if m.kind == "norm"}
+    for n in arch.norms:
+        # a norm of the residual width that feeds nothing the registry names would keep its γ on a
+        # rotated vector (q/k norms act on head_dim and are left alone)
+        key = f"{n}.weight"
+        if n not in sources and key in w and w[key].shape == (hidden,):
+            raise UnsupportedArchitectureError(
+                f"{arch.name}: the registry says of no linear that {n} feeds it, so it cannot be folded "
+                "into a rotation; quantize it without rotation"
+            )
     readers = _fold_norms(w, arch, names)
     writers = [c for p in arch.residual_writers for c in _expand(p, names)]
     linears = {n[: -len(".weight")] for n in names if n.endswith(".weight")}
@@ -182,7 +195,7 @@ def _rotate_residual(
     if stray:
         raise UnsupportedArchitectureError(
             f"{arch.name}: {stray[0]} neither reads a norm's output nor writes the residual stream in the "
-            "registry; lowbit cannot rotate this architecture"
+            "registry, so it cannot be rotated; quantize it without rotation"
         )
     for t in readers:
         w[f"{t}.weight"] = w[f"{t}.weight"] @ q
