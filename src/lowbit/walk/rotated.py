@@ -15,6 +15,7 @@ model with tied embeddings comes back untied (``lm_head.weight`` among the names
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -122,10 +123,7 @@ class RotatedSource(ModelSource):
             if inner.storage in _NON_FLOAT_STORAGE:
                 return inner
             shape = inner.shape
-        n = 1
-        for s in shape:
-            n *= int(s)
-        return TensorInfo(name, tuple(shape), "F32", 4 * n)
+        return TensorInfo(name, tuple(shape), "F32", 4 * math.prod(shape))
 
     def read(self, name: str) -> torch.Tensor:
         where = self._block_of.get(name)
