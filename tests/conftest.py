@@ -8,7 +8,7 @@ skip when it is missing, except under ``CI=true``, where a missing oracle is a f
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -48,3 +48,14 @@ def shared_file(shared_dir: Path) -> Callable[[str], Path]:
         return path
 
     return get
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run the test on one intra-op thread (tiny models: threads cost more than they save), restored after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

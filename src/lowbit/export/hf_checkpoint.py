@@ -152,19 +152,43 @@ def write_checkpoint(
                         linear_bits += t.numel() * t.element_size() * 8
                 if item.input_scale is not None:
                     writer.add(f"{prefix}.input_scale", item.input_scale.reshape(1).to(torch.float32))
-        config = {k: v for k, v in source.config.items() if not k.startswith("_")}
-        config["dtype"] = str(dtype).removeprefix("torch.")
-        config.pop("torch_dtype", None)
-        if "architectures" not in config:
-            config["architectures"] = [_causal_lm_class(config["model_type"])]
-        config["quantization_config"] = fmt.quantization_config(codec, ignore)
-        if extra_config:
-            config.update(extra_config)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _write_tokenizer(source, tmp)
+        extra = {"quantization_config": fmt.quantization_config(codec, ignore), **(extra_config or {})}
+        _write_config_and_tokenizer(source, tmp, dtype, extra)
     size = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
     log.info("wrote %s (%.2f MB of weights)", out, size / 1e6)
     return WrittenCheckpoint(out, size, linear_bits, linear_params)
+
+
+def write_float_checkpoint(
+    source: ModelSource, out: Path, force: bool = False, dtype: torch.dtype = torch.float32
+) -> Path:
+    """``source`` as a plain Hugging Face directory ``out`` (atomic): every tensor of ``source.names()``
+    in ``dtype`` (floats; others as they are), streamed one at a time, its config (without any
+    quantization_config) and its tokenizer. Writes e.g. a rotated model (:class:`~lowbit.walk.rotated.
+    RotatedSource`) for runtimes and converters that take a checkpoint directory."""
+    with atomic_dir(out, force) as tmp:
+        with StreamingSafetensorsWriter(tmp / "model.safetensors", {"format": "pt"}) as writer:
+            for name in source.names():
+                t = source.read(name)
+                writer.add(name, t.to(dtype) if t.is_floating_point() else t)
+        _write_config_and_tokenizer(source, tmp, dtype, {})
+    log.info("wrote %s (%.2f MB)", out, (out / "model.safetensors").stat().st_size / 1e6)
+    return out
+
+
+def _write_config_and_tokenizer(
+    source: ModelSource, out: Path, dtype: torch.dtype, extra: Mapping[str, Any]
+) -> None:
+    """config.json (``source``'s, in ``dtype``, updated with ``extra``) and the tokenizer files."""
+    config = {k: v for k, v in source.config.items() if not k.startswith("_")}
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    config.pop("quantization_config", None)
+    if "architectures" not in config:
+        config["architectures"] = [_causal_lm_class(config["model_type"])]
+    config.update(extra)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _write_tokenizer(source, out)
 
 
 def _causal_lm_class(model_type: str) -> str:
@@ -176,7 +200,9 @@ def _causal_lm_class(model_type: str) -> str:
 
 
 def _write_tokenizer(source: ModelSource, out: Path) -> None:
-    if isinstance(source, SafetensorsSource):
+    # A model directory's own files (also behind a wrapper such as RotatedSource, whose path is the
+    # directory it reads): converters read tokenizer.model, which save_pretrained may not write.
+    if source.path.is_dir():
         for name in _TOKENIZER_FILES:
             f = source.path / name
             if f.is_file():

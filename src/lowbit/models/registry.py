@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from types import MappingProxyType
 
 from lowbit.errors import UnsupportedArchitectureError
@@ -27,6 +28,16 @@ class FeedMapping:
     source: str
     targets: tuple[str, ...]
     kind: str = "norm"
+
+
+class NormKind(StrEnum):
+    """What a block's norms compute."""
+
+    RMS = "rmsnorm"  # x / rms(x) * γ: no mean subtraction, no bias (commutes with an orthogonal Q once γ = 1)
+    LAYER = "layernorm"  # (x - mean(x)) / std(x) * γ + β
+
+
+_RESIDUAL_WRITERS = ("self_attn.o_proj", "mlp.down_proj")
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,16 @@ class Architecture:
     gguf_block_names: Mapping[str, str] = field(default_factory=dict)
     gguf_global_names: Mapping[str, str] = field(default_factory=dict)
     experts_key: str | None = None  # config.json key that holds the expert count
+    # What a rotation of the residual stream (QuaRot, SpinQuant) needs to know. The linears fed by a
+    # norm (the targets of the "norm" mappings) read the residual stream; these write into it:
+    residual_writers: tuple[str, ...] = _RESIDUAL_WRITERS
+    norm_kind: NormKind = NormKind.RMS
+    # Norms applied to a sub-layer's output before it joins the residual stream (Gemma2/3's post-norms):
+    # they normalize a rotated vector by its own scale, which no weight edit can undo.
+    output_norms: tuple[str, ...] = ()
+    # (value projection, output projection): the value rows of each KV head feed the output columns of
+    # the query heads that read it, linearly (attention averages value rows); None where v is fused.
+    head_value_out: tuple[str, str] | None = ("self_attn.v_proj", "self_attn.o_proj")
 
     @property
     def block_regex(self) -> re.Pattern[str]:
@@ -126,6 +147,7 @@ _GEMMA_NORMS = (
     "pre_feedforward_layernorm",
     "post_feedforward_layernorm",
 )
+_GEMMA_OUTPUT_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
 _GEMMA_MAPPINGS = (
     FeedMapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     FeedMapping("self_attn.v_proj", ("self_attn.o_proj",), kind="linear"),
@@ -190,6 +212,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         linears=_LLAMA_LINEARS,
         norms=_GEMMA_NORMS,
         mappings=_GEMMA_MAPPINGS,
+        output_norms=_GEMMA_OUTPUT_NORMS,
         norm_offset=1.0,
         gguf_permute_qk=False,
         gguf_block_names=_GEMMA_GGUF,
@@ -204,6 +227,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         linears=_LLAMA_LINEARS,
         norms=(*_GEMMA_NORMS, "self_attn.q_norm", "self_attn.k_norm"),
         mappings=_GEMMA_MAPPINGS,
+        output_norms=_GEMMA_OUTPUT_NORMS,
         norm_offset=1.0,
         gguf_permute_qk=False,
         gguf_block_names={**_GEMMA_GGUF, **_QK_NORMS},
@@ -221,6 +245,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             FeedMapping("input_layernorm", ("self_attn.qkv_proj",)),
             FeedMapping("post_attention_layernorm", ("mlp.gate_up_proj",)),
         ),
+        head_value_out=None,  # v is a slice of qkv_proj's rows
         gguf_permute_qk=False,
         gguf_block_names={
             "self_attn.qkv_proj": "attn_qkv",
@@ -262,6 +287,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         },
         gguf_global_names=_GLOBAL_GGUF,
         experts_key="num_local_experts",
+        residual_writers=("self_attn.o_proj", "block_sparse_moe.experts.{e}.w2"),
     ),
     Architecture(
         name="qwen2_moe",
@@ -300,6 +326,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         },
         gguf_global_names=_GLOBAL_GGUF,
         experts_key="num_experts",
+        residual_writers=("self_attn.o_proj", "mlp.experts.{e}.down_proj", "mlp.shared_expert.down_proj"),
     ),
 )
 
