@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from lowbit.formats.base import Codec
     from lowbit.methods.base import Method
+    from lowbit.transforms.rotation import RotationConfig
     from lowbit.walk.calibrate import CalibConfig
     from lowbit.walk.quantize_walk import WalkItem
     from lowbit.walk.sources import ModelSource
@@ -137,6 +138,7 @@ def quantize(
     imatrix: str | Path | Imatrix | None = None,
     method_options: Mapping[str, Any] | None = None,
     threshold: float | None = None,
+    rotate: RotationConfig | str | None = None,
 ) -> QuantizeReport:
     """Quantize every block linear of ``model`` with ``scheme`` and write ``out`` in ``fmt``.
 
@@ -145,11 +147,23 @@ def quantize(
     ..., ``fmt="gguf"``, the default for them) are written by :func:`lowbit.export.gguf.write_gguf`,
     optionally guided by an importance matrix ``imatrix`` (a llama-imatrix/lowbit file or an
     :class:`~lowbit.calib.imatrix.Imatrix`).
+
+    ``rotate`` (``"hadamard"``, ``"random"`` or a :class:`~lowbit.transforms.rotation.RotationConfig`):
+    quantize the rotated model (:class:`~lowbit.walk.rotated.RotatedSource`: norms folded, the residual
+    stream and each head's values rotated; the same outputs in float), in every format.
     """
     out_path = Path(out)
     check_output(out_path, force)
+    rotation = _rotation(rotate)
+    if rotation is not None and imatrix is not None:
+        raise ArgumentError(
+            "an importance matrix describes the unrotated model's activations; with --rotate, pass --calib "
+            "instead (the importance is then computed on the rotated model)"
+        )
     if scheme is not None and (fmt or (GGUF_FORMAT if gguf_mix_name(scheme) else None)) == GGUF_FORMAT:
-        return _quantize_gguf(model, scheme, out_path, method, force, progress, calib, imatrix, method_options)
+        return _quantize_gguf(
+            model, scheme, out_path, method, force, progress, calib, imatrix, method_options, rotation
+        )
     if imatrix is not None:
         raise ArgumentError("--imatrix is used only when writing GGUF (--format gguf with a GGUF mix)")
     from lowbit.export.hf_checkpoint import get_format, model_dtype, write_checkpoint
@@ -176,7 +190,7 @@ def quantize(
             "(or use a dynamic scheme such as w8a8)"
         )
     t0 = time.perf_counter()
-    source = model if isinstance(model, ModelSource) else open_model(model)
+    source = _rotated(model if isinstance(model, ModelSource) else open_model(model), rotation)
     codec = sch.codec(exporter.scale_dtype(model_dtype(source)))
     shapes = [source.info(n).shape for n in source.names() if source.arch.is_quantizable(n)]
     exporter.check(codec, shapes)
@@ -230,6 +244,7 @@ def _quantize_gguf(
     calib: CalibConfig | None,
     imatrix: str | Path | Imatrix | None,
     method_options: Mapping[str, Any] | None = None,
+    rotation: RotationConfig | None = None,
 ) -> QuantizeReport:
     """A llama-quantize mix as a GGUF file; the report's numbers are per tensor as written.
 
@@ -248,7 +263,7 @@ def _quantize_gguf(
         im = load_imatrix(imatrix)
         im_file = str(imatrix)
     t0 = time.perf_counter()
-    if method == "rtn" and calib is None and not method_options:
+    if method == "rtn" and calib is None and not method_options and rotation is None:
         from lowbit.export.gguf import write_gguf
 
         rep = write_gguf(model, sch.name, out, imatrix=im, force=force, progress=progress, imatrix_file=im_file)
@@ -256,7 +271,7 @@ def _quantize_gguf(
         stats = WalkStats()
     else:
         rep, label, stats = _quantize_gguf_walk(
-            model, sch.name, out, method, force, progress, calib, im, im_file, method_options
+            model, sch.name, out, method, force, progress, calib, im, im_file, method_options, rotation
         )
     from lowbit.formats.gguf.types import is_quantized
 
@@ -289,6 +304,7 @@ def _quantize_gguf_walk(
     im: Imatrix | None,
     im_file: str | None,
     method_options: Mapping[str, Any] | None,
+    rotation: RotationConfig | None = None,
 ) -> tuple[Any, str, WalkStats]:
     """The quantize walk with each block linear's ggml type as its codec, written by the GGUF writer."""
     from lowbit.export.gguf import plan_gguf_walk, write_gguf_walk
@@ -310,7 +326,7 @@ def _quantize_gguf_walk(
         meth.refinement = refinement
     if meth.needs_calibration and calib is None:
         raise ArgumentError(f"method {meth.name} needs calibration text; pass --calib TEXTFILE")
-    source = model if isinstance(model, ModelSource) else open_model(model)
+    source = _rotated(model if isinstance(model, ModelSource) else open_model(model), rotation)
     arch = source.arch
     calibrated = [n for n in source.names() if arch.is_quantizable(n)] if calib is not None else []
     plan = plan_gguf_walk(source, mix, calibrated=calibrated, imatrix=im, imatrix_file=im_file)
@@ -324,7 +340,32 @@ def _quantize_gguf_walk(
     label = meth.name or "rtn"
     if isinstance(meth, WeightedRTN):
         label = "rtn+imatrix"
+    if rotation is not None:
+        label += f"+{rotation.kind.value}"
     return rep, label, stats
+
+
+def _rotation(rotate: RotationConfig | str | None) -> RotationConfig | None:
+    if rotate is None:
+        return None
+    from lowbit.transforms.rotation import RotationConfig, RotationKind
+
+    if isinstance(rotate, RotationConfig):
+        return rotate
+    try:
+        return RotationConfig(kind=RotationKind(rotate))
+    except ValueError:
+        kinds = ", ".join(k.value for k in RotationKind)
+        raise ArgumentError(f"unknown rotation {rotate!r}; choose one of: {kinds}") from None
+
+
+def _rotated(source: ModelSource, rotation: RotationConfig | None) -> ModelSource:
+    """``source`` seen through ``rotation`` (None: as it is)."""
+    if rotation is None:
+        return source
+    from lowbit.walk.rotated import RotatedSource
+
+    return RotatedSource(source, rotation)
 
 
 def simulate_scheme(

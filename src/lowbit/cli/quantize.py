@@ -71,6 +71,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "round-to-nearest): robustness when the calibration text differs from the text the model sees",
     )
     p.add_argument(
+        "--rotate",
+        choices=["hadamard", "random"],
+        default=None,
+        help="quantize the rotated model (QuaRot-style, folded into the weights: norms into the next "
+        "linears, a randomized Hadamard on the residual stream and on each head's values; the same "
+        "outputs in float, fewer outliers to quantize); every method and format. Tied embeddings "
+        "come out untied. random: seeded random orthogonal matrices",
+    )
+    p.add_argument(
         "--refine",
         type=int,
         default=None,
@@ -203,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
         imatrix=args.imatrix,
         method_options=options,
         threshold=args.threshold,
+        rotate=args.rotate,
     )
     if args.json:
         print(json.dumps(report.to_json_dict()))

@@ -336,8 +336,8 @@ def plan_gguf_walk(
                 TensorInput(name=gname, shape=shape, src_type=src_type, dst_type=src_type, float_rows=_unset)
             )
     gnames = {it.name for it, n in zip(items, names, strict=True) if n in calibrated}
-    if isinstance(source, GGUFSource):
-        g = read_gguf(source.path)
+    if isinstance(source.origin, GGUFSource):  # metadata copied from the file, as llama-quantize does
+        g = read_gguf(source.origin.path)
         values = g.values()
         _check_not_split(g, values)
         model = ModelInfo.from_gguf_fields(values, [it.name for it in items])

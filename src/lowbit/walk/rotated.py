@@ -150,6 +150,10 @@ class RotatedSource(ModelSource):
     def format_name(self) -> str:
         return f"rotated {self.inner.format_name}"
 
+    @property
+    def origin(self) -> ModelSource:
+        return self.inner.origin
+
     def close(self) -> None:
         with self._lock:
             self._cache.clear()

@@ -89,6 +89,11 @@ class ModelSource(ABC):
     def format_name(self) -> str:
         return type(self).__name__
 
+    @property
+    def origin(self) -> ModelSource:
+        """The source whose files this one presents: itself, or what a wrapper (a rotation) wraps."""
+        return self
+
     def blocks(self) -> list[BlockGroup]:
         """Tensors grouped as: globals before the blocks, each block in order, globals after."""
         by_block: dict[int, list[str]] = {}
