@@ -201,7 +201,7 @@ def quantize(
             "--act-order static (contiguous groups, the default) or use --format gptq"
         )
     stats = WalkStats()
-    if calib is not None and (meth.needs_calibration or sch.static_activations or meth.needs):
+    if calib is not None and (meth.needs_calibration or sch.static_activations or meth.statistics):
         items = calibrate_walk(
             source, codec, meth, calib, stats, progress=progress, activations=sch.activations
         )
@@ -330,7 +330,7 @@ def _quantize_gguf_walk(
     arch = source.arch
     calibrated = [n for n in source.names() if arch.is_quantizable(n)] if calib is not None else []
     plan = plan_gguf_walk(source, mix, calibrated=calibrated, imatrix=im, imatrix_file=im_file)
-    codecs = plan.codec_plan(arch.is_quantizable)
+    codecs = plan.codec_plan(arch.is_quantizable, embedding=f"{arch.embed}.weight")
     stats = WalkStats()
     if calib is not None:
         items = calibrate_walk(source, codecs, meth, calib, stats, progress=progress)
@@ -406,7 +406,7 @@ def simulate_scheme(
         )
     if sch.activations is None and not meth.needs_calibration:
         return simulate(source, codec, meth, stats, progress=progress), stats
-    if calib is not None and (meth.needs_calibration or sch.static_activations or meth.needs):
+    if calib is not None and (meth.needs_calibration or sch.static_activations or meth.statistics):
         walk = calibrate_walk(
             source, codec, meth, calib, stats, progress=progress, activations=sch.activations
         )

@@ -140,3 +140,43 @@ class HessianAccumulator:
                 "(check the calibration text and the hooks)"
             )
         return (self.sum * (2.0 / self.count)).to(dtype)
+
+
+class CrossAccumulator:
+    """``C = (2/N) Σ_t x̂_t x_tᵀ``: the inputs ``x̂_t`` the linear receives in the *original* model against
+    those ``x_t`` it receives in the quantized one, token for token (in, in).
+
+    With :class:`HessianAccumulator`'s ``H`` of the same ``x_t``, ``W C H⁻¹`` is the weight whose outputs on
+    the quantized model's inputs come closest to the original model's outputs ``W x̂_t`` (least squares):
+    what GPTQ quantizes when it also corrects the error the layers before handed down (GPTAQ: Li, Yang,
+    Wei, Xu, Yin, "GPTAQ: Efficient Finetuning-Free Quantization for Asymmetric Calibration", ICML
+    2025). The walk feeds both inputs (``needs_original``).
+    """
+
+    name: ClassVar[str] = "cross"
+    needs_original: ClassVar[bool] = True
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+        if in_features < 1:
+            raise ShapeError(f"in_features must be positive, not {in_features}")
+        self.in_features = in_features
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor, original: torch.Tensor) -> None:
+        """Accumulate a batch ``x`` (..., in) of the quantized model's inputs and the original model's
+        ``original`` (same shape) for the same tokens."""
+        x2 = as_tokens(x, self.in_features, torch.float32)  # (T, in)
+        o2 = as_tokens(original, self.in_features, torch.float32)
+        if o2.shape != x2.shape:
+            raise ShapeError(f"the original inputs {tuple(o2.shape)} do not pair with {tuple(x2.shape)}")
+        for c in range(0, x2.shape[0], CHUNK_TOKENS):
+            self.sum += (o2[c : c + CHUNK_TOKENS].T @ x2[c : c + CHUNK_TOKENS]).double()
+        self.count += x2.shape[0]
+
+    def result(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``C = 2 S / N`` (in, in) in ``dtype``: row ``i`` of the original inputs, column ``j`` of the
+        quantized ones."""
+        if self.count == 0:
+            raise ArgumentError("the cross statistic saw no calibration tokens; was the layer run?")
+        return (self.sum * (2.0 / self.count)).to(dtype)

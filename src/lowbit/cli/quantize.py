@@ -64,6 +64,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="Hessian damping as a fraction of its mean diagonal (default 0.01)",
     )
     g.add_argument(
+        "--asymmetric",
+        action="store_true",
+        default=None,
+        help="quantize each linear towards the original model's outputs (the weight W C H^-1 whose "
+        "outputs on the quantized model's inputs match W's on the original inputs: errors of the layers "
+        "before are corrected too; GPTAQ's asymmetric calibration). Runs the original model beside",
+    )
+    g.add_argument(
         "--diag-blend",
         type=float,
         default=None,
@@ -160,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
         "act_order": args.act_order,
         "damp": args.damp,
         "diag_blend": args.diag_blend,
+        "asymmetric": args.asymmetric,
     }
     given = [f"--{k.replace('_', '-')}" for k, v in gptq_opts.items() if v is not None]
     if given and args.method != "gptq":
@@ -187,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
             args.fmt == GGUF_FORMAT or (args.fmt is None and gguf_mix_name(scheme))
         )
         static = scheme is not None and not gguf and parse_scheme(scheme, args.fmt).static_activations
-        if not (method.needs_calibration or method.needs or static or gguf):
+        if not (method.needs_calibration or method.statistics or static or gguf):
             raise ArgumentError(
                 f"--calib is not used by method {args.method!r}; drop it (methods: {', '.join(sorted(METHODS))})"
             )

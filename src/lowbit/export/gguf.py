@@ -275,16 +275,18 @@ class GGUFWalkPlan:
     kind: str  # "gguf" (metadata copied) or "hf" (converted)
     imatrix: ImatrixUse | None = None
 
-    def codec_plan(self, quantizable: Callable[[str], bool]) -> CodecPlan:
+    def codec_plan(self, quantizable: Callable[[str], bool], embedding: str | None = None) -> CodecPlan:
         """The walk's codecs: for each tensor the walk quantizes (``quantizable``: its block linears),
         the :class:`~lowbit.formats.ggml.GGMLCodec` of the mix's type; ``None`` (kept in float, written
-        as the mix says) where that type is a plain float (F16 fall-back for an odd width)."""
+        as the mix says) where that type is a plain float (F16 fall-back for an odd width). With
+        ``embedding`` (the source's embedding tensor), the embeddings too when the mix quantizes them:
+        the calibration walk then runs the blocks on the embeddings the file will hold."""
         from lowbit.formats.base import CodecPlan
         from lowbit.formats.ggml import GGMLCodec
 
         per: dict[str, Any] = {}
         for name, t in zip(self.names, self.tensors, strict=True):
-            if quantizable(name):
+            if quantizable(name) or (name == embedding and is_quantized(t.dst_type)):
                 per[name] = GGMLCodec(t.dst_type) if is_quantized(t.dst_type) else None
         return CodecPlan(None, per)
 

@@ -94,6 +94,11 @@ class Method(ABC):
         return False
 
     @property
+    def statistics(self) -> tuple[str, ...]:
+        """The statistics this configured method takes (``needs``, unless its options add some)."""
+        return self.needs
+
+    @property
     def refines(self) -> bool:
         """Whether the walk refines each quantized block's codes on its output (``refinement``)."""
         return self.refinement is not None and self.refinement.iters > 0
@@ -101,7 +106,7 @@ class Method(ABC):
     @property
     def needs_calibration(self) -> bool:
         """Whether the method cannot run without calibration data (statistics or a block-level search)."""
-        return (bool(self.needs) or self.transforms_block or self.refines) and not self.calibration_optional
+        return (bool(self.statistics) or self.transforms_block or self.refines) and not self.calibration_optional
 
     def describe_layer(self, stats: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """Numbers worth reporting about one linear from its calibration statistics (default: none)."""

@@ -91,6 +91,10 @@ class GPTQConfig:
     ``max_damp_retries``, ``damp_growth``: on a failed Cholesky, retry with ``damp *= damp_growth``.
     ``diag_blend``: β in ``H ← (1-β) H + β diag(H)``; 0 is the paper's GPTQ, 1 is round-to-nearest;
     the default 0.25 is chosen by the evidence in the module docstring.
+    ``asymmetric``: quantize the weight whose outputs on the quantized model's inputs best match the
+    original model's outputs, ``W C (H + λI)⁻¹`` with the cross statistic ``C`` of the original and the
+    quantized inputs (GPTAQ's asymmetric calibration: the error of the layers before is corrected too;
+    the walk then also runs the original model).
     """
 
     damp: float = 0.01
@@ -100,6 +104,7 @@ class GPTQConfig:
     max_damp_retries: int = 3
     damp_growth: float = 10.0
     diag_blend: float = 0.25
+    asymmetric: bool = False
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.damp) and self.damp >= 0):
@@ -214,6 +219,7 @@ def gptq_quantize(
     codec: RegionCodec,
     config: GPTQConfig | None = None,
     importance: torch.Tensor | None = None,
+    cross: torch.Tensor | None = None,
 ) -> QuantizedTensor:
     """GPTQ-quantize ``weight`` (out, in), any float dtype, given ``hessian`` (in, in) (see
     :class:`lowbit.calib.hessian.HessianAccumulator`), with a codec whose parameters are shared by runs
@@ -221,10 +227,39 @@ def gptq_quantize(
 
     ``importance`` (in,): what codecs with a parameter search weight each column's error by when they
     fit a region (ggml's importance matrix); default the Hessian's diagonal, which is llama-imatrix's
-    statistic of the same inputs (mean ``x²`` per column) up to a factor. An affine codec returns a
+    statistic of the same inputs (mean ``x²`` per column) up to a factor. ``cross`` (in, in): the cross
+    statistic of the original model's inputs against these (:class:`~lowbit.calib.hessian.CrossAccumulator`):
+    GPTQ then quantizes ``W C (H + λI)⁻¹`` (asymmetric calibration). An affine codec returns a
     :class:`GPTQQuantized`."""
     with _one_thread():
+        if cross is not None:
+            weight = corrected_target(weight, hessian, cross, (config or GPTQConfig()).damp)
         return _gptq_quantize(weight, hessian, codec, config or GPTQConfig(), importance)
+
+
+def corrected_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
+    """``W C (H + λ mean(diag H) I)⁻¹`` (out, in) float32: the least-squares weight whose outputs on the
+    inputs ``H`` describes match ``W``'s on the original inputs (``C``, rows original, columns quantized),
+    damped like GPTQ's Hessian. Dead inputs (zero diagonal) keep their weight."""
+    in_f = weight.shape[1]
+    if tuple(cross.shape) != (in_f, in_f):
+        raise ShapeError(f"cross statistic of shape {tuple(cross.shape)} does not fit a weight {tuple(weight.shape)}")
+    h = hessian.detach().to(torch.float64)
+    c = cross.detach().to(torch.float64)
+    if not (torch.isfinite(h).all() and torch.isfinite(c).all()):
+        raise ArgumentError("calibration statistics hold NaN or Inf values; recompute them")
+    h = (h + h.T) / 2
+    mean_diag = float(h.diagonal().mean())
+    hd = h.clone()
+    hd.diagonal().add_(max(damp, 1e-6) * (mean_diag if mean_diag > 0 else 1.0))
+    w = weight.detach().to(torch.float64)
+    # W* = W C Hd⁻¹  <=>  Hd W*ᵀ = (W C)ᵀ (Hd symmetric)
+    target = torch.linalg.solve(hd, (w @ c).T).T
+    dead = h.diagonal() == 0
+    target[:, dead] = w[:, dead]
+    if not torch.isfinite(target).all():
+        raise ArgumentError("the corrected GPTQ target is not finite; use more damping (--damp)")
+    return target.float()
 
 
 def _gptq_quantize(
@@ -368,6 +403,7 @@ class GPTQ(Method):
         act_order: str | None = None,
         damp: float | None = None,
         diag_blend: float | None = None,
+        asymmetric: bool | None = None,
     ) -> None:
         """``config``, with any of the given knobs replaced (the CLI's ``--act-order``, ``--damp``,
         ``--diag-blend``). ``act_order`` as llm-compressor's ``actorder``: ``"static"`` (act-order,
@@ -377,6 +413,8 @@ class GPTQ(Method):
             config = dataclasses.replace(config, damp=damp)
         if diag_blend is not None:
             config = dataclasses.replace(config, diag_blend=diag_blend)
+        if asymmetric is not None:
+            config = dataclasses.replace(config, asymmetric=asymmetric)
         if act_order is not None:
             if act_order not in ACT_ORDERS:
                 raise ArgumentError(
@@ -390,6 +428,10 @@ class GPTQ(Method):
     def scatters_groups(self) -> bool:
         return self.config.act_order and not self.config.static_groups
 
+    @property
+    def statistics(self) -> tuple[str, ...]:
+        return ("hessian", "cross") if self.config.asymmetric else ("hessian",)
+
     def quantize_linear(
         self, weight: torch.Tensor, codec: Codec, stats: dict[str, torch.Tensor] | None = None
     ) -> QuantizedTensor:
@@ -402,4 +444,6 @@ class GPTQ(Method):
             raise SchemeError(
                 f"GPTQ needs a codec with per-group parameters (integers, ggml block types), not {codec.name}"
             )
-        return gptq_quantize(weight, stats["hessian"], codec, self.config, stats.get("importance"))
+        return gptq_quantize(
+            weight, stats["hessian"], codec, self.config, stats.get("importance"), stats.get("cross")
+        )

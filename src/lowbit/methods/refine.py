@@ -15,9 +15,11 @@ block types included: their scales stay llama-quantize's search's, only the code
 The variables: per weight a continuous position ``u`` in level units; the weight used in the forward
 pass is ``scale * level(u) - offset`` with ``level(u)`` the nearest level to ``u`` (the straight-through
 estimator passes the gradient to ``u``). ``u`` starts where the original weight lies on the grid,
-``(w + offset) / scale``, moved into the bin of the code the base method chose: a code that equals
-round-to-nearest starts where AutoRound starts (a weight close to the edge of its bin flips easily), a
-code GPTQ moved starts at the edge of its bin nearest the original weight. Signed gradient descent,
+``(w + offset) / scale``, when that lies in the bin of the code the base method chose (round-to-nearest's
+code: where AutoRound starts, a weight close to the edge of its bin flips easily); a code the base
+method moved elsewhere (GPTQ's error feedback) starts at its level, the middle of its bin (started at
+the edge nearest the original weight, the first steps would undo GPTQ's compensation: measured on
+tiny256 Q3_K, the block's output error then only grew). Signed gradient descent,
 ``u ← u - lr · sign(∂loss/∂u)`` with ``lr`` decaying linearly to 0 over ``iters`` steps, each step on
 ``batch`` random calibration windows, the loss ``mean ‖Q_block(x_q) - F_block(x_f)‖²``. Every
 ``check_every`` steps (and before the first) the loss is measured on a fixed set of ``batch`` windows
@@ -93,8 +95,10 @@ class _Variable:
         with torch.no_grad():
             t = (weight.float() + grid.offset) / grid.scale  # where the original weight lies
             t = torch.where(torch.isfinite(t), t, chosen)  # a zero scale: every level is the same
-            eps = 1e-3 * (hi - lo).clamp(max=1.0)
-            u0 = torch.minimum(torch.maximum(t, lo + eps), hi - eps)
+            # a code the base method moved away from the original weight's bin starts at its level:
+            # put at its bin's edge, the first steps would undo the base method's compensation
+            inside = (t >= lo) & (t <= hi)
+            u0 = torch.where(inside, t, chosen)
         self.u = u0.requires_grad_(True)
 
     def level(self, u: torch.Tensor) -> torch.Tensor:

@@ -46,10 +46,11 @@ class BlockRunner:
         )
         self.num_layers = int(self.config.num_hidden_layers)
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """``(B, T)`` token ids -> ``(B, T, hidden)`` inputs of block 0."""
-        w = self.source.read(f"{self.source.arch.embed}.weight").to(self.dtype)
-        h = F.embedding(ids, w)
+    def embed(self, ids: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, T)`` token ids -> ``(B, T, hidden)`` inputs of block 0; ``weight``: the embedding table to
+        use instead of the source's (a quantized one)."""
+        w = weight if weight is not None else self.source.read(f"{self.source.arch.embed}.weight")
+        h = F.embedding(ids, w.to(self.dtype))
         if self._embed_scale != 1.0:
             h = h * torch.tensor(self._embed_scale, dtype=self.dtype)
         return h

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lowbit.calib.absmean import AbsMaxAccumulator, AbsMeanAccumulator, ImportanceAccumulator
-from lowbit.calib.hessian import HessianAccumulator
+from lowbit.calib.hessian import CrossAccumulator, HessianAccumulator
 from lowbit.errors import ArgumentError, InputFileError
 from lowbit.formats.activations import ActQuant, LLMInt8
 from lowbit.formats.base import Codec, CodecPlan, QuantizedTensor, sqnr_db
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 ACCUMULATORS: dict[str, Callable[[int], Any]] = {
     cls.name: cls
-    for cls in (HessianAccumulator, AbsMeanAccumulator, AbsMaxAccumulator, ImportanceAccumulator)
+    for cls in (HessianAccumulator, AbsMeanAccumulator, AbsMaxAccumulator, ImportanceAccumulator, CrossAccumulator)
 }
 
 
@@ -167,7 +167,7 @@ def _windows_for(method: Method, config: CalibConfig, available: int) -> int:
     ``block_sample_tokens`` tokens and ``block_sample_windows`` windows: only those windows are run
     (the others would be propagated through every block and never looked at). A block-level method
     that also takes statistics over all tokens (SmoothQuant's activation ranges) runs every window."""
-    if not method.transforms_block or method.needs:
+    if not method.transforms_block or method.statistics:
         return available
     need = max(config.block_sample_windows, math.ceil(config.block_sample_tokens / config.seqlen))
     return min(available, need)
@@ -235,9 +235,28 @@ def calibrate_walk(
         batch,
         config.dtype,
     )
-    hidden = torch.cat([runner.embed(ids[i : i + batch]) for i in range(0, ids.shape[0], batch)])
-    # Refinement follows the original model's trajectory too: its inputs to each block.
-    hidden_f = hidden.clone() if refine is not None else None
+    # A plan that quantizes the embeddings (a GGUF mix: token_embd is Q3_K in Q3_K_M) calibrates the
+    # blocks on the embeddings the quantized model will run with.
+    embed_name = f"{arch.embed}.weight"
+    embed_codec = plan.tensors.get(embed_name)
+    embed_q: QuantizedTensor | None = None
+    embed_w: torch.Tensor | None = None
+    if embed_codec is not None:
+        t = source.read(embed_name)
+        check_finite(embed_name, t)
+        embed_q = embed_codec.quantize(t)
+        embed_w = embed_codec.dequantize(embed_q).reshape(t.shape)
+    hidden = torch.cat([runner.embed(ids[i : i + batch], embed_w) for i in range(0, ids.shape[0], batch)])
+    # Refinement and the cross statistic follow the original model's trajectory too: its inputs to
+    # each block, the original block's outputs (refinement's targets) and its linears' inputs.
+    cross = any(getattr(ACCUMULATORS[n], "needs_original", False) for n in method.statistics)
+    hidden_f = None
+    if refine is not None or cross:
+        hidden_f = (
+            hidden.clone()
+            if embed_w is None
+            else torch.cat([runner.embed(ids[i : i + batch]) for i in range(0, ids.shape[0], batch)])
+        )
     pos = runner.position_embeddings(hidden[:batch])
     batches = [slice(b, b + batch) for b in range(0, hidden.shape[0], batch)]
     groups = source.blocks()
@@ -250,7 +269,7 @@ def calibrate_walk(
                 if stats is not None:
                     stats.other_params += t.numel()
                     stats.other_bits += t.numel() * t.element_size() * 8
-                yield WalkItem(name, t)
+                yield WalkItem(name, t, embed_q if name == embed_name else None)
             bar.update()
             continue
         i = grp.index
@@ -260,11 +279,15 @@ def calibrate_walk(
             block_weights[n[len(prefix) :]] = t = source.read(n)
             check_finite(n, t)  # before the block runs: a NaN would otherwise surface as NaN activations
         blk = _BlockCalibration(runner, plan, method, config, i, block_weights, gen, activations)
+        targets = None
+        if hidden_f is not None:
+            targets = blk.original_pass(block_weights, hidden_f, pos, batches, capture=cross)
         outputs = blk.one_pass(hidden, pos) if one_pass else blk.statistics_pass(hidden, pos, batches)
         blk.finish(hidden)
         if refine is not None:
-            assert hidden_f is not None
-            hidden_f = blk.refine(refine, block_weights, hidden, hidden_f, pos, batches)
+            assert targets is not None
+            blk.refine(refine, hidden, targets)
+        blk.originals.clear()
         quantized: dict[str, torch.Tensor] = {}
         items: list[WalkItem] = []
         for rel, w in blk.weights.items():
@@ -306,6 +329,8 @@ def calibrate_walk(
             del layer, rerun
         yield from items
         hidden = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        if targets is not None:
+            hidden_f = targets
         del blk, quantized, outputs
         bar.update()
     bar.close()
@@ -357,10 +382,13 @@ class _BlockCalibration:
         for lin in rel_linears:
             self.members.setdefault(keys[lin], []).append(lin)
         self.accs: dict[str, dict[str, Any]] = {
-            key: {need: ACCUMULATORS[need](weights[lins[0] + ".weight"].shape[1]) for need in method.needs}
+            key: {need: ACCUMULATORS[need](weights[lins[0] + ".weight"].shape[1]) for need in method.statistics}
             for key, lins in self.members.items()
         }
         self.samples: dict[str, list[torch.Tensor]] = {}
+        # The original model's inputs of each group of linears, per batch (the cross statistic).
+        self.originals: dict[str, list[torch.Tensor]] = {}
+        self.batch_index = 0
         self.results: dict[str, QuantizedTensor] = {}
         self.dequantized: dict[str, torch.Tensor] = {}  # (out, in) float32, checked finite
         self.seen: list[str] = []  # group keys in the order their hooks fired
@@ -393,6 +421,52 @@ class _BlockCalibration:
         self.results[lin] = q
         self.dequantized[lin] = deq
 
+    def _accumulate(self, key: str, x: torch.Tensor) -> None:
+        for acc in self.accs[key].values():
+            if getattr(acc, "needs_original", False):
+                acc.add(x, self.originals[key][self.batch_index])
+            else:
+                acc.add(x)
+
+    def original_pass(
+        self,
+        original: Mapping[str, torch.Tensor],
+        hidden_f: torch.Tensor,
+        pos: Any,
+        batches: list[slice],
+        capture: bool,
+    ) -> torch.Tensor:
+        """The ``original`` block on the original model's inputs ``hidden_f``: its outputs (the next
+        block's original inputs, refinement's targets), and with ``capture`` each group's input, kept per
+        batch of ``batches`` (the slices the quantized block runs on) for the cross statistic."""
+        layer = self.runner.layer(self.index, original)
+        modules = dict(layer.named_modules())
+
+        def keep(key: str, x: torch.Tensor, b: int) -> None:
+            kept = self.originals.setdefault(key, [])
+            if len(kept) == b:  # a group's members share one input: the first hook keeps it
+                kept.append(x.detach().clone())
+
+        handles = []
+        current = [0]
+        if capture:
+            handles = [
+                modules[lin].register_forward_pre_hook(
+                    lambda _m, args, key=key: keep(key, args[0], current[0])
+                )
+                for key, lins in self.members.items()
+                for lin in lins
+            ]
+        outs = []
+        try:
+            for b, sl in enumerate(batches):
+                current[0] = b
+                outs.append(self.runner.run_layer(layer, hidden_f[sl], pos))
+        finally:
+            for h in handles:
+                h.remove()
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
     def one_pass(self, hidden: torch.Tensor, pos: Any) -> list[torch.Tensor]:
         """Statistics, quantization and the quantized block's output in one forward pass of all windows."""
 
@@ -400,8 +474,8 @@ class _BlockCalibration:
             if key in self.seen:  # another member of the group: already quantized and in place
                 return
             self.seen.append(key)
-            for acc in self.accs[key].values():
-                acc.add(x)
+            self.batch_index = 0
+            self._accumulate(key, x)
             for lin in self.members[key]:
                 self._quantize_linear(lin)
                 w = self.modules[lin].weight
@@ -420,8 +494,7 @@ class _BlockCalibration:
         def collect(key: str, x: torch.Tensor) -> None:
             if key not in self.seen:
                 self.seen.append(key)
-            for acc in self.accs[key].values():
-                acc.add(x)
+            self._accumulate(key, x)
             if self.method.transforms_block:
                 self.samples.setdefault(key, []).append(
                     _sample_tokens(x, self.config.block_sample_tokens, self.gen)
@@ -433,6 +506,7 @@ class _BlockCalibration:
         handles = self._hooks(collect)
         try:
             for k, sl in enumerate(batches):
+                self.batch_index = k
                 with contextlib.suppress(_StopForward):
                     outputs.append(self.runner.run_layer(self.layer, hidden[sl], pos))
                 if k == 0 and self.config.sequential and len(self.seen) == len(self.members):
@@ -444,22 +518,11 @@ class _BlockCalibration:
                 h.remove()
         return outputs
 
-    def refine(
-        self,
-        config: RefineConfig,
-        original: Mapping[str, torch.Tensor],
-        hidden: torch.Tensor,
-        hidden_f: torch.Tensor,
-        pos: Any,
-        batches: list[slice],
-    ) -> torch.Tensor:
+    def refine(self, config: RefineConfig, hidden: torch.Tensor, targets: torch.Tensor) -> None:
         """Refine the block's codes on its output (:func:`lowbit.methods.refine.refine_block`): inputs
-        ``hidden`` (the quantized model's), targets the ``original`` block's outputs on ``hidden_f``
-        (the original model's inputs), which are returned: the next block's original inputs."""
+        ``hidden`` (the quantized model's), ``targets`` the original block's outputs on the original
+        model's inputs (:meth:`original_pass`)."""
         runner, i = self.runner, self.index
-        float_layer = runner.layer(i, original)
-        targets = torch.cat([runner.run_layer(float_layer, hidden_f[sl], pos) for sl in batches])
-        del float_layer
         layer32 = runner.layer(i, self.weights, dtype=torch.float32)
         pos32 = runner.position_embeddings(hidden[:1].float())
         quantized: dict[str, tuple[Codec, QuantizedTensor]] = {}
@@ -481,7 +544,6 @@ class _BlockCalibration:
             deq = codec.dequantize(q).reshape(self.weights[name].shape)
             check_finite(self.prefix + name + " (refined)", deq)
             self.dequantized[lin] = deq
-        return targets
 
     def finish(self, hidden: torch.Tensor) -> None:
         """Block-level transform (AWQ) on ``hidden``'s first windows, then quantize every linear not

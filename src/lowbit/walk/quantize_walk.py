@@ -54,8 +54,8 @@ def walk_quantize(
     """Yield every tensor of ``source`` in block order, block linears quantized with their codec of
     ``codec`` (one codec, or a :class:`CodecPlan` per tensor).
 
-    Embeddings, norms and lm_head pass through unchanged (``quantized`` is None), as do linears whose
-    plan says ``None``.
+    Embeddings, norms and lm_head pass through unchanged (``quantized`` is None) unless the plan names
+    them (a GGUF mix quantizes the embeddings: round-to-nearest), as do linears whose plan says ``None``.
     """
     arch = source.arch
     plan = CodecPlan.of(codec)
@@ -64,10 +64,10 @@ def walk_quantize(
     for grp in bar:
         for name in grp.names:
             t = source.read(name)
-            c = plan(name) if arch.is_quantizable(name) else None
+            c = plan(name) if arch.is_quantizable(name) else plan.tensors.get(name)
             if c is not None:
                 check_finite(name, t)
-                q = method.quantize_linear(t, c)
+                q = method.quantize_linear(t, c) if arch.is_quantizable(name) else c.quantize(t)
                 bits = c.storage_bits(tuple(t.shape))
                 if stats is not None:
                     err = sqnr_db(t, c.dequantize(q)) if measure_error else math.nan
