@@ -197,6 +197,34 @@ def test_gguf_input_equals_llama_quantize(
     _assert_same_file(out, llama_quantize(inp, mix))
 
 
+# llama-quantize's files of tiny256 (widths 256 and 768: every k-quant applies) in every legacy and
+# k-quant type, as inputs to requantize.
+REQUANT_INPUTS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K")
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize(
+    ("target", "codec_path"),
+    [("Q4_K_M", "native"), ("Q4_K_M", "numpy"), ("Q8_0", "native")],
+    indirect=["codec_path"],
+)
+@pytest.mark.parametrize("source", REQUANT_INPUTS)
+def test_quantized_gguf_input_equals_llama_quantize(
+    source: str,
+    target: str,
+    codec_path: str,
+    shared_file: Callable[[str], Path],
+    llama_quantize: Any,
+    tmp_path: Path,
+) -> None:
+    """Quantized GGUF in (dequantized by the compiled kernels or by numpy): the very file
+    ``llama-quantize --allow-requantize`` writes from it."""
+    inp = llama_quantize(shared_file(TINY_GGUF), source)
+    out = tmp_path / "ours.gguf"
+    write_gguf(inp, target, out)
+    _assert_same_file(out, llama_quantize(inp, target))
+
+
 HF_MIXES = ("Q8_0", "Q4_0", "Q4_1", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_M", "Q6_K", "IQ4_XS", "TQ2_0", "F16")
 
 
