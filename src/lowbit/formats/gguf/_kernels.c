@@ -485,19 +485,28 @@ static inline int32_t order_key(float f) {
     return b ^ ((b >> 31) & 0x7fffffff);
 }
 
+/* Bit j of a word, as a table: loops over j that test or set bit j with these masks vectorize
+ * (SSE2 has no per-lane variable shifts). */
+static const uint32_t BIT[QK] = {
+    1u << 0,  1u << 1,  1u << 2,  1u << 3,  1u << 4,  1u << 5,  1u << 6,  1u << 7,
+    1u << 8,  1u << 9,  1u << 10, 1u << 11, 1u << 12, 1u << 13, 1u << 14, 1u << 15,
+    1u << 16, 1u << 17, 1u << 18, 1u << 19, 1u << 20, 1u << 21, 1u << 22, 1u << 23,
+    1u << 24, 1u << 25, 1u << 26, 1u << 27, 1u << 28, 1u << 29, 1u << 30, 1u << 31,
+};
+
 /* A legacy block's codes (32, each < 32): [qh: bit 4 of code j at bit j, little-endian] then
  * qs[j] = low nibble of code j | low nibble of code j + 16 << 4. */
-static void pack_legacy_codes(const uint8_t *q, uint8_t *p, int high) {
+static void pack_legacy_codes(const uint8_t *restrict q, uint8_t *restrict p, int high) {
     if (high) {
         uint32_t qh = 0;
-        for (int j = 0; j < QK; ++j) qh |= ((uint32_t)(q[j] >> 4) & 1u) << j;
+        for (int j = 0; j < QK; ++j) qh |= BIT[j] & (0u - ((uint32_t)(q[j] >> 4) & 1u));
         memcpy(p, &qh, 4);
         p += 4;
     }
     for (int j = 0; j < QK / 2; ++j) p[j] = (uint8_t)((q[j] & 0xf) | ((q[j + QK / 2] & 0xf) << 4));
 }
 
-static void q4_0_or_q5_0_ref(const float *x, int64_t nb, uint8_t *y, int nmax) {
+static void q4_0_or_q5_0_ref(const float *restrict x, int64_t nb, uint8_t *restrict y, int nmax) {
     const int size = nmax > 8 ? 22 : 18;
     const float offset = (float)nmax + 0.5f;
     for (int64_t b = 0; b < nb; ++b, x += QK, y += size) {
@@ -517,7 +526,7 @@ static void q4_0_or_q5_0_ref(const float *x, int64_t nb, uint8_t *y, int nmax) {
     }
 }
 
-static void q4_1_or_q5_1_ref(const float *x, int64_t nb, uint8_t *y, int nmax) {
+static void q4_1_or_q5_1_ref(const float *restrict x, int64_t nb, uint8_t *restrict y, int nmax) {
     const int size = nmax > 15 ? 24 : 20;
     for (int64_t b = 0; b < nb; ++b, x += QK, y += size) {
         int32_t kmin = INT32_MAX, kmax = INT32_MIN;
@@ -555,7 +564,7 @@ static void q4_1_or_q5_1_ref(const float *x, int64_t nb, uint8_t *y, int nmax) {
     }
 }
 
-static void q8_0_ref(const float *x, int64_t nb, uint8_t *y) {
+static void q8_0_ref(const float *restrict x, int64_t nb, uint8_t *restrict y) {
     const float below_half = 0.49999997f; /* the float just below 0.5 */
     for (int64_t b = 0; b < nb; ++b, x += QK, y += 34) {
         uint32_t m = 0;
@@ -567,7 +576,7 @@ static void q8_0_ref(const float *x, int64_t nb, uint8_t *y) {
         const float d = amax / 127.f;
         const float id = inv_or_zero(d);
         put_f16(y, d);
-        int8_t *qs = (int8_t *)(y + 2);
+        int8_t *restrict qs = (int8_t *)(y + 2);
         if (isfinite(id)) {
             /* roundf of |v| <= 127: adding the float below 0.5 with v's sign rounds the sum to the
              * next integer exactly when |frac(v)| >= 0.5; the conversion truncates */
@@ -581,10 +590,16 @@ static void q8_0_ref(const float *x, int64_t nb, uint8_t *y) {
     }
 }
 
-/* How many elements of x are NaN or infinite (exponent all ones). */
-static int64_t count_nonfinite(const float *x, int64_t n) {
-    int64_t bad = 0;
-    for (int64_t j = 0; j < n; ++j) bad += (fbits(x[j]) & 0x7f800000u) == 0x7f800000u;
+/* How many elements of x are NaN or infinite (exponent all ones). Groups of 32 with a fixed trip
+ * count, so that the compiler vectorizes the scan (it runs over every element quantized). */
+static int64_t count_nonfinite(const float *restrict x, int64_t n) {
+    int64_t bad = 0, j = 0;
+    for (; j + QK <= n; j += QK) {
+        uint32_t group = 0;
+        for (int k = 0; k < QK; ++k) group += (fbits(x[j + k]) & 0x7f800000u) == 0x7f800000u;
+        bad += group;
+    }
+    for (; j < n; ++j) bad += (fbits(x[j]) & 0x7f800000u) == 0x7f800000u;
     return bad;
 }
 
@@ -930,16 +945,10 @@ static void dq_q4_1(const uint8_t *restrict b, int64_t nb, float *restrict y) {
 
 /* The 32 five-bit codes of a Q5_0/Q5_1 block: low nibbles in qs, bit 4 of code j at bit j of qh. */
 static inline void q5_codes(const uint8_t *restrict qhp, const uint8_t *restrict qs, int32_t *restrict q) {
-    static const uint32_t bit[QK] = {
-        1u << 0,  1u << 1,  1u << 2,  1u << 3,  1u << 4,  1u << 5,  1u << 6,  1u << 7,
-        1u << 8,  1u << 9,  1u << 10, 1u << 11, 1u << 12, 1u << 13, 1u << 14, 1u << 15,
-        1u << 16, 1u << 17, 1u << 18, 1u << 19, 1u << 20, 1u << 21, 1u << 22, 1u << 23,
-        1u << 24, 1u << 25, 1u << 26, 1u << 27, 1u << 28, 1u << 29, 1u << 30, 1u << 31,
-    }; /* masks, not shifts by j: SSE2 has no per-lane shifts, so this loop vectorizes */
     const uint32_t qh = rd_u32(qhp);
     for (int j = 0; j < 16; ++j) {
-        q[j] = (int32_t)(qs[j] & 0xf) | ((qh & bit[j]) ? 16 : 0);
-        q[j + 16] = (int32_t)(qs[j] >> 4) | ((qh & bit[j + 16]) ? 16 : 0);
+        q[j] = (int32_t)(qs[j] & 0xf) | ((qh & BIT[j]) ? 16 : 0);
+        q[j + 16] = (int32_t)(qs[j] >> 4) | ((qh & BIT[j + 16]) ? 16 : 0);
     }
 }
 
