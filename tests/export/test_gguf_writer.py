@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -505,6 +506,25 @@ def test_gguf_to_gguf_runs_without_torch(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
     assert (tmp_path / "q.gguf").read_bytes()[:4] == b"GGUF"
+
+
+@pytest.mark.parametrize("user_setting", [None, "3"])
+def test_gguf_quantize_keeps_openblas_to_one_thread(user_setting: str | None, tmp_path: Path) -> None:
+    """`lowbit quantize X --scheme <mix> -o Y.gguf` sets OPENBLAS_NUM_THREADS=1 before numpy loads (no
+    BLAS is called; the pool's start-up and spinning threads cost CPU), unless the user set it."""
+    src = tmp_path / "s.gguf"
+    write_gguf(_stories_dir(), "F32", src)
+    code = (
+        "import os\n"
+        "from lowbit.cli.main import main\n"
+        f"assert main(['-q', 'quantize', {str(src)!r}, '--scheme', 'Q8_0', '-o', {str(tmp_path / 'q.gguf')!r}]) == 0\n"
+        "print(os.environ.get('OPENBLAS_NUM_THREADS'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if user_setting is not None:
+        env["OPENBLAS_NUM_THREADS"] = user_setting
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip().splitlines()[-1] == (user_setting or "1")
 
 
 def test_quantize_api_report(tmp_path: Path) -> None:
