@@ -141,6 +141,17 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
+TIMING_COLUMNS: list[tuple[str, str, str]] = [
+    ("lowbit_s", "lowbit s", ".2f"),
+    ("lowbit_inner_s", "in lib s", ".2f"),
+    ("llama_s", "llama s", ".2f"),
+    ("time_ratio", "ratio", ".2f"),
+    ("lowbit_rss_mib", "lowbit MiB", ".0f"),
+    ("llama_rss_mib", "llama MiB", ".0f"),
+]
+"""The columns of a timed lowbit-vs-llama.cpp row (:func:`print_table`)."""
+
+
 def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
     """``columns``: (key, header, format spec)."""
     widths = [

@@ -30,6 +30,7 @@ from typing import Any
 
 from _common import (
     LLAMA_BIN,
+    TIMING_COLUMNS,
     Measured,
     compile_lowbit,
     print_table,
@@ -143,12 +144,7 @@ def main() -> None:
         [
             ("input", "input", "s"),
             ("target", "target", "s"),
-            ("lowbit_s", "lowbit s", ".2f"),
-            ("lowbit_inner_s", "in lib s", ".2f"),
-            ("llama_s", "llama s", ".2f"),
-            ("time_ratio", "ratio", ".2f"),
-            ("lowbit_rss_mib", "lowbit MiB", ".0f"),
-            ("llama_rss_mib", "llama MiB", ".0f"),
+            *TIMING_COLUMNS,
             ("identical", "same bytes", ""),
         ],
     )
