@@ -29,7 +29,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _common import LLAMA_BIN, Measured, print_table, run_measured, shared_path, smollm2_gguf, write_results
+from _common import (
+    LLAMA_BIN,
+    TIMING_COLUMNS,
+    Measured,
+    print_table,
+    run_measured,
+    shared_path,
+    smollm2_gguf,
+    write_results,
+)
 
 MIXES = (
     "Q2_K,Q2_K_S,Q3_K_S,Q3_K_M,Q3_K_L,Q4_0,Q4_1,Q4_K_S,Q4_K_M,Q5_0,Q5_1,Q5_K_S,Q5_K_M,Q6_K,Q8_0,"
@@ -288,12 +297,7 @@ def main() -> None:
             ("input", "input", "s"),
             ("mix", "mix", "s"),
             ("imatrix", "imat", ""),
-            ("lowbit_s", "lowbit s", ".2f"),
-            ("lowbit_inner_s", "in lib s", ".2f"),
-            ("llama_s", "llama s", ".2f"),
-            ("time_ratio", "ratio", ".2f"),
-            ("lowbit_rss_mib", "lowbit MiB", ".0f"),
-            ("llama_rss_mib", "llama MiB", ".0f"),
+            *TIMING_COLUMNS,
             ("file_mb", "MB", ".1f"),
             ("bpw", "bpw", ".3f"),
             ("identical", "same bytes", ""),

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from lowbit.formats.gguf import block
+
 SHARED_DIR = (Path(__file__).resolve().parents[1] / ".." / "shared").resolve()
 
 
@@ -59,3 +61,30 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def _require_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Switch the compiled kernels on; skip when they are not built (``pip install -e .`` builds them
+    where a C compiler exists), fail under ``CI=true``, which installs with one."""
+    if block._native is None:
+        if _in_ci():
+            pytest.fail("lowbit.formats.gguf._kernels is not built; CI installs with a C compiler")
+        pytest.skip("lowbit.formats.gguf._kernels is not built (no C compiler at install)")
+    monkeypatch.setenv("LOWBIT_NATIVE", "1")
+
+
+@pytest.fixture(params=["native", "numpy"])
+def codec_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test on both implementations of the legacy and k-quant codecs: the compiled kernels
+    (``_kernels``, the default when built) and the numpy codecs (``LOWBIT_NATIVE=0``)."""
+    if request.param == "native":
+        _require_kernels(monkeypatch)
+    else:
+        monkeypatch.setenv("LOWBIT_NATIVE", "0")
+    return str(request.param)
+
+
+@pytest.fixture
+def native_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled kernels, on (the tests that compare them with the numpy codecs)."""
+    _require_kernels(monkeypatch)

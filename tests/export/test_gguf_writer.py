@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -197,6 +198,34 @@ def test_gguf_input_equals_llama_quantize(
     report = write_gguf(inp, mix.lower(), out)
     assert report.mix == get_mix(mix).name and report.input_kind == "gguf"
     _assert_same_file(out, llama_quantize(inp, mix))
+
+
+# llama-quantize's files of tiny256 (widths 256 and 768: every k-quant applies) in every legacy and
+# k-quant type, as inputs to requantize.
+REQUANT_INPUTS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K")
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize(
+    ("target", "codec_path"),
+    [("Q4_K_M", "native"), ("Q4_K_M", "numpy"), ("Q8_0", "native")],
+    indirect=["codec_path"],
+)
+@pytest.mark.parametrize("source", REQUANT_INPUTS)
+def test_quantized_gguf_input_equals_llama_quantize(
+    source: str,
+    target: str,
+    codec_path: str,
+    shared_file: Callable[[str], Path],
+    llama_quantize: Any,
+    tmp_path: Path,
+) -> None:
+    """Quantized GGUF in (dequantized by the compiled kernels or by numpy): the very file
+    ``llama-quantize --allow-requantize`` writes from it."""
+    inp = llama_quantize(shared_file(TINY_GGUF), source)
+    out = tmp_path / "ours.gguf"
+    write_gguf(inp, target, out)
+    _assert_same_file(out, llama_quantize(inp, target))
 
 
 HF_MIXES = ("Q8_0", "Q4_0", "Q4_1", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_M", "Q6_K", "IQ4_XS", "TQ2_0", "F16")
@@ -478,6 +507,25 @@ def test_gguf_to_gguf_runs_without_torch(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
     assert (tmp_path / "q.gguf").read_bytes()[:4] == b"GGUF"
+
+
+@pytest.mark.parametrize("user_setting", [None, "3"])
+def test_gguf_quantize_keeps_openblas_to_one_thread(user_setting: str | None, tmp_path: Path) -> None:
+    """`lowbit quantize X --scheme <mix> -o Y.gguf` sets OPENBLAS_NUM_THREADS=1 before numpy loads (no
+    BLAS is called; the pool's start-up and spinning threads cost CPU), unless the user set it."""
+    src = tmp_path / "s.gguf"
+    write_gguf(_stories_dir(), "F32", src)
+    code = (
+        "import os\n"
+        "from lowbit.cli.main import main\n"
+        f"assert main(['-q', 'quantize', {str(src)!r}, '--scheme', 'Q8_0', '-o', {str(tmp_path / 'q.gguf')!r}]) == 0\n"
+        "print(os.environ.get('OPENBLAS_NUM_THREADS'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if user_setting is not None:
+        env["OPENBLAS_NUM_THREADS"] = user_setting
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip().splitlines()[-1] == (user_setting or "1")
 
 
 def test_quantize_api_report(tmp_path: Path) -> None:

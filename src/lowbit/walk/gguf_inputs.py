@@ -12,6 +12,7 @@ pieces of float32 rows, each piece's input pages released once it is converted.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from collections.abc import Callable, Mapping
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lowbit.errors import InputFileError
+from lowbit.errors import InputFileError, SchemeError
 from lowbit.formats.gguf.mixes import llama_order_key
 from lowbit.formats.gguf.types import GGMLType, tensor_nbytes
 from lowbit.walk.gguf_read import GGUFFile, GGUFTensorInfo
@@ -70,18 +71,28 @@ def plain_to_float(data: np.ndarray, t: GGMLType) -> np.ndarray:
 
 def gguf_float_rows(g: GGUFFile, t: GGUFTensorInfo) -> Callable[[int, int], np.ndarray]:
     """float32 rows [start, stop) of tensor ``t`` viewed as (rows, ne0): a view of the map for F32,
-    a widening for F16/BF16, gguf-py's ``dequantize`` (bit-exact with ggml's) for block types."""
+    a widening for F16/BF16, the codec's ``dequantize_rows`` (bit-exact with ggml's ``to_float``;
+    compiled for the legacy and k-quant types) for block types, gguf-py's ``dequantize`` for block
+    types lowbit has no codec of."""
+    from lowbit.formats.gguf.block import GGMLBlockCodec, get_codec
+
     ttype = GGMLType(t.type)
     ne0 = int(t.ne[0])
+    codec: GGMLBlockCodec | None = None
+    if ttype not in PLAIN_FLOATS:
+        with contextlib.suppress(SchemeError):
+            codec = get_codec(ttype)
 
     def rows(start: int, stop: int) -> np.ndarray:
         data = g.tensor_data(t)
         if ttype in PLAIN_FLOATS:
             flat = data.view(np.float32 if ttype == GGMLType.F32 else np.uint16)
             return plain_to_float(flat[start * ne0 : stop * ne0], ttype).reshape(stop - start, ne0)
+        raw = data.reshape(-1, tensor_nbytes(ttype, (ne0,)))
+        if codec is not None:
+            return codec.dequantize_rows(raw[start:stop], ne0)
         from gguf.quants import dequantize
 
-        raw = data.reshape(-1, tensor_nbytes(ttype, (ne0,)))
         try:
             out = dequantize(raw[start:stop], ttype)
         except (ValueError, NotImplementedError) as e:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from lowbit.errors import InputFileError
+from lowbit.errors import InputFileError, SchemeError
 from lowbit.models.registry import GGUF_TO_MODEL_TYPE, Architecture, get_architecture
 
 if TYPE_CHECKING:
@@ -347,15 +347,26 @@ class GGUFSource(ModelSource):
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
+        from lowbit.formats.gguf.block import GGMLBlockCodec, get_codec
+
         t, e = self._lookup(name)
         data = t.data if e is None else t.data[e]
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))
         if e is not None:
             shape = shape[1:]
+        codec: GGMLBlockCodec | None = None  # lowbit's (compiled for the legacy and k-quant types)
+        if t.tensor_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            with contextlib.suppress(SchemeError):
+                codec = get_codec(int(t.tensor_type))
         try:
             if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
                 arr = np.asarray(data).reshape(shape)
                 w = torch.from_numpy(arr.copy())
+            elif codec is not None:
+                raw = np.asarray(data)
+                w = torch.from_numpy(
+                    codec.dequantize_rows(raw.reshape(-1, raw.shape[-1]), shape[-1]).reshape(shape)
+                )
             else:
                 w = torch.from_numpy(
                     np.ascontiguousarray(dequantize(np.asarray(data), t.tensor_type)).reshape(shape)

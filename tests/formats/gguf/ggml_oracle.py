@@ -20,6 +20,9 @@ GGMLQuantize = Callable[[str, np.ndarray, "np.ndarray | None"], np.ndarray]
 
 FuzzCase = tuple[str, np.ndarray, "np.ndarray | None"]
 
+GGMLToFloat = Callable[[str, np.ndarray, int], np.ndarray]
+"""``to_float(type_name, data uint8 (rows, row_bytes), n_per_row) -> float32 (rows, n_per_row)``."""
+
 
 def load_ggml_quantize(library: Path) -> GGMLQuantize:
     """``ggml_quantize_chunk(type, src, dst, 0, rows, n_per_row, imatrix)`` of ``library``."""
@@ -44,6 +47,82 @@ def load_ggml_quantize(library: Path) -> GGMLQuantize:
         return out
 
     return quantize
+
+
+class _TypeTraits(ctypes.Structure):
+    """ggml.h's ``struct ggml_type_traits`` (the fields up to ``to_float`` are read)."""
+
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.c_void_p),
+        ("from_float_ref", ctypes.c_void_p),
+    ]
+
+
+def load_ggml_to_float(library: Path) -> GGMLToFloat:
+    """``ggml_get_type_traits(type)->to_float`` of ``library`` (ggml's ``dequantize_row_*``)."""
+    from lowbit.formats.gguf import get_codec
+
+    lib = ctypes.CDLL(str(library))
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    signature = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+    def to_float(type_name: str, data: np.ndarray, n_per_row: int) -> np.ndarray:
+        codec = get_codec(type_name)
+        traits = lib.ggml_get_type_traits(int(codec.ggml_type)).contents
+        assert traits.type_name.decode().upper() == type_name and traits.type_size == codec.type_size
+        data = np.ascontiguousarray(data, dtype=np.uint8)
+        assert data.shape[1] == codec.row_bytes(n_per_row)
+        out = np.empty((data.shape[0], n_per_row), dtype=np.float32)
+        signature(traits.to_float)(data.ctypes.data, out.ctypes.data, out.size)
+        return out
+
+    return to_float
+
+
+# Where each legacy / k-quant block keeps its fp16 scales (d, and the minimum's scale where there is one).
+SCALE_OFFSETS: dict[str, tuple[int, ...]] = {
+    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+}  # fmt: skip
+
+# fp16 scales that make NaN and Inf floats (and the edges of the finite ones): +-inf (inf * 0 is a
+# NaN), quiet and signalling NaNs with payloads and either sign, the smallest subnormal, -0, the
+# largest finite value.
+SPECIAL_F16 = np.array(
+    [0x7C00, 0xFC00, 0x7E00, 0x7C01, 0xFE55, 0x7D2A, 0x0001, 0x8000, 0x7BFF], dtype=np.uint16
+)
+
+
+def random_blocks(type_name: str, rows: int, blocks_per_row: int, seed: int) -> np.ndarray:
+    """uint8 (rows, row_bytes) of random bytes (every byte pattern is a valid block), with each scale
+    of half the blocks set to one of :data:`SPECIAL_F16`; in a quarter of the blocks of the types with a
+    minimum, a non-finite ``d`` meets a NaN minimum over zero codes (a sum of two NaNs, whose
+    payload depends on the order of the operands)."""
+    from lowbit.formats.gguf import get_codec
+
+    codec = get_codec(type_name)
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, (rows, blocks_per_row * codec.type_size), dtype=np.uint8)
+    blocks = data.reshape(-1, codec.type_size)
+    n_blocks = blocks.shape[0]
+    for off in SCALE_OFFSETS[type_name]:
+        pick = rng.random(n_blocks) < 0.5
+        special = SPECIAL_F16[rng.integers(0, SPECIAL_F16.size, n_blocks)].view(np.uint8).reshape(-1, 2)
+        blocks[pick, off : off + 2] = special[pick]
+    if type_name in ("Q4_1", "Q5_1"):
+        both = rng.random(n_blocks) < 0.25
+        k = int(both.sum())
+        inf_or_nan, nan = SPECIAL_F16[[0, 2, 4]], SPECIAL_F16[[2, 3, 4, 5]]
+        blocks[both, 0:2] = inf_or_nan[rng.integers(0, 3, k)].view(np.uint8).reshape(-1, 2)
+        blocks[both, 2:4] = nan[rng.integers(0, 4, k)].view(np.uint8).reshape(-1, 2)
+        blocks[both, -16:] &= 0x0F  # codes 16..31 have no low bits: 0 (or 16 with Q5_1's fifth bit)
+    return data
 
 
 def fuzz_inputs(seed: int, n: int = 512) -> list[FuzzCase]:

@@ -4,13 +4,14 @@ The goldens and libggml tests run on both implementations (the ``codec_path`` fi
 are compared directly on inputs neither of those covers: widths whose last group of 8 blocks is
 partial (the kernels search 8 blocks at a time and the rest one by one), every scale from 1e-30 to
 1e30, importance vectors with zeros, and rows with a NaN or an infinity, which must be refused.
+The dequantizers are compared on random blocks with NaN- and Inf-making scales, as uint32.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from ggml_oracle import first_difference, fuzz_inputs
+from ggml_oracle import first_difference, fuzz_inputs, random_blocks
 
 from lowbit.errors import NonFiniteWeightError
 from lowbit.formats.gguf import block, get_codec
@@ -120,3 +121,54 @@ def test_bf16_kernel_equals_gguf_py() -> None:
     got = np.empty(x.size, dtype=np.uint16)
     block._native.to_bf16(x, got)
     assert np.array_equal(got, want)
+
+
+def test_every_legacy_and_k_quant_type_has_a_dequant_kernel() -> None:
+    assert block.NATIVE_DEQUANT_TYPES == block.NATIVE_TYPES
+
+
+@pytest.mark.parametrize("rows", [1, 3, 65])
+@pytest.mark.parametrize("type_name", sorted(block.NATIVE_DEQUANT_TYPES))
+def test_dequant_kernels_equal_numpy_bit_for_bit(
+    type_name: str, rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    codec = get_codec(type_name)
+    blocks = 5 if codec.block_size == 256 else 11
+    data = random_blocks(type_name, rows, blocks, seed=100 + rows)
+    n = blocks * codec.block_size
+    got = codec.dequantize_rows(data, n)
+    monkeypatch.setenv("LOWBIT_NATIVE", "0")
+    with np.errstate(all="ignore"):
+        want = codec.dequantize_rows(data, n)
+    bad = got.view(np.uint32) != want.view(np.uint32)
+    assert not bad.any(), f"{int(bad.sum())} floats differ, first at {np.argwhere(bad)[0].tolist()}"
+
+
+def test_dequant_kernels_are_the_native_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the kernels on, dequantize_rows never reaches the numpy codec; with LOWBIT_NATIVE=0 it does."""
+    codec = get_codec("Q4_K")
+    data = random_blocks("Q4_K", 4, 2, seed=1)
+
+    def numpy_path(data: np.ndarray, n_per_row: int) -> np.ndarray:
+        raise AssertionError("the numpy codec ran")
+
+    monkeypatch.setattr(codec, "_dequantize", numpy_path)
+    assert codec.dequantize_rows(data, 512).shape == (4, 512)
+    monkeypatch.setenv("LOWBIT_NATIVE", "0")
+    with pytest.raises(AssertionError, match="numpy codec ran"):
+        codec.dequantize_rows(data, 512)
+
+
+def test_dequant_kernels_check_buffer_sizes() -> None:
+    assert block._native is not None
+    data = np.zeros((2, 144), dtype=np.uint8)
+    out = np.empty((2, 256), dtype=np.float32)
+    block._native.dequantize(12, data, 2, 256, out)
+    with pytest.raises(ValueError, match="buffer sizes"):
+        block._native.dequantize(12, data, 2, 256, out[:1])
+    with pytest.raises(ValueError, match="buffer sizes"):
+        block._native.dequantize(12, data, 3, 256, out)
+    with pytest.raises(ValueError, match="no kernel"):
+        block._native.dequantize(20, data, 2, 256, out)
+    with pytest.raises(TypeError):
+        block._native.dequantize(12, data, 2, 256, bytes(2048))  # out must be writable

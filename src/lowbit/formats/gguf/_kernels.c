@@ -1,6 +1,7 @@
 /*
  * lowbit.formats.gguf._kernels: compiled row quantizers for ggml's legacy types (Q4_0, Q4_1, Q5_0,
- * Q5_1, Q8_0) and k-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), with and without an importance vector.
+ * Q5_1, Q8_0) and k-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), with and without an importance vector,
+ * and the row dequantizers of the same types (ggml's to_float, for requantizing a GGUF file).
  *
  * Why C: the numpy codecs in legacy.py / kquants.py / search.py are the specification (vectorized,
  * bit-exact with ggml, and the reference the tests compare this module against), but they make many
@@ -16,6 +17,10 @@
  * bytes (rows * row_bytes). Returns False, with out incomplete, if x holds a NaN or an infinity
  * (each row is checked just before it is quantized, while it is in cache); ValueError for a type
  * this module does not handle or buffers of the wrong size.
+ *
+ * dequantize(ggml_type: int, data, rows: int, n_per_row: int, out) -> None. data: C-contiguous bytes
+ * (rows * row_bytes), out: writable float32 (rows*n_per_row); bit-exact with gguf-py's numpy
+ * dequantize for every byte pattern (NaN payloads included), GIL released; ValueError as above.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -480,19 +485,28 @@ static inline int32_t order_key(float f) {
     return b ^ ((b >> 31) & 0x7fffffff);
 }
 
+/* Bit j of a word, as a table: loops over j that test or set bit j with these masks vectorize
+ * (SSE2 has no per-lane variable shifts). */
+static const uint32_t BIT[QK] = {
+    1u << 0,  1u << 1,  1u << 2,  1u << 3,  1u << 4,  1u << 5,  1u << 6,  1u << 7,
+    1u << 8,  1u << 9,  1u << 10, 1u << 11, 1u << 12, 1u << 13, 1u << 14, 1u << 15,
+    1u << 16, 1u << 17, 1u << 18, 1u << 19, 1u << 20, 1u << 21, 1u << 22, 1u << 23,
+    1u << 24, 1u << 25, 1u << 26, 1u << 27, 1u << 28, 1u << 29, 1u << 30, 1u << 31,
+};
+
 /* A legacy block's codes (32, each < 32): [qh: bit 4 of code j at bit j, little-endian] then
  * qs[j] = low nibble of code j | low nibble of code j + 16 << 4. */
-static void pack_legacy_codes(const uint8_t *q, uint8_t *p, int high) {
+static void pack_legacy_codes(const uint8_t *restrict q, uint8_t *restrict p, int high) {
     if (high) {
         uint32_t qh = 0;
-        for (int j = 0; j < QK; ++j) qh |= ((uint32_t)(q[j] >> 4) & 1u) << j;
+        for (int j = 0; j < QK; ++j) qh |= BIT[j] & (0u - ((uint32_t)(q[j] >> 4) & 1u));
         memcpy(p, &qh, 4);
         p += 4;
     }
     for (int j = 0; j < QK / 2; ++j) p[j] = (uint8_t)((q[j] & 0xf) | ((q[j + QK / 2] & 0xf) << 4));
 }
 
-static void q4_0_or_q5_0_ref(const float *x, int64_t nb, uint8_t *y, int nmax) {
+static void q4_0_or_q5_0_ref(const float *restrict x, int64_t nb, uint8_t *restrict y, int nmax) {
     const int size = nmax > 8 ? 22 : 18;
     const float offset = (float)nmax + 0.5f;
     for (int64_t b = 0; b < nb; ++b, x += QK, y += size) {
@@ -512,7 +526,7 @@ static void q4_0_or_q5_0_ref(const float *x, int64_t nb, uint8_t *y, int nmax) {
     }
 }
 
-static void q4_1_or_q5_1_ref(const float *x, int64_t nb, uint8_t *y, int nmax) {
+static void q4_1_or_q5_1_ref(const float *restrict x, int64_t nb, uint8_t *restrict y, int nmax) {
     const int size = nmax > 15 ? 24 : 20;
     for (int64_t b = 0; b < nb; ++b, x += QK, y += size) {
         int32_t kmin = INT32_MAX, kmax = INT32_MIN;
@@ -550,7 +564,7 @@ static void q4_1_or_q5_1_ref(const float *x, int64_t nb, uint8_t *y, int nmax) {
     }
 }
 
-static void q8_0_ref(const float *x, int64_t nb, uint8_t *y) {
+static void q8_0_ref(const float *restrict x, int64_t nb, uint8_t *restrict y) {
     const float below_half = 0.49999997f; /* the float just below 0.5 */
     for (int64_t b = 0; b < nb; ++b, x += QK, y += 34) {
         uint32_t m = 0;
@@ -562,7 +576,7 @@ static void q8_0_ref(const float *x, int64_t nb, uint8_t *y) {
         const float d = amax / 127.f;
         const float id = inv_or_zero(d);
         put_f16(y, d);
-        int8_t *qs = (int8_t *)(y + 2);
+        int8_t *restrict qs = (int8_t *)(y + 2);
         if (isfinite(id)) {
             /* roundf of |v| <= 127: adding the float below 0.5 with v's sign rounds the sum to the
              * next integer exactly when |frac(v)| >= 0.5; the conversion truncates */
@@ -576,10 +590,16 @@ static void q8_0_ref(const float *x, int64_t nb, uint8_t *y) {
     }
 }
 
-/* How many elements of x are NaN or infinite (exponent all ones). */
-static int64_t count_nonfinite(const float *x, int64_t n) {
-    int64_t bad = 0;
-    for (int64_t j = 0; j < n; ++j) bad += (fbits(x[j]) & 0x7f800000u) == 0x7f800000u;
+/* How many elements of x are NaN or infinite (exponent all ones). Groups of 32 with a fixed trip
+ * count, so that the compiler vectorizes the scan (it runs over every element quantized). */
+static int64_t count_nonfinite(const float *restrict x, int64_t n) {
+    int64_t bad = 0, j = 0;
+    for (; j + QK <= n; j += QK) {
+        uint32_t group = 0;
+        for (int k = 0; k < QK; ++k) group += (fbits(x[j + k]) & 0x7f800000u) == 0x7f800000u;
+        bad += group;
+    }
+    for (; j < n; ++j) bad += (fbits(x[j]) & 0x7f800000u) == 0x7f800000u;
     return bad;
 }
 
@@ -866,6 +886,213 @@ static void q6_k_block(const float *x, const float *qw, uint8_t *y) {
     put_f16(y + 208, d_block);
 }
 
+/* --------------------------------------------------------------------------------- dequantizers
+ *
+ * ggml's to_float (dequantize_row_*), one block at a time, in ggml's (and gguf-py's / the numpy
+ * codecs') float order: the integer code is converted exactly, then multiplied by the scale, then the
+ * minimum is added (Q4_1, Q5_1: x*d + m) or subtracted (k-quants: (d*sc)*q - dmin*m). Products of a
+ * scale and an exact integer, and differences, give the same bits in any instruction order, NaNs
+ * included: a difference keeps the first operand's NaN, as numpy does. A sum does not (the compiler
+ * may swap its operands), and only a sum of two NaNs can tell: x*d + m for a non-finite d and a NaN m
+ * is then computed element by element with numpy's rule (the first operand's NaN).
+ *
+ * Every block pattern is valid input; fp16 NaNs keep their payload into float32 (as numpy's cast),
+ * and the arithmetic quiets them. The inner loops have fixed trip counts and restrict pointers, so
+ * that the compiler vectorizes them. */
+
+static inline float rd_f16(const uint8_t *p) { return f16_to_f32((uint16_t)(p[0] | (p[1] << 8))); }
+
+static inline uint32_t rd_u32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v; /* little-endian hosts only, as the rest of this module */
+}
+
+/* y[j] = q[j]*d + m, with numpy's NaN when both terms are NaN (see above). */
+static inline void scale_add_32(const float *restrict q, float d, float m, float *restrict y) {
+    if (isfinite(d) || !isnan(m)) {
+        for (int j = 0; j < QK; ++j) y[j] = q[j] * d + m;
+        return;
+    }
+    for (int j = 0; j < QK; ++j) {
+        const float a = q[j] * d;
+        y[j] = isnan(a) ? a : a + m;
+    }
+}
+
+static void dq_q4_0(const uint8_t *restrict b, int64_t nb, float *restrict y) {
+    for (int64_t i = 0; i < nb; ++i, b += 18, y += QK) {
+        const float d = rd_f16(b);
+        const uint8_t *restrict qs = b + 2;
+        for (int j = 0; j < 16; ++j) {
+            y[j] = (float)((qs[j] & 0xf) - 8) * d;
+            y[j + 16] = (float)((qs[j] >> 4) - 8) * d;
+        }
+    }
+}
+
+static void dq_q4_1(const uint8_t *restrict b, int64_t nb, float *restrict y) {
+    float q[QK];
+    for (int64_t i = 0; i < nb; ++i, b += 20, y += QK) {
+        const uint8_t *restrict qs = b + 4;
+        for (int j = 0; j < 16; ++j) {
+            q[j] = (float)(qs[j] & 0xf);
+            q[j + 16] = (float)(qs[j] >> 4);
+        }
+        scale_add_32(q, rd_f16(b), rd_f16(b + 2), y);
+    }
+}
+
+/* The 32 five-bit codes of a Q5_0/Q5_1 block: low nibbles in qs, bit 4 of code j at bit j of qh. */
+static inline void q5_codes(const uint8_t *restrict qhp, const uint8_t *restrict qs, int32_t *restrict q) {
+    const uint32_t qh = rd_u32(qhp);
+    for (int j = 0; j < 16; ++j) {
+        q[j] = (int32_t)(qs[j] & 0xf) | ((qh & BIT[j]) ? 16 : 0);
+        q[j + 16] = (int32_t)(qs[j] >> 4) | ((qh & BIT[j + 16]) ? 16 : 0);
+    }
+}
+
+static void dq_q5_0(const uint8_t *restrict b, int64_t nb, float *restrict y) {
+    int32_t q[QK];
+    for (int64_t i = 0; i < nb; ++i, b += 22, y += QK) {
+        const float d = rd_f16(b);
+        q5_codes(b + 2, b + 6, q);
+        for (int j = 0; j < QK; ++j) y[j] = (float)(q[j] - 16) * d;
+    }
+}
+
+static void dq_q5_1(const uint8_t *restrict b, int64_t nb, float *restrict y) {
+    int32_t q[QK];
+    float qf[QK];
+    for (int64_t i = 0; i < nb; ++i, b += 24, y += QK) {
+        q5_codes(b + 4, b + 8, q);
+        for (int j = 0; j < QK; ++j) qf[j] = (float)q[j];
+        scale_add_32(qf, rd_f16(b), rd_f16(b + 2), y);
+    }
+}
+
+static void dq_q8_0(const uint8_t *restrict b, int64_t nb, float *restrict y) {
+    for (int64_t i = 0; i < nb; ++i, b += 34, y += QK) {
+        const float d = rd_f16(b);
+        const int8_t *restrict qs = (const int8_t *)(b + 2);
+        for (int j = 0; j < QK; ++j) y[j] = (float)qs[j] * d;
+    }
+}
+
+/* Q2_K: scales[16] | qs[64] | d | dmin. Element 128h + 32g + l is bits 2g..2g+1 of qs[32h + l], in
+ * sub-block 8h + 2g + l/16. */
+static void dq_q2_k(const uint8_t *restrict b, int64_t nb, float *restrict y) {
+    for (int64_t i = 0; i < nb; ++i, b += 84, y += QK_K) {
+        const float d = rd_f16(b + 80), dmin = rd_f16(b + 82);
+        for (int h = 0; h < 2; ++h) {
+            const uint8_t *restrict qs = b + 16 + 32 * h;
+            for (int g = 0; g < 4; ++g) {
+                for (int half = 0; half < 2; ++half) {
+                    const int s = 8 * h + 2 * g + half;
+                    const float dl = d * (float)(b[s] & 0xf), ml = dmin * (float)(b[s] >> 4);
+                    float *restrict ys = y + 128 * h + 32 * g + 16 * half;
+                    const uint8_t *restrict q = qs + 16 * half;
+                    for (int l = 0; l < 16; ++l) ys[l] = dl * (float)((q[l] >> (2 * g)) & 3) - ml;
+                }
+            }
+        }
+    }
+}
+
+/* Q3_K: hmask[32] | qs[64] | scales[12] | d. Low bits as Q2_K; bit 2 (set: no -4) is bit 4h + g of
+ * hmask[l]; 6-bit scales: low nibble of scales[s % 8] (s < 8: low, else high), top 2 bits at
+ * 2*(s/4) of scales[8 + s % 4]. */
+static void dq_q3_k(const uint8_t *restrict b, int64_t nb, float *restrict y) {
+    for (int64_t i = 0; i < nb; ++i, b += 110, y += QK_K) {
+        const float d = rd_f16(b + 108);
+        const uint8_t *restrict hm = b, *restrict sc = b + 96;
+        for (int h = 0; h < 2; ++h) {
+            const uint8_t *restrict qs = b + 32 + 32 * h;
+            for (int g = 0; g < 4; ++g) {
+                const int bit = 4 * h + g;
+                for (int half = 0; half < 2; ++half) {
+                    const int s = 8 * h + 2 * g + half;
+                    const int lo = s < 8 ? sc[s] & 0xf : sc[s - 8] >> 4;
+                    const int hi = (sc[8 + s % 4] >> (2 * (s / 4))) & 3;
+                    const float dl = d * (float)((lo | (hi << 4)) - 32);
+                    float *restrict ys = y + 128 * h + 32 * g + 16 * half;
+                    const uint8_t *restrict q = qs + 16 * half, *restrict m = hm + 16 * half;
+                    for (int l = 0; l < 16; ++l) {
+                        const int code = ((q[l] >> (2 * g)) & 3) - 4 + (((m[l] >> bit) & 1) << 2);
+                        ys[l] = dl * (float)code;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* Q4_K: d | dmin | scales[12] | qs[128]; Q5_K: d | dmin | scales[12] | qh[32] | qs[128]. Element
+ * 64c + 32n + l is nibble n of qs[32c + l] (+16 if bit 2c + n of qh[l]), in sub-block 2c + n. */
+static void dq_q45_k(const uint8_t *restrict b, int64_t nb, float *restrict y, int five) {
+    const int ts = five ? 176 : 144;
+    for (int64_t i = 0; i < nb; ++i, b += ts, y += QK_K) {
+        const float d = rd_f16(b), dmin = rd_f16(b + 2);
+        const uint8_t *restrict qh = b + 16, *restrict qs = b + (five ? 48 : 16);
+        for (int c = 0; c < 4; ++c) {
+            for (int n = 0; n < 2; ++n) {
+                int sc, m;
+                get_scale_min_k4(2 * c + n, b + 4, &sc, &m);
+                const float dl = d * (float)sc, ml = dmin * (float)m;
+                const int bit = 2 * c + n;
+                float *restrict ys = y + 64 * c + 32 * n;
+                const uint8_t *restrict q = qs + 32 * c;
+                if (five) {
+                    for (int l = 0; l < 32; ++l) {
+                        const int code = ((q[l] >> (4 * n)) & 0xf) | (((qh[l] >> bit) & 1) << 4);
+                        ys[l] = dl * (float)code - ml;
+                    }
+                } else {
+                    for (int l = 0; l < 32; ++l) ys[l] = dl * (float)((q[l] >> (4 * n)) & 0xf) - ml;
+                }
+            }
+        }
+    }
+}
+
+/* Q6_K: ql[128] | qh[64] | scales:i8[16] | d. Element 128h + 32g + l: low 4 bits are nibble g/2 of
+ * ql[64h + 32(g%2) + l], high 2 bits are bits 2g..2g+1 of qh[32h + l]; sub-block 8h + 2g + l/16. */
+static void dq_q6_k(const uint8_t *restrict b, int64_t nb, float *restrict y) {
+    for (int64_t i = 0; i < nb; ++i, b += 210, y += QK_K) {
+        const float d = rd_f16(b + 208);
+        const int8_t *restrict sc = (const int8_t *)(b + 192);
+        for (int h = 0; h < 2; ++h) {
+            for (int g = 0; g < 4; ++g) {
+                const uint8_t *restrict ql = b + 64 * h + 32 * (g % 2), *restrict qh = b + 128 + 32 * h;
+                for (int half = 0; half < 2; ++half) {
+                    const float dl = d * (float)sc[8 * h + 2 * g + half];
+                    float *restrict ys = y + 128 * h + 32 * g + 16 * half;
+                    const uint8_t *restrict lo = ql + 16 * half, *restrict hi = qh + 16 * half;
+                    for (int l = 0; l < 16; ++l) {
+                        const int code = (((lo[l] >> (4 * (g / 2))) & 0xf) | (((hi[l] >> (2 * g)) & 3) << 4)) - 32;
+                        ys[l] = dl * (float)code;
+                    }
+                }
+            }
+        }
+    }
+}
+
+static void dequantize_blocks(int type, const uint8_t *x, int64_t nb, float *y) {
+    switch (type) {
+        case T_Q4_0: dq_q4_0(x, nb, y); break;
+        case T_Q4_1: dq_q4_1(x, nb, y); break;
+        case T_Q5_0: dq_q5_0(x, nb, y); break;
+        case T_Q5_1: dq_q5_1(x, nb, y); break;
+        case T_Q8_0: dq_q8_0(x, nb, y); break;
+        case T_Q2_K: dq_q2_k(x, nb, y); break;
+        case T_Q3_K: dq_q3_k(x, nb, y); break;
+        case T_Q4_K: dq_q45_k(x, nb, y, 0); break;
+        case T_Q5_K: dq_q45_k(x, nb, y, 1); break;
+        default: dq_q6_k(x, nb, y); break;
+    }
+}
+
 /* ------------------------------------------------------------------------------------- dispatch */
 
 static int64_t type_size(int type) {
@@ -960,6 +1187,35 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     return result;
 }
 
+static PyObject *py_dequantize(PyObject *self, PyObject *args) {
+    int type;
+    Py_buffer xb, ob;
+    Py_ssize_t rows, n;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iy*nnw*", &type, &xb, &rows, &n, &ob)) return NULL;
+    PyObject *result = NULL;
+    const int64_t ts = type_size(type);
+    if (ts == 0) {
+        PyErr_Format(PyExc_ValueError, "_kernels.dequantize: no kernel for ggml type %d", type);
+    } else if (rows < 0 || n <= 0 || n % block_size(type) != 0 ||
+               xb.len != (Py_ssize_t)(rows * (n / block_size(type)) * ts) ||
+               ob.len != (Py_ssize_t)(rows * n * (Py_ssize_t)sizeof(float))) {
+        PyErr_SetString(PyExc_ValueError, "_kernels.dequantize: buffer sizes do not match rows x n_per_row");
+    } else {
+        const uint8_t *x = (const uint8_t *)xb.buf;
+        float *y = (float *)ob.buf;
+        const int64_t nb = (int64_t)rows * (n / block_size(type)); /* rows are whole blocks */
+        Py_BEGIN_ALLOW_THREADS
+        dequantize_blocks(type, x, nb, y);
+        Py_END_ALLOW_THREADS
+        Py_INCREF(Py_None);
+        result = Py_None;
+    }
+    PyBuffer_Release(&xb);
+    PyBuffer_Release(&ob);
+    return result;
+}
+
 /* ggml_compute_fp32_to_bf16: NaN made quiet (0x40 in the top byte of the mantissa), otherwise
  * round to nearest even on the top 16 bits. */
 static PyObject *py_to_bf16(PyObject *self, PyObject *args) {
@@ -994,13 +1250,16 @@ static PyMethodDef methods[] = {
     {"quantize", py_quantize, METH_VARARGS,
      "quantize(ggml_type, x, rows, n_per_row, imatrix_or_None, out) -> bool: rows of float32 to ggml "
      "blocks, bit-exact with lowbit's numpy codecs; False (out incomplete) if x holds NaN or Inf."},
+    {"dequantize", py_dequantize, METH_VARARGS,
+     "dequantize(ggml_type, data, rows, n_per_row, out) -> None: ggml blocks to float32 rows (out), "
+     "bit-exact with ggml's to_float and gguf-py's dequantize, NaN and Inf from the scales included."},
     {"to_bf16", py_to_bf16, METH_VARARGS,
      "to_bf16(x, out) -> None: float32 to bfloat16 bits as ggml_compute_fp32_to_bf16 (and gguf-py)."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels",
-                                    "Compiled ggml row quantizers (see the source's header).", -1,
+                                    "Compiled ggml row quantizers and dequantizers (see the source's header).", -1,
                                     methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

@@ -51,6 +51,12 @@ NATIVE_TYPES: frozenset[str] = frozenset(
 """Types whose rows :mod:`lowbit.formats.gguf._kernels` quantizes (with and without an importance
 vector), byte for byte as the numpy codec of the type (tested on both paths)."""
 
+NATIVE_DEQUANT_TYPES: frozenset[str] = frozenset(
+    {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+)
+"""Types whose rows :mod:`lowbit.formats.gguf._kernels` dequantizes (ggml's ``to_float``), bit for bit
+as gguf-py's and the numpy codecs' ``dequantize``, NaN payloads included (tested on both paths)."""
+
 
 def native_kernels() -> ModuleType | None:
     """The compiled kernels, or None when they are not built or switched off (``LOWBIT_NATIVE=0``
@@ -192,7 +198,12 @@ class GGMLBlockCodec(ABC):
         return out
 
     def dequantize_rows(self, data: np.ndarray, n_per_row: int) -> np.ndarray:
-        """ggml's ``to_float``: uint8 (rows, row_bytes) -> float32 (rows, n_per_row)."""
+        """ggml's ``to_float``: uint8 (rows, row_bytes) -> float32 (rows, n_per_row).
+
+        Every byte pattern is a block: scales that are NaN or infinite in fp16 give NaN/Inf floats,
+        as in ggml. The compiled kernels (:data:`NATIVE_DEQUANT_TYPES`) release the GIL, so callers
+        may dequantize pieces of a tensor in parallel threads.
+        """
         data = np.asarray(data)
         rb = self.row_bytes(n_per_row)
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != rb:
@@ -200,11 +211,18 @@ class GGMLBlockCodec(ABC):
                 f"{self.name} rows of {n_per_row} elements are uint8 (rows, {rb}), "
                 f"not {data.dtype} {data.shape}"
             )
-        if data.shape[0] == 0:
+        rows = int(data.shape[0])
+        if rows == 0:
             return np.zeros((0, n_per_row), dtype=np.float32)
+        data = np.ascontiguousarray(data)
+        native = native_kernels() if self.name in NATIVE_DEQUANT_TYPES else None
+        if native is not None:
+            out = np.empty((rows, n_per_row), dtype=np.float32)
+            native.dequantize(int(self.ggml_type), data, rows, n_per_row, out)
+            return out
         with np.errstate(all="ignore"):  # ggml's to_float overflows silently (huge fp16 scale products)
-            out = self._dequantize(np.ascontiguousarray(data), n_per_row)
-        assert out.dtype == np.float32 and out.shape == (data.shape[0], n_per_row)
+            out = self._dequantize(data, n_per_row)
+        assert out.dtype == np.float32 and out.shape == (rows, n_per_row)
         return out
 
     # ------------------------------------------------------------------ parameters and codes
