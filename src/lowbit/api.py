@@ -266,7 +266,9 @@ def _quantize_gguf(
     if method == "rtn" and calib is None and not method_options and rotation is None:
         from lowbit.export.gguf import write_gguf
 
-        rep = write_gguf(model, sch.name, out, imatrix=im, force=force, progress=progress, imatrix_file=im_file)
+        rep = write_gguf(
+            model, sch.name, out, imatrix=im, force=force, progress=progress, imatrix_file=im_file
+        )
         label = "ggml+imatrix" if im is not None else "ggml"
         stats = WalkStats()
     else:

@@ -105,7 +105,9 @@ def _kld(exe: Path, model: Path, text: Path, base: Path, make_base: bool) -> flo
 
 
 @pytest.fixture(scope="module")
-def tiny256_files(shared_file: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def tiny256_files(
+    shared_file: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
     """tiny256: lowbit GPTQ Q4_K_M (32 x 512 calibration windows of WikiText-2's calibration half), and
     llama-quantize + llama-imatrix on the same 32 windows' worth of the same text."""
     root = tmp_path_factory.mktemp("gptq-gguf")

@@ -41,7 +41,10 @@ def layer() -> tuple[torch.Tensor, torch.Tensor]:
     """A weight (48, 512) and a Hessian of correlated inputs with channels of different scales."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(48, IN, generator=g) * torch.exp(0.5 * torch.randn(48, 1, generator=g))
-    mix = torch.eye(IN, dtype=torch.float64) + 0.5 * torch.randn(IN, IN, generator=g, dtype=torch.float64) / IN**0.5
+    mix = (
+        torch.eye(IN, dtype=torch.float64)
+        + 0.5 * torch.randn(IN, IN, generator=g, dtype=torch.float64) / IN**0.5
+    )
     x = torch.randn(3000, IN, generator=g, dtype=torch.float64) @ mix
     x *= torch.exp(torch.randn(IN, generator=g, dtype=torch.float64))
     return w, 2.0 * x.T @ x / x.shape[0]
@@ -63,7 +66,9 @@ def test_codec_is_ggml(type_name: str) -> None:
 
 
 @pytest.mark.parametrize("type_name", TYPES)
-def test_identity_hessian_is_round_to_nearest(type_name: str, layer: tuple[torch.Tensor, torch.Tensor]) -> None:
+def test_identity_hessian_is_round_to_nearest(
+    type_name: str, layer: tuple[torch.Tensor, torch.Tensor]
+) -> None:
     w, _ = layer
     codec = GGMLCodec(type_name)
     eye = torch.eye(IN)
@@ -81,7 +86,11 @@ def test_identity_hessian_is_round_to_nearest(type_name: str, layer: tuple[torch
 @pytest.mark.parametrize("type_name", TYPES)
 @pytest.mark.parametrize(
     "config",
-    [GPTQConfig(), GPTQConfig(act_order=False, static_groups=False), GPTQConfig(diag_blend=0.0, block_size=48)],
+    [
+        GPTQConfig(),
+        GPTQConfig(act_order=False, static_groups=False),
+        GPTQConfig(diag_blend=0.0, block_size=48),
+    ],
     ids=["static", "no-act-order", "paper"],
 )
 def test_gptq_beats_rtn_with_importance(

@@ -53,13 +53,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lowbit.errors import ArgumentError, InputFileError, ShapeError, UnsupportedArchitectureError
+from lowbit.errors import ArgumentError, InputFileError, UnsupportedArchitectureError
 from lowbit.export.atomic import atomic_file
 
 if TYPE_CHECKING:  # torch is imported where activations are computed, not to read or write files
-    from lowbit.calib.absmean import ImportanceAccumulator
     import torch
 
+    from lowbit.calib.absmean import ImportanceAccumulator
     from lowbit.walk.sources import ModelSource
 
 log = logging.getLogger(__name__)

@@ -198,7 +198,7 @@ class CodecPlan:
     tensors: Mapping[str, Codec | None] = field(default_factory=dict)
 
     def __call__(self, name: str) -> Codec | None:
-        return self.tensors[name] if name in self.tensors else self.default
+        return self.tensors.get(name, self.default)
 
     @classmethod
     def of(cls, codec: Codec | CodecPlan) -> CodecPlan:

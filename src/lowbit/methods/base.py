@@ -55,7 +55,7 @@ class BlockContext:
 
     def codec_for(self, linear: str) -> Codec | None:
         """The codec of block-relative linear ``linear`` (``"mlp.down_proj"``); None: kept in float."""
-        return self.codecs[linear] if linear in self.codecs else self.codec
+        return self.codecs.get(linear, self.codec)
 
 
 class Method(ABC):
@@ -106,7 +106,9 @@ class Method(ABC):
     @property
     def needs_calibration(self) -> bool:
         """Whether the method cannot run without calibration data (statistics or a block-level search)."""
-        return (bool(self.statistics) or self.transforms_block or self.refines) and not self.calibration_optional
+        return (
+            bool(self.statistics) or self.transforms_block or self.refines
+        ) and not self.calibration_optional
 
     def describe_layer(self, stats: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """Numbers worth reporting about one linear from its calibration statistics (default: none)."""

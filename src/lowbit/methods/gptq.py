@@ -237,13 +237,17 @@ def gptq_quantize(
         return _gptq_quantize(weight, hessian, codec, config or GPTQConfig(), importance)
 
 
-def corrected_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
+def corrected_target(
+    weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float
+) -> torch.Tensor:
     """``W C (H + λ mean(diag H) I)⁻¹`` (out, in) float32: the least-squares weight whose outputs on the
     inputs ``H`` describes match ``W``'s on the original inputs (``C``, rows original, columns quantized),
     damped like GPTQ's Hessian. Dead inputs (zero diagonal) keep their weight."""
     in_f = weight.shape[1]
     if tuple(cross.shape) != (in_f, in_f):
-        raise ShapeError(f"cross statistic of shape {tuple(cross.shape)} does not fit a weight {tuple(weight.shape)}")
+        raise ShapeError(
+            f"cross statistic of shape {tuple(cross.shape)} does not fit a weight {tuple(weight.shape)}"
+        )
     h = hessian.detach().to(torch.float64)
     c = cross.detach().to(torch.float64)
     if not (torch.isfinite(h).all() and torch.isfinite(c).all()):

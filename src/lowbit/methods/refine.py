@@ -146,7 +146,9 @@ def refine_block(
     codecs: dict[str, RegionCodec] = {}
     for name, (codec, q) in quantized.items():
         if not isinstance(codec, RegionCodec):
-            raise SchemeError(f"block-output refinement moves codes between levels, which {codec.name} has not")
+            raise SchemeError(
+                f"block-output refinement moves codes between levels, which {codec.name} has not"
+            )
         codecs[name] = codec
         vars_[name] = _Variable(codec.element_grid(q), weights[name])
     n = inputs.shape[0]

@@ -44,7 +44,13 @@ log = logging.getLogger(__name__)
 
 ACCUMULATORS: dict[str, Callable[[int], Any]] = {
     cls.name: cls
-    for cls in (HessianAccumulator, AbsMeanAccumulator, AbsMaxAccumulator, ImportanceAccumulator, CrossAccumulator)
+    for cls in (
+        HessianAccumulator,
+        AbsMeanAccumulator,
+        AbsMaxAccumulator,
+        ImportanceAccumulator,
+        CrossAccumulator,
+    )
 }
 
 
@@ -382,7 +388,9 @@ class _BlockCalibration:
         for lin in rel_linears:
             self.members.setdefault(keys[lin], []).append(lin)
         self.accs: dict[str, dict[str, Any]] = {
-            key: {need: ACCUMULATORS[need](weights[lins[0] + ".weight"].shape[1]) for need in method.statistics}
+            key: {
+                need: ACCUMULATORS[need](weights[lins[0] + ".weight"].shape[1]) for need in method.statistics
+            }
             for key, lins in self.members.items()
         }
         self.samples: dict[str, list[torch.Tensor]] = {}
