@@ -181,3 +181,54 @@ def test_what_the_mixes_cannot_take(extra: list[str], needle: str, tmp_path: Pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- every method, stories260K
+@pytest.fixture(scope="module")
+def stories_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """stories260K as Q4_0 (64-wide rows: Q4_0; the 172-wide down_proj: F16), by each method, calibrated
+    on the first TinyStories paragraphs of the bundled text."""
+    root = tmp_path_factory.mktemp("methods-gguf")
+    text = root / "calib.txt"
+    text.write_bytes((_stories_dir().parent.parent / "text" / "tinystories-val.txt").read_bytes()[:200_000])
+    calib = CalibConfig(text, samples=16, seqlen=256)
+    out: dict[str, Path] = {}
+    runs: dict[str, dict[str, Any]] = {
+        "rtn": {},
+        "rtn+imatrix": {"calib": calib},
+        "gptq": {"method": "gptq", "calib": calib},
+        "gptq-asym": {"method": "gptq", "calib": calib, "method_options": {"asymmetric": True}},
+        "awq": {"method": "awq", "calib": calib},
+        "gptq-rot": {"method": "gptq", "calib": calib, "rotate": "hadamard"},
+    }
+    for name, kwargs in runs.items():
+        out[name] = root / f"{name}.gguf"
+        rep = quantize(_stories_dir(), "Q4_0", out[name], progress=False, **kwargs)
+        assert rep.format == "gguf"
+    return out
+
+
+def test_every_method_writes_the_mixs_types(stories_files: dict[str, Path]) -> None:
+    ref = _tensors(stories_files["rtn"])
+    for name, path in stories_files.items():
+        got = _tensors(path)
+        rotated = name.endswith("-rot")  # a rotation unties the embeddings: token_embd is no longer the output
+        assert sorted(got) == sorted(set(ref) | ({"output.weight"} if rotated else set())), name
+        for t, (rtype, rshape, rdata) in ref.items():
+            if rotated and t == "token_embd.weight":
+                continue
+            assert got[t][:2] == (rtype, rshape), (name, t)
+            assert len(got[t][2]) == len(rdata), (name, t)
+
+
+def test_calibrated_methods_lose_less_than_round_to_nearest(stories_files: dict[str, Path]) -> None:
+    """lowbit's evaluator on held-out TinyStories (the end of the bundled text): KLD against the float model."""
+    from lowbit.eval.run import evaluate_source, prepare_reference
+
+    text = (_stories_dir().parent.parent / "text" / "tinystories-val.txt").read_bytes()[-60_000:]
+    root = stories_files["rtn"].parent
+    (root / "eval.txt").write_bytes(text)
+    setup = prepare_reference(_stories_dir(), root / "eval.txt", ctx=256, chunks=12, progress=False)
+    kld = {name: evaluate_source(setup, path, progress=False).kld_mean for name, path in stories_files.items()}
+    for name in ("gptq", "gptq-asym", "awq", "gptq-rot"):
+        assert kld[name] < kld["rtn+imatrix"] <= kld["rtn"] * 1.02, kld

@@ -566,12 +566,13 @@ class _BlockCalibration:
                 return runner.run_layer(layer, sub, runner.position_embeddings(sub))
 
             n = self.config.block_sample_tokens
+            default = self.plan.default or next(iter(self.plan.codecs()))
             ctx = BlockContext(
                 index=i,
                 weights=self.weights,
                 arch=runner.source.arch,
-                codec=self.plan.default or next(iter(self.plan.codecs())),
-                codecs={lin: c for lin in self.key_of if (c := self.codec_for(lin)) is not self.plan.default},
+                codec=default,
+                codecs={lin: c for lin in self.key_of if (c := self.codec_for(lin)) is not default},
                 inputs={k: torch.cat(v)[:n] for k, v in self.samples.items()},
                 run=run,
                 stats={k: {need: acc.result() for need, acc in a.items()} for k, a in self.accs.items()},
