@@ -374,3 +374,59 @@ def test_registered_method() -> None:
 def test_config_validation(kwargs: dict[str, float]) -> None:
     with pytest.raises(SchemeError):
         GPTQConfig(**kwargs)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------- asymmetric calibration (GPTAQ)
+def test_corrected_target_is_the_ridge_solution() -> None:
+    """``W + W (C - H)(H + λI)⁻¹`` minimizes ``‖W* X - W X̂‖² + (N/2) λ ‖W* - W‖²``, and is W itself when the
+    inputs carry no error."""
+    from lowbit.methods.gptq import corrected_target
+
+    g = torch.Generator().manual_seed(3)
+    n, d = 400, 24
+    x_orig = torch.randn(n, d, generator=g, dtype=torch.float64)
+    # the quantized model's inputs: a distortion of the original ones (a quantized layer before), and noise
+    distort = (
+        torch.eye(d, dtype=torch.float64) + 0.2 * torch.randn(d, d, generator=g, dtype=torch.float64) / d**0.5
+    )
+    x_quant = x_orig @ distort + 0.02 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(6, d, generator=g, dtype=torch.float64)
+    h = 2 * x_quant.T @ x_quant / n
+    c = 2 * x_orig.T @ x_quant / n
+    damp = 0.01
+    lam = damp * float(h.diagonal().mean())
+    target = corrected_target(w.float(), h, c, damp).double()
+    # normal equations of the ridge problem (scaled by 2/N): W* (H + λI) = W (C + λI)
+    assert torch.allclose(
+        target @ (h + lam * torch.eye(d, dtype=torch.float64)),
+        w @ (c + lam * torch.eye(d, dtype=torch.float64)),
+        atol=1e-4,
+    )
+    assert torch.allclose(corrected_target(w.float(), h, h, damp), w.float(), atol=1e-5)
+    err = lambda m: float((x_quant @ m.T - x_orig @ w.T).pow(2).sum())  # noqa: E731
+    assert err(target) < 0.1 * err(w)
+
+
+def test_asymmetric_gptq_follows_the_original_outputs() -> None:
+    """With inputs that carry an error, GPTQ towards the original outputs (``cross``) beats plain GPTQ on
+    ``‖Q X - W X̂‖²``, the loss it targets."""
+    from lowbit.calib.hessian import CrossAccumulator
+
+    g = torch.Generator().manual_seed(4)
+    n, d = 2000, 64
+    x_orig = torch.randn(n, d, generator=g) @ (torch.eye(d) + 0.3 * torch.randn(d, d, generator=g) / d**0.5)
+    distort = torch.eye(d) + 0.15 * torch.randn(d, d, generator=g) / d**0.5  # a quantized layer before
+    x_quant = x_orig @ distort
+    w = _gauss(16, d, seed=5)
+    hacc, cacc = HessianAccumulator(d), CrossAccumulator(d)
+    for k in range(0, n, 300):  # streamed in batches
+        hacc.add(x_quant[k : k + 300])
+        cacc.add(x_quant[k : k + 300], x_orig[k : k + 300])
+    h, c = hacc.result(), cacc.result()
+    assert torch.allclose(c.double(), 2 * x_orig.double().T @ x_quant.double() / n, rtol=1e-4, atol=1e-4)
+    codec = AffineCodec(3, False, group(16))
+    err = lambda q: float((x_quant @ codec.dequantize(q).T - x_orig @ w.T).pow(2).sum())  # noqa: E731
+    plain = gptq_quantize(w, h, codec)
+    asym = GPTQ(GPTQConfig(asymmetric=True)).quantize_linear(w, codec, {"hessian": h, "cross": c})
+    assert err(asym) < 0.9 * err(plain)
+    assert GPTQ(asymmetric=True).statistics == ("hessian", "cross") and GPTQ().statistics == ("hessian",)
