@@ -23,13 +23,21 @@ import argparse
 import hashlib
 import json
 import math
-import re
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from _common import LLAMA_BIN, Measured, print_table, run_measured, shared_path, smollm2_gguf, write_results
+from _common import (
+    LLAMA_BIN,
+    Measured,
+    parse_perplexity,
+    print_table,
+    run_measured,
+    shared_path,
+    smollm2_gguf,
+    write_results,
+)
 
 MIXES = (
     "Q2_K,Q2_K_S,Q3_K_S,Q3_K_M,Q3_K_L,Q4_0,Q4_1,Q4_K_S,Q4_K_M,Q5_0,Q5_1,Q5_K_S,Q5_K_M,Q6_K,Q8_0,"
@@ -90,15 +98,7 @@ def perplexity(model: Path, text: Path, chunks: int, base: Path, make_base: bool
     ]
     if not make_base:
         argv.append("--kl-divergence")
-    out = run_measured(argv, capture_stderr=True).stdout
-    res: dict[str, float] = {}
-    m = re.search(r"Final estimate: PPL = ([0-9.]+)", out) or re.search(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", out)
-    if m:
-        res["ppl"] = float(m.group(1))
-    m = re.search(r"Mean\s+KLD:\s+([0-9.]+)", out)
-    if m:
-        res["kld"] = float(m.group(1))
-    return res
+    return parse_perplexity(run_measured(argv, capture_stderr=True).stdout)
 
 
 def try_run(argv: list[str]) -> Measured | None:

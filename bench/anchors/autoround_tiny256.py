@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -41,7 +40,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: _common, anchors
 
-from _common import LLAMA_BIN, RESULTS, ROOT, print_table, run_measured, shared_path, write_results
+from _common import (
+    LLAMA_BIN,
+    RESULTS,
+    last_json_line,
+    parse_perplexity,
+    print_table,
+    run_measured,
+    shared_path,
+    venv_python,
+    write_results,
+)
 
 from anchors.prepare import calibration_file, hf_directory
 
@@ -55,20 +64,6 @@ PRESETS_CHECK = (
     "import json, auto_round; from auto_round.schemes import GGUF_PRESET_ALIASES as a; "
     "print(json.dumps({'version': auto_round.__version__, 'presets': sorted(a)}))"
 )
-
-
-def default_anchor_python() -> Path:
-    """AutoRound's virtualenv python: $LOWBIT_AUTOROUND_VENV, else ../venvs/autoround beside the repo."""
-    venv = Path(os.environ.get("LOWBIT_AUTOROUND_VENV", ROOT.parent / "venvs" / "autoround"))
-    return venv / "bin" / "python"
-
-
-def last_json_line(text: str) -> dict[str, Any]:
-    lines = [ln for ln in text.splitlines() if ln.startswith("{")]
-    if not lines:
-        raise RuntimeError(f"no JSON line in the child's output: {text[-300:]!r}")
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
 
 
 def run_to_file(argv: list[str], log: Path) -> str:
@@ -90,14 +85,7 @@ def perplexity(
     argv += ["--chunks", str(chunks), "-t", str(THREADS), "-nr", "--kl-divergence-base", str(base)]
     if not make_base:
         argv.append("--kl-divergence")
-    out = run_to_file(argv, log)
-    res: dict[str, float] = {}
-    m = re.search(r"Final estimate: PPL = ([0-9.]+)", out) or re.search(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", out)
-    if m:
-        res["ppl"] = float(m.group(1))
-    m = re.search(r"Mean\s+KLD:\s+([0-9.]+)", out)
-    if m:
-        res["kld"] = float(m.group(1))
+    res = parse_perplexity(run_to_file(argv, log))
     if "ppl" not in res or (not make_base and "kld" not in res):
         raise RuntimeError(f"no PPL/KLD in {log}")
     return res
@@ -258,7 +246,12 @@ def main() -> None:
     ap.add_argument("--nice", type=int, default=10, help="niceness of the AutoRound child (0: none)")
     ap.add_argument("--redo", action="store_true", help="run rows already in the results file again")
     ap.add_argument("--results", default=RESULTS_NAME, help="bench/results/NAME.json")
-    ap.add_argument("--anchor-python", type=Path, default=default_anchor_python())
+    ap.add_argument(
+        "--anchor-python",
+        type=Path,
+        default=venv_python("LOWBIT_AUTOROUND_VENV", "autoround"),
+        help="python of AutoRound's virtualenv (default: $LOWBIT_AUTOROUND_VENV or ../venvs/autoround)",
+    )
     ap.add_argument(
         "--work-dir",
         type=Path,
