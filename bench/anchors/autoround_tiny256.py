@@ -60,6 +60,7 @@ RESULTS_NAME = "autoround_tiny256"
 ROWS = "Q4_K_M,Q3_K_M,Q2_K_S,Q2_K,W4G128,W3G128,Q3_K_S,Q5_K_M,Q6_K,IQ4_XS"
 SCHEMES = {"W4G128": "w4g128", "W3G128": "w3g128"}
 THREADS = 2
+PPL_TRIES = 3
 PRESETS_CHECK = (
     "import json, auto_round; from auto_round.schemes import GGUF_PRESET_ALIASES as a; "
     "print(json.dumps({'version': auto_round.__version__, 'presets': sorted(a)}))"
@@ -85,10 +86,13 @@ def perplexity(
     argv += ["--chunks", str(chunks), "-t", str(THREADS), "-nr", "--kl-divergence-base", str(base)]
     if not make_base:
         argv.append("--kl-divergence")
-    res = parse_perplexity(run_to_file(argv, log))
-    if "ppl" not in res or (not make_base and "kld" not in res):
-        raise RuntimeError(f"no PPL/KLD in {log}")
-    return res
+    for _ in range(PPL_TRIES):
+        res = parse_perplexity(run_to_file(argv, log))
+        if "ppl" in res and (make_base or "kld" in res):
+            return res
+        # Seen here with the output in a file too, on a loaded machine: the tool exits 0 after its last
+        # chunk but its asynchronous logger never writes the summary. Running it again is deterministic.
+    raise RuntimeError(f"no PPL/KLD in {log} after {PPL_TRIES} runs")
 
 
 def gguf_types(path: Path) -> dict[str, str]:
@@ -225,6 +229,7 @@ def quantize(python: Path, setup: Setup, row: str, args: argparse.Namespace, out
         raise RuntimeError(f"{e}; {log}: {' | '.join(tail)}") from e
     rep = last_json_line(m.stdout)
     return {
+        "quantized_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_s": m.seconds,
         "cpu_s": rep["cpu_seconds"],
         "peak_rss_mib": m.peak_rss_bytes / 2**20,
@@ -304,17 +309,27 @@ def main() -> None:
             row["unsupported"] = f"AutoRound {anchor['version']} has no gguf:{name.lower()} preset"
         else:
             out = work / f"autoround-{name}"
+            # The quantizer's record, kept beside its output until the row is measured: a run stopped or
+            # failed after an hour of AutoRound measures again without quantizing again.
+            done = work / f"autoround-{name}-{args.iters}-{calib}.json"
             try:
-                row.update(quantize(args.anchor_python, setup, name, args, out))
-                gguf = row.pop("gguf")
+                if done.is_file() and out.is_dir() and not args.redo:
+                    print(f"  {name}: measuring the AutoRound output kept in {out}", flush=True)
+                    quantized = json.loads(done.read_text())
+                else:
+                    quantized = quantize(args.anchor_python, setup, name, args, out)
+                    done.write_text(json.dumps(quantized))
+                row.update({k: v for k, v in quantized.items() if k != "gguf"})
                 if name in SCHEMES:
                     row.update(measure_checkpoint(setup, out))
                 else:
-                    row.update(measure_gguf(setup, name, Path(gguf)))
+                    row.update(measure_gguf(setup, name, Path(quantized["gguf"])))
             except RuntimeError as e:
                 row["error"] = str(e)[-600:]
-            if not args.keep:
-                shutil.rmtree(out, ignore_errors=True)
+            else:
+                done.unlink()
+                if not args.keep:
+                    shutil.rmtree(out)
         rows[:] = [r for r in rows if key(r) != key(row)]
         rows.append(row)
         write_results(args.results, {**meta, "rows": rows})
