@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -117,6 +118,32 @@ def run_measured(
     own_rss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
     maxrss = int(usage.ru_maxrss) * 1024
     return Measured(seconds, peak if peak and maxrss >= own_rss else maxrss, out.decode())
+
+
+def venv_python(env_var: str, name: str) -> Path:
+    """An anchor tool's virtualenv python: ``$env_var``, else ``../venvs/NAME`` beside the repository."""
+    return Path(os.environ.get(env_var, ROOT.parent / "venvs" / name)) / "bin" / "python"
+
+
+def last_json_line(text: str) -> dict[str, Any]:
+    """The last line of a child's output that starts with ``{``, parsed."""
+    lines = [ln for ln in text.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"no JSON line in the child's output: {text[-300:]!r}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def parse_perplexity(out: str) -> dict[str, float]:
+    """``ppl`` and (with ``--kl-divergence``) ``kld`` from llama-perplexity's output; absent if not found."""
+    res: dict[str, float] = {}
+    m = re.search(r"Final estimate: PPL = ([0-9.]+)", out) or re.search(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", out)
+    if m:
+        res["ppl"] = float(m.group(1))
+    m = re.search(r"Mean\s+KLD:\s+([0-9.]+)", out)
+    if m:
+        res["kld"] = float(m.group(1))
+    return res
 
 
 def machine() -> dict[str, Any]:

@@ -23,7 +23,6 @@ import argparse
 import hashlib
 import json
 import math
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -33,6 +32,7 @@ from _common import (
     LLAMA_BIN,
     TIMING_COLUMNS,
     Measured,
+    parse_perplexity,
     print_table,
     run_measured,
     shared_path,
@@ -99,15 +99,7 @@ def perplexity(model: Path, text: Path, chunks: int, base: Path, make_base: bool
     ]
     if not make_base:
         argv.append("--kl-divergence")
-    out = run_measured(argv, capture_stderr=True).stdout
-    res: dict[str, float] = {}
-    m = re.search(r"Final estimate: PPL = ([0-9.]+)", out) or re.search(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", out)
-    if m:
-        res["ppl"] = float(m.group(1))
-    m = re.search(r"Mean\s+KLD:\s+([0-9.]+)", out)
-    if m:
-        res["kld"] = float(m.group(1))
-    return res
+    return parse_perplexity(run_measured(argv, capture_stderr=True).stdout)
 
 
 def try_run(argv: list[str]) -> Measured | None:

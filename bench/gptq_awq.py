@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -36,12 +35,13 @@ from typing import Any
 
 from _common import (
     RESULTS,
-    ROOT,
     Measured,
+    last_json_line,
     print_table,
     run_measured,
     shared_path,
     smollm2_gguf,
+    venv_python,
     write_results,
 )
 from anchors.prepare import calibration_file, hf_directory
@@ -69,16 +69,7 @@ LLMC_METHODS: dict[str, tuple[str, list[str]]] = {
 
 def default_anchor_python() -> Path:
     """The llm-compressor virtualenv's python: $LOWBIT_LLMC_VENV, else ../venvs/llmc beside the repo."""
-    venv = Path(os.environ.get("LOWBIT_LLMC_VENV", ROOT.parent / "venvs" / "llmc"))
-    return venv / "bin" / "python"
-
-
-def last_json_line(text: str) -> dict[str, Any]:
-    lines = [ln for ln in text.splitlines() if ln.startswith("{")]
-    if not lines:
-        raise RuntimeError(f"no JSON line in the child's output: {text[-300:]!r}")
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
+    return venv_python("LOWBIT_LLMC_VENV", "llmc")
 
 
 def main() -> None:
