@@ -212,7 +212,8 @@ def test_every_method_writes_the_mixs_types(stories_files: dict[str, Path]) -> N
     ref = _tensors(stories_files["rtn"])
     for name, path in stories_files.items():
         got = _tensors(path)
-        rotated = name.endswith("-rot")  # a rotation unties the embeddings: token_embd is no longer the output
+        # a rotation unties the embeddings: token_embd is no longer the output
+        rotated = name.endswith("-rot")
         assert sorted(got) == sorted(set(ref) | ({"output.weight"} if rotated else set())), name
         for t, (rtype, rshape, rdata) in ref.items():
             if rotated and t == "token_embd.weight":
@@ -229,6 +230,8 @@ def test_calibrated_methods_lose_less_than_round_to_nearest(stories_files: dict[
     root = stories_files["rtn"].parent
     (root / "eval.txt").write_bytes(text)
     setup = prepare_reference(_stories_dir(), root / "eval.txt", ctx=256, chunks=12, progress=False)
-    kld = {name: evaluate_source(setup, path, progress=False).kld_mean for name, path in stories_files.items()}
+    kld = {
+        name: evaluate_source(setup, path, progress=False).kld_mean for name, path in stories_files.items()
+    }
     for name in ("gptq", "gptq-asym", "awq", "gptq-rot"):
         assert kld[name] < kld["rtn+imatrix"] <= kld["rtn"] * 1.02, kld

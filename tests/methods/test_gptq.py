@@ -395,22 +395,24 @@ def test_corrected_target_is_the_ridge_solution() -> None:
     c = 2 * x_orig.T @ x_quant / n
     damp = 0.01
     lam = damp * float(h.diagonal().mean())
-    target = corrected_target(w.float(), h, c, damp).double()
+    target = corrected_target(w.float(), torch.stack([c - h, h]), damp).double()
     # normal equations of the ridge problem (scaled by 2/N): W* (H + λI) = W (C + λI)
     assert torch.allclose(
         target @ (h + lam * torch.eye(d, dtype=torch.float64)),
         w @ (c + lam * torch.eye(d, dtype=torch.float64)),
         atol=1e-4,
     )
-    assert torch.allclose(corrected_target(w.float(), h, h, damp), w.float(), atol=1e-5)
+    assert torch.allclose(
+        corrected_target(w.float(), torch.stack([torch.zeros_like(h), h]), damp), w.float(), atol=1e-5
+    )
     err = lambda m: float((x_quant @ m.T - x_orig @ w.T).pow(2).sum())  # noqa: E731
     assert err(target) < 0.1 * err(w)
 
 
 def test_asymmetric_gptq_follows_the_original_outputs() -> None:
-    """With inputs that carry an error, GPTQ towards the original outputs (``cross``) beats plain GPTQ on
-    ``‖Q X - W X̂‖²``, the loss it targets."""
-    from lowbit.calib.hessian import CrossAccumulator
+    """With inputs that carry an error, GPTQ towards the original outputs (``input_error``) beats plain
+    GPTQ on ``‖Q X - W X̂‖²``, the loss it targets."""
+    from lowbit.calib.hessian import InputErrorAccumulator
 
     g = torch.Generator().manual_seed(4)
     n, d = 2000, 64
@@ -418,15 +420,29 @@ def test_asymmetric_gptq_follows_the_original_outputs() -> None:
     distort = torch.eye(d) + 0.15 * torch.randn(d, d, generator=g) / d**0.5  # a quantized layer before
     x_quant = x_orig @ distort
     w = _gauss(16, d, seed=5)
-    hacc, cacc = HessianAccumulator(d), CrossAccumulator(d)
+    hacc, dacc = HessianAccumulator(d), InputErrorAccumulator(d)
     for k in range(0, n, 300):  # streamed in batches
         hacc.add(x_quant[k : k + 300])
-        cacc.add(x_quant[k : k + 300], x_orig[k : k + 300])
-    h, c = hacc.result(), cacc.result()
-    assert torch.allclose(c.double(), 2 * x_orig.double().T @ x_quant.double() / n, rtol=1e-4, atol=1e-4)
+        dacc.add(x_quant[k : k + 300], x_orig[k : k + 300])
+    h, d_err = hacc.result(), dacc.result()
+    want = 2 * (x_orig - x_quant).double().T @ x_quant.double() / n
+    assert torch.allclose(d_err[0].double(), want, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(d_err[1], h, rtol=1e-5, atol=1e-5)
+    # sharing the Hessian of the same tokens gives the same statistics with one xᵀx
+    shared_h, shared = HessianAccumulator(d), InputErrorAccumulator(d)
+    shared.share_gram(shared_h)
+    for k in range(0, n, 300):
+        shared_h.add(x_quant[k : k + 300])
+        shared.add(x_quant[k : k + 300], x_orig[k : k + 300])
+    assert torch.allclose(shared.result(), d_err, rtol=1e-6, atol=1e-6)
+    shared_h.add(x_quant[:10])  # a Hessian of other tokens than the statistic's is refused
+    with pytest.raises(ArgumentError, match="same tokens"):
+        shared.result()
     codec = AffineCodec(3, False, group(16))
     err = lambda q: float((x_quant @ codec.dequantize(q).T - x_orig @ w.T).pow(2).sum())  # noqa: E731
     plain = gptq_quantize(w, h, codec)
-    asym = GPTQ(GPTQConfig(asymmetric=True)).quantize_linear(w, codec, {"hessian": h, "cross": c})
+    asym = GPTQ(GPTQConfig(asymmetric=True)).quantize_linear(w, codec, {"hessian": h, "input_error": d_err})
     assert err(asym) < 0.9 * err(plain)
-    assert GPTQ(asymmetric=True).statistics == ("hessian", "cross") and GPTQ().statistics == ("hessian",)
+    assert GPTQ(asymmetric=True).statistics == ("hessian", "input_error") and GPTQ().statistics == (
+        "hessian",
+    )

@@ -142,41 +142,77 @@ class HessianAccumulator:
         return (self.sum * (2.0 / self.count)).to(dtype)
 
 
-class CrossAccumulator:
-    """``C = (2/N) Σ_t x̂_t x_tᵀ``: the inputs ``x̂_t`` the linear receives in the *original* model against
-    those ``x_t`` it receives in the quantized one, token for token (in, in).
+class InputErrorAccumulator:
+    """How a linear's inputs in the quantized model, ``x_t``, differ from those it receives in the
+    *original* model, ``x̂_t``, token for token: ``D = (2/N) Σ_t (x̂_t - x_t) x_tᵀ`` and, on the same
+    tokens, ``H = (2/N) Σ_t x_t x_tᵀ`` (both (in, in)).
 
-    With :class:`HessianAccumulator`'s ``H`` of the same ``x_t``, ``W C H⁻¹`` is the weight whose outputs on
-    the quantized model's inputs come closest to the original model's outputs ``W x̂_t`` (least squares):
-    what GPTQ quantizes when it also corrects the error the layers before handed down (GPTAQ: Li, Yang,
-    Wei, Xu, Yin, "GPTAQ: Efficient Finetuning-Free Quantization for Asymmetric Calibration", ICML
-    2025). The walk feeds both inputs (``needs_original``).
+    ``W + W D H⁻¹`` is the weight whose outputs on the quantized model's inputs come closest to the
+    original model's outputs ``W x̂_t`` (least squares: ``W (H + D) H⁻¹`` with ``H + D`` the cross
+    statistic ``C = (2/N) Σ x̂_t x_tᵀ``): what GPTQ quantizes when it also corrects the error the layers
+    before handed down (asymmetric calibration, GPTAQ: Li, Yang, Wei, Xu, Yin, ICML 2025). ``D`` and ``H``
+    must come from the same tokens: with ``H`` of more tokens than ``D``, ``D H⁻¹`` is no longer a
+    projection of the data and the correction grows block after block (measured on SmolLM2:
+    ``|W* - W| > |W|`` by block 6). The walk feeds both inputs (``needs_original``).
+
+    ``C`` is accumulated as :func:`xtx_into` accumulates ``xᵀx`` (float32 chunk products into float64;
+    bf16 inputs on the bf16 units, exact), and ``D = C - H`` is formed in :meth:`result` (float64: the
+    cancellation costs ~1e-5 of ``|C|``). ``H`` is this accumulator's own, or, after :meth:`share_gram`,
+    a :class:`HessianAccumulator` of the same tokens (the walk shares the one GPTQ uses when the original
+    model ran on every window, which saves a second ``xᵀx``). :meth:`result` is ``(2, in, in)``: ``[D, H]``.
     """
 
-    name: ClassVar[str] = "cross"
+    name: ClassVar[str] = "input_error"
     needs_original: ClassVar[bool] = True
 
     def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
         if in_features < 1:
             raise ShapeError(f"in_features must be positive, not {in_features}")
         self.in_features = in_features
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.cross = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)  # Σ x̂ xᵀ
+        self.gram: HessianAccumulator | None = HessianAccumulator(in_features, device=device)
+        self._shared = False
         self.count = 0
+
+    def share_gram(self, hessian: HessianAccumulator) -> None:
+        """Use ``hessian`` (fed the same tokens as this accumulator, by the caller) for ``H``."""
+        if hessian.in_features != self.in_features or self.count or hessian.count:
+            raise ArgumentError("share_gram needs an empty Hessian of the same width, before any token")
+        self.gram, self._shared = hessian, True
 
     def add(self, x: torch.Tensor, original: torch.Tensor) -> None:
         """Accumulate a batch ``x`` (..., in) of the quantized model's inputs and the original model's
-        ``original`` (same shape) for the same tokens."""
-        x2 = as_tokens(x, self.in_features, torch.float32)  # (T, in)
-        o2 = as_tokens(original, self.in_features, torch.float32)
+        ``original`` (same shape) for the same tokens; a NaN or Inf in either shows in the products and
+        is refused."""
+        x2 = as_tokens(x, self.in_features, x.dtype, check=False)  # (T, in)
+        o2 = as_tokens(original, self.in_features, original.dtype, check=False)
         if o2.shape != x2.shape:
             raise ShapeError(f"the original inputs {tuple(o2.shape)} do not pair with {tuple(x2.shape)}")
+        exact_bf16 = x2.dtype == o2.dtype == torch.bfloat16 and _bf16_matmul_supported()
+        part = torch.zeros_like(self.cross)
         for c in range(0, x2.shape[0], CHUNK_TOKENS):
-            self.sum += (o2[c : c + CHUNK_TOKENS].T @ x2[c : c + CHUNK_TOKENS]).double()
+            xc = x2[c : c + CHUNK_TOKENS].float()
+            oc = o2[c : c + CHUNK_TOKENS].float()
+            with _bf16_products() if exact_bf16 else contextlib.nullcontext():
+                part += oc.T @ xc
+        if not bool(torch.isfinite(part.diagonal()).all()) or not bool(torch.isfinite(part).all()):
+            raise ArgumentError(_NON_FINITE)
+        if not self._shared:
+            assert self.gram is not None
+            self.gram.add(x2)
+        self.cross += part
         self.count += x2.shape[0]
 
     def result(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``C = 2 S / N`` (in, in) in ``dtype``: row ``i`` of the original inputs, column ``j`` of the
-        quantized ones."""
+        """``[D, H]`` (2, in, in) in ``dtype``: ``D`` row ``i`` of the input error, column ``j`` of the
+        inputs; ``H`` of the same tokens."""
         if self.count == 0:
-            raise ArgumentError("the cross statistic saw no calibration tokens; was the layer run?")
-        return (self.sum * (2.0 / self.count)).to(dtype)
+            raise ArgumentError("the input-error statistic saw no calibration tokens; was the layer run?")
+        assert self.gram is not None
+        if self.gram.count != self.count:
+            raise ArgumentError(
+                f"the input-error statistic saw {self.count} tokens but its Gram matrix {self.gram.count}: "
+                "they must be the same tokens"
+            )
+        h = self.gram.sum.to(torch.float64)
+        return (torch.stack([self.cross - h, h]) * (2.0 / self.count)).to(dtype)

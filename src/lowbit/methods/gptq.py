@@ -92,8 +92,8 @@ class GPTQConfig:
     ``diag_blend``: β in ``H ← (1-β) H + β diag(H)``; 0 is the paper's GPTQ, 1 is round-to-nearest;
     the default 0.25 is chosen by the evidence in the module docstring.
     ``asymmetric``: quantize the weight whose outputs on the quantized model's inputs best match the
-    original model's outputs, ``W + W (C - H)(H + λI)⁻¹`` with the cross statistic ``C`` of the original
-    and the quantized inputs (GPTAQ's asymmetric calibration: the error of the layers before is corrected too;
+    original model's outputs, ``W + W D (H + λI)⁻¹`` with ``D`` the statistic of the inputs' error
+    against the original model's (GPTAQ's asymmetric calibration: the error of the layers before is corrected too;
     the walk then also runs the original model).
     """
 
@@ -219,7 +219,7 @@ def gptq_quantize(
     codec: RegionCodec,
     config: GPTQConfig | None = None,
     importance: torch.Tensor | None = None,
-    cross: torch.Tensor | None = None,
+    input_error: torch.Tensor | None = None,
 ) -> QuantizedTensor:
     """GPTQ-quantize ``weight`` (out, in), any float dtype, given ``hessian`` (in, in) (see
     :class:`lowbit.calib.hessian.HessianAccumulator`), with a codec whose parameters are shared by runs
@@ -227,33 +227,34 @@ def gptq_quantize(
 
     ``importance`` (in,): what codecs with a parameter search weight each column's error by when they
     fit a region (ggml's importance matrix); default the Hessian's diagonal, which is llama-imatrix's
-    statistic of the same inputs (mean ``x²`` per column) up to a factor. ``cross`` (in, in): the cross
-    statistic of the original model's inputs against these (:class:`~lowbit.calib.hessian.CrossAccumulator`):
-    GPTQ then quantizes ``W + W (C - H)(H + λI)⁻¹`` (:func:`corrected_target`). An affine codec returns a
+    statistic of the same inputs (mean ``x²`` per column) up to a factor. ``input_error`` (in, in): how the
+    inputs differ from the original model's, ``[D, H]`` (2, in, in) on the same tokens
+    (:class:`~lowbit.calib.hessian.InputErrorAccumulator`): GPTQ then quantizes ``W + W D (H + λI)⁻¹``
+    (:func:`corrected_target`). An affine codec returns a
     :class:`GPTQQuantized`."""
     with _one_thread():
-        if cross is not None:
-            weight = corrected_target(weight, hessian, cross, (config or GPTQConfig()).damp)
+        if input_error is not None:
+            weight = corrected_target(weight, input_error, (config or GPTQConfig()).damp)
         return _gptq_quantize(weight, hessian, codec, config or GPTQConfig(), importance)
 
 
-def corrected_target(
-    weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float
-) -> torch.Tensor:
-    """``W (C + λI) (H + λI)⁻¹`` (out, in) float32, ``λ = damp · mean(diag H)``: the weight whose outputs
-    on the inputs ``H`` describes best match ``W``'s on the original inputs (``C``, rows original,
-    columns quantized), ridge-regularized towards ``W`` itself: ``argmin ‖W* X - W X̂‖² + λ‖W* - W‖²``.
-    So ``W* = W + W (C - H)(H + λI)⁻¹`` is ``W`` exactly when the inputs carry no error (regularizing
-    towards 0 instead, ``W C (H + λI)⁻¹``, shrinks every weak direction of ``H``: measured on tiny256
-    Q4_K_M with λ = 0.05, KLD 4x worse). Dead inputs (zero diagonal) keep their weight."""
+def corrected_target(weight: torch.Tensor, input_error: torch.Tensor, damp: float) -> torch.Tensor:
+    """``W + W D (H + λI)⁻¹`` (out, in) float32, ``λ = damp · mean(diag H)``, from ``input_error`` =
+    ``[D, H]`` (2, in, in) of the same tokens (:class:`~lowbit.calib.hessian.InputErrorAccumulator`):
+    the weight whose outputs on the quantized model's inputs best match ``W``'s on the original inputs,
+    ridge-regularized towards ``W`` itself: ``argmin ‖W* X - W X̂‖² + λ‖W* - W‖²``, whose normal equations
+    are ``W* (H + λI) = W (H + D + λI)``. It is ``W`` exactly when the inputs carry no error
+    (regularizing towards 0 instead, ``W (H + D)(H + λI)⁻¹``, shrinks every weak direction of ``H``:
+    measured on tiny256 Q4_K_M with λ = 0.05, KLD 4x worse). Dead inputs (zero diagonal) keep their
+    weight."""
     in_f = weight.shape[1]
-    if tuple(cross.shape) != (in_f, in_f):
+    if tuple(input_error.shape) != (2, in_f, in_f):
         raise ShapeError(
-            f"cross statistic of shape {tuple(cross.shape)} does not fit a weight {tuple(weight.shape)}"
+            f"input-error statistics of shape {tuple(input_error.shape)} do not fit a weight {tuple(weight.shape)}"
         )
-    h = hessian.detach().to(torch.float64)
-    c = cross.detach().to(torch.float64)
-    if not (torch.isfinite(h).all() and torch.isfinite(c).all()):
+    d = input_error[0].detach().to(torch.float64)
+    h = input_error[1].detach().to(torch.float64)
+    if not (torch.isfinite(h).all() and torch.isfinite(d).all()):
         raise ArgumentError("calibration statistics hold NaN or Inf values; recompute them")
     h = (h + h.T) / 2
     mean_diag = float(h.diagonal().mean())
@@ -261,12 +262,19 @@ def corrected_target(
     hd = h.clone()
     hd.diagonal().add_(lam)
     w = weight.detach().to(torch.float64)
-    # W* = W + W (C - H) Hd⁻¹  <=>  Hd (W* - W)ᵀ = (W (C - H))ᵀ (Hd symmetric)
-    target = w + torch.linalg.solve(hd, (w @ (c - h)).T).T
+    # Hd (W* - W)ᵀ = (W D)ᵀ, Hd symmetric positive definite
+    chol, info = torch.linalg.cholesky_ex(hd)
+    rhs = (w @ d).T
+    delta = torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.lstsq(hd, rhs).solution
+    target = w + delta.T
     dead = h.diagonal() == 0
     target[:, dead] = w[:, dead]
     if not torch.isfinite(target).all():
         raise ArgumentError("the corrected GPTQ target is not finite; use more damping (--damp)")
+    log.debug(
+        "asymmetric GPTQ target: |W* - W| / |W| = %.3g",
+        float((target - w).norm() / w.norm().clamp(min=1e-30)),
+    )
     return target.float()
 
 
@@ -438,7 +446,7 @@ class GPTQ(Method):
 
     @property
     def statistics(self) -> tuple[str, ...]:
-        return ("hessian", "cross") if self.config.asymmetric else ("hessian",)
+        return ("hessian", "input_error") if self.config.asymmetric else ("hessian",)
 
     def quantize_linear(
         self, weight: torch.Tensor, codec: Codec, stats: dict[str, torch.Tensor] | None = None
@@ -453,5 +461,5 @@ class GPTQ(Method):
                 f"GPTQ needs a codec with per-group parameters (integers, ggml block types), not {codec.name}"
             )
         return gptq_quantize(
-            weight, stats["hessian"], codec, self.config, stats.get("importance"), stats.get("cross")
+            weight, stats["hessian"], codec, self.config, stats.get("importance"), stats.get("input_error")
         )

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lowbit.calib.absmean import AbsMaxAccumulator, AbsMeanAccumulator, ImportanceAccumulator
-from lowbit.calib.hessian import CrossAccumulator, HessianAccumulator
+from lowbit.calib.hessian import HessianAccumulator, InputErrorAccumulator
 from lowbit.errors import ArgumentError, InputFileError
 from lowbit.formats.activations import ActQuant, LLMInt8
 from lowbit.formats.base import Codec, CodecPlan, QuantizedTensor, sqnr_db
@@ -49,7 +49,7 @@ ACCUMULATORS: dict[str, Callable[[int], Any]] = {
         AbsMeanAccumulator,
         AbsMaxAccumulator,
         ImportanceAccumulator,
-        CrossAccumulator,
+        InputErrorAccumulator,
     )
 }
 
@@ -81,6 +81,10 @@ class CalibConfig:
     # A text with fewer windows than ``samples``: an error (the default: what was asked cannot be done),
     # or calibrate on the windows it holds, with a warning.
     allow_fewer_windows: bool = False
+    # Windows the original model runs on for statistics that compare it with the quantized one (GPTQ's
+    # asymmetric target): the first this many, None for all (always all for block-output refinement).
+    # Measured on SmolLM2 Q4_K_M (128 windows): all 0.0157 KLD, the first 32 0.0208, at 80% of the time.
+    original_windows: int | None = None
 
     def __post_init__(self) -> None:
         if self.samples < 1 or self.seqlen < 8 or (self.batch is not None and self.batch < 1):
@@ -88,6 +92,8 @@ class CalibConfig:
                 f"calibration needs samples >= 1, seqlen >= 8 and batch >= 1 (got {self.samples}, "
                 f"{self.seqlen}, {self.batch})"
             )
+        if self.original_windows is not None and self.original_windows < 1:
+            raise ArgumentError(f"original_windows must be >= 1 or None (all), not {self.original_windows}")
         if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ArgumentError(f"calibration runs in float32, bfloat16 or float16, not {self.dtype}")
 
@@ -253,18 +259,23 @@ def calibrate_walk(
         embed_q = embed_codec.quantize(t)
         embed_w = embed_codec.dequantize(embed_q).reshape(t.shape)
     hidden = torch.cat([runner.embed(ids[i : i + batch], embed_w) for i in range(0, ids.shape[0], batch)])
-    # Refinement and the cross statistic follow the original model's trajectory too: its inputs to
-    # each block, the original block's outputs (refinement's targets) and its linears' inputs.
+    # Refinement and the input-error statistic follow the original model's trajectory too: its inputs
+    # to each block, the original block's outputs (refinement's targets) and its linears' inputs. The
+    # statistic is estimated on the first ``original_windows`` windows (refinement needs them all).
     cross = any(getattr(ACCUMULATORS[n], "needs_original", False) for n in method.statistics)
     hidden_f = None
+    n_orig = ids.shape[0]
+    if refine is None and config.original_windows is not None:
+        n_orig = min(ids.shape[0], config.original_windows)
     if refine is not None or cross:
         hidden_f = (
-            hidden.clone()
+            hidden[:n_orig].clone()
             if embed_w is None
-            else torch.cat([runner.embed(ids[i : i + batch]) for i in range(0, ids.shape[0], batch)])
+            else torch.cat([runner.embed(ids[i : min(i + batch, n_orig)]) for i in range(0, n_orig, batch)])
         )
     pos = runner.position_embeddings(hidden[:batch])
     batches = [slice(b, b + batch) for b in range(0, hidden.shape[0], batch)]
+    orig_batches = [slice(b, min(b + batch, n_orig)) for b in range(0, n_orig, batch)]
     groups = source.blocks()
     gen = torch.Generator().manual_seed(config.seed)
     bar = tqdm(total=len(groups), desc=f"{method.name}", unit="block", disable=not progress, leave=False)
@@ -284,10 +295,12 @@ def calibrate_walk(
         for n in grp.names:
             block_weights[n[len(prefix) :]] = t = source.read(n)
             check_finite(n, t)  # before the block runs: a NaN would otherwise surface as NaN activations
-        blk = _BlockCalibration(runner, plan, method, config, i, block_weights, gen, activations)
+        blk = _BlockCalibration(
+            runner, plan, method, config, i, block_weights, gen, activations, n_orig == ids.shape[0]
+        )
         targets = None
         if hidden_f is not None:
-            targets = blk.original_pass(block_weights, hidden_f, pos, batches, capture=cross)
+            targets = blk.original_pass(block_weights, hidden_f, pos, orig_batches, capture=cross)
         outputs = blk.one_pass(hidden, pos) if one_pass else blk.statistics_pass(hidden, pos, batches)
         blk.finish(hidden)
         if refine is not None:
@@ -372,6 +385,7 @@ class _BlockCalibration:
         weights: dict[str, torch.Tensor],
         gen: torch.Generator,
         activations: ActQuant | LLMInt8 | None = None,
+        original_everywhere: bool = False,
     ) -> None:
         self.runner, self.plan, self.method, self.config = runner, plan, method, config
         self.index, self.weights, self.gen = index, weights, gen
@@ -393,10 +407,15 @@ class _BlockCalibration:
             }
             for key, lins in self.members.items()
         }
+        if original_everywhere:  # the input-error statistic's tokens are the Hessian's: one xᵀx for both
+            for acc in self.accs.values():
+                if "input_error" in acc and "hessian" in acc:
+                    acc["input_error"].share_gram(acc["hessian"])
         self.samples: dict[str, list[torch.Tensor]] = {}
-        # The original model's inputs of each group of linears, per batch (the cross statistic).
-        self.originals: dict[str, list[torch.Tensor]] = {}
-        self.batch_index = 0
+        # The original model's inputs of each group of linears, (windows, T, in) for the first windows
+        # (the input-error statistic), and the windows of the batch running now.
+        self.originals: dict[str, torch.Tensor] = {}
+        self.batch = slice(0, 0)
         self.results: dict[str, QuantizedTensor] = {}
         self.dequantized: dict[str, torch.Tensor] = {}  # (out, in) float32, checked finite
         self.seen: list[str] = []  # group keys in the order their hooks fired
@@ -431,10 +450,14 @@ class _BlockCalibration:
 
     def _accumulate(self, key: str, x: torch.Tensor) -> None:
         for acc in self.accs[key].values():
-            if getattr(acc, "needs_original", False):
-                acc.add(x, self.originals[key][self.batch_index])
-            else:
+            if not getattr(acc, "needs_original", False):
                 acc.add(x)
+                continue
+            orig = self.originals[key]
+            start = self.batch.start
+            n = min(self.batch.stop, orig.shape[0]) - start  # windows of this batch with original inputs
+            if n > 0:
+                acc.add(x[:n], orig[start : start + n])
 
     def original_pass(
         self,
@@ -444,19 +467,19 @@ class _BlockCalibration:
         batches: list[slice],
         capture: bool,
     ) -> torch.Tensor:
-        """The ``original`` block on the original model's inputs ``hidden_f``: its outputs (the next
-        block's original inputs, refinement's targets), and with ``capture`` each group's input, kept per
-        batch of ``batches`` (the slices the quantized block runs on) for the cross statistic."""
+        """The ``original`` block on the original model's inputs ``hidden_f`` (the first windows): its
+        outputs (the next block's original inputs, refinement's targets), and with ``capture`` each group
+        of linears' input, kept for the input-error statistic."""
         layer = self.runner.layer(self.index, original)
         modules = dict(layer.named_modules())
+        kept: dict[str, list[torch.Tensor]] = {}
 
         def keep(key: str, x: torch.Tensor, b: int) -> None:
-            kept = self.originals.setdefault(key, [])
-            if len(kept) == b:  # a group's members share one input: the first hook keeps it
-                kept.append(x.detach().clone())
+            if len(kept.setdefault(key, [])) == b:  # a group's members share one input: keep it once
+                kept[key].append(x.detach().clone())
 
-        handles = []
         current = [0]
+        handles = []
         if capture:
             handles = [
                 modules[lin].register_forward_pre_hook(
@@ -473,6 +496,7 @@ class _BlockCalibration:
         finally:
             for h in handles:
                 h.remove()
+        self.originals = {key: v[0] if len(v) == 1 else torch.cat(v) for key, v in kept.items()}
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def one_pass(self, hidden: torch.Tensor, pos: Any) -> list[torch.Tensor]:
@@ -482,7 +506,7 @@ class _BlockCalibration:
             if key in self.seen:  # another member of the group: already quantized and in place
                 return
             self.seen.append(key)
-            self.batch_index = 0
+            self.batch = slice(0, x.shape[0])
             self._accumulate(key, x)
             for lin in self.members[key]:
                 self._quantize_linear(lin)
@@ -514,7 +538,7 @@ class _BlockCalibration:
         handles = self._hooks(collect)
         try:
             for k, sl in enumerate(batches):
-                self.batch_index = k
+                self.batch = sl
                 with contextlib.suppress(_StopForward):
                     outputs.append(self.runner.run_layer(self.layer, hidden[sl], pos))
                 if k == 0 and self.config.sequential and len(self.seen) == len(self.members):
