@@ -10,8 +10,9 @@ its package's weights). Columns:
 * ``llama-quantize+imatrix``: with ``llama-imatrix``'s matrix of the calibration text (``--samples``
   chunks of 512 tokens, the same tokens lowbit calibrates on) — the anchor every ratio is taken against;
 * ``lowbit rtn+imatrix``: ``lowbit quantize --imatrix`` of the same matrix (must be the same bytes);
-* ``lowbit gptq`` / ``gptq+refine`` / ``awq`` (and ``-rot``: ``--rotate hadamard``): lowbit's methods
-  driving the block types (``--calib``, ``--samples`` x 512 tokens);
+* ``lowbit gptq`` / ``gptq-asym`` (``--asymmetric``: towards the original model's outputs) /
+  ``gptq-refine`` / ``awq`` (and ``-rot``: ``--rotate hadamard``): lowbit's methods driving the block
+  types (``--calib``, ``--samples`` x 512 tokens);
 * ``autoround``: Intel AutoRound 0.16.1's ``gguf:*`` files (``bench/anchors/autoround_tiny256.py``), read
   from ``bench/results/autoround_tiny256.json`` (same calibration windows, same evaluation).
 
@@ -48,6 +49,8 @@ EVAL = "data/text/wikitext-2-raw-test.txt"
 #: column -> (``lowbit quantize`` method, extra arguments); ``{refine}`` is replaced by ``--refine``'s value
 LOWBIT = {
     "gptq": ["--method", "gptq"],
+    "gptq-asym": ["--method", "gptq", "--asymmetric"],
+    "gptq-asym-rot": ["--method", "gptq", "--asymmetric", "--rotate", "hadamard"],
     "gptq-refine": ["--method", "gptq", "--refine", "{refine}"],
     "awq": ["--method", "awq"],
     "gptq-rot": ["--method", "gptq", "--rotate", "hadamard"],
