@@ -181,13 +181,17 @@ def main() -> None:
                         (r for r in rows if key_of(r) == (model, mix, calib, ANCHOR_COLUMN)), None
                     )
                     for method in methods:
-                        if (model, mix, calib, method) in done:
+                        if (model, mix, "-" if method == "lq" else calib, method) in done:
                             continue
                         if method == "lq" and calib != args.calib.split(",")[0]:
                             continue  # no calibration: one row is enough
                         out = tmp / f"{model}-{mix}-{calib}-{method}.gguf"
                         if method == "lq":
-                            m = run_measured([lq, "--allow-requantize", str(base), str(out), mix, "2"])
+                            try:
+                                m = run_measured([lq, "--allow-requantize", str(base), str(out), mix, "2"])
+                            except RuntimeError as e:  # Q2_K_S, IQ2/IQ1: llama-quantize needs an imatrix
+                                print(f"{model} {mix} lq: {str(e)[-120:]}", flush=True)
+                                continue
                         elif method == "lq-im":
                             m = run_measured(
                                 [

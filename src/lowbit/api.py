@@ -263,7 +263,11 @@ def _quantize_gguf(
         im = load_imatrix(imatrix)
         im_file = str(imatrix)
     t0 = time.perf_counter()
-    if method == "rtn" and calib is None and not method_options and rotation is None:
+    plain_rtn = method == "rtn" and calib is None and not method_options and rotation is None
+    # A quantized checkpoint (GPTQ, AWQ, compressed-tensors) converted with RTN keeps its grids where
+    # the block types hold them: the walk, which reads what the checkpoint stores.
+    keep_grids = plain_rtn and _holds_quantized(model)
+    if plain_rtn and not keep_grids:
         from lowbit.export.gguf import write_gguf
 
         rep = write_gguf(
@@ -273,7 +277,18 @@ def _quantize_gguf(
         stats = WalkStats()
     else:
         rep, label, stats = _quantize_gguf_walk(
-            model, sch.name, out, method, force, progress, calib, im, im_file, method_options, rotation
+            model,
+            sch.name,
+            out,
+            method,
+            force,
+            progress,
+            calib,
+            im,
+            im_file,
+            method_options,
+            rotation,
+            keep_grids=keep_grids,
         )
     from lowbit.formats.gguf.types import is_quantized
 
@@ -307,8 +322,10 @@ def _quantize_gguf_walk(
     im_file: str | None,
     method_options: Mapping[str, Any] | None,
     rotation: RotationConfig | None = None,
+    keep_grids: bool = False,
 ) -> tuple[Any, str, WalkStats]:
-    """The quantize walk with each block linear's ggml type as its codec, written by the GGUF writer."""
+    """The quantize walk with each block linear's ggml type as its codec, written by the GGUF writer;
+    ``keep_grids``: linears a quantized checkpoint stores keep their grid where their type holds it."""
     from lowbit.export.gguf import plan_gguf_walk, write_gguf_walk
     from lowbit.methods.base import get_method
     from lowbit.methods.rtn import RTN, WeightedRTN
@@ -337,14 +354,29 @@ def _quantize_gguf_walk(
     if calib is not None:
         items = calibrate_walk(source, codecs, meth, calib, stats, progress=progress)
     else:
-        items = walk_quantize(source, codecs, meth, stats, progress=progress)
+        items = walk_quantize(source, codecs, meth, stats, progress=progress, keep_grids=keep_grids)
     rep = write_gguf_walk(items, plan, out, force=force)
     label = meth.name or "rtn"
+    if keep_grids:
+        label += " (checkpoint grids kept)"
     if isinstance(meth, WeightedRTN):
         label = "rtn+imatrix"
     if rotation is not None:
         label += f"+{rotation.kind.value}"
     return rep, label, stats
+
+
+def _holds_quantized(model: str | Path | ModelSource) -> bool:
+    """Whether ``model`` is a checkpoint whose linears are stored quantized on a grid lowbit reads."""
+    from lowbit.walk.sources import ModelSource, open_model
+
+    if isinstance(model, ModelSource):
+        return model.holds_quantized
+    cfg = Path(model) / "config.json"
+    if not cfg.is_file() or "quantization_config" not in cfg.read_text():
+        return False  # a float checkpoint or a GGUF file: no torch import on the fast path
+    with open_model(model) as src:
+        return src.holds_quantized
 
 
 def _rotation(rotate: RotationConfig | str | None) -> RotationConfig | None:

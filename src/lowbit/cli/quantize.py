@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -243,6 +244,7 @@ def run(args: argparse.Namespace) -> int:
             f"{report.linear_bits_per_weight:.3f} bits/weight in them, {report.model_bits_per_weight:.3f} overall, "
             f"{report.file_bytes / 1e6:.2f} MB, {report.seconds:.1f} s, peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB"
         )
+        _print_kept_grids(report)
     else:
         print(
             f"{report.output}: {report.scheme} ({report.method}, {report.format}), {report.quantized_layers} layers, "
@@ -252,6 +254,29 @@ def run(args: argparse.Namespace) -> int:
         )
         _print_outliers(report)
     return 0
+
+
+def _print_kept_grids(report: QuantizeReport) -> None:
+    """A quantized checkpoint converted: which linears kept its grid (exactly or with their minimums
+    rounded to fp16) and which were quantized again, with the loss against the checkpoint's weights."""
+    layers = [ls for ls in report.stats.layers if "kept_grid" in ls.notes]
+    if not layers:
+        return
+    kept = [ls for ls in layers if ls.notes["kept_grid"]]
+    exact = [ls for ls in kept if math.isinf(ls.sqnr_db)]
+    again = [ls for ls in layers if not ls.notes["kept_grid"]]
+    line = f"checkpoint grids: {len(kept)} of {len(layers)} linears kept ({len(exact)} exactly"
+    if len(kept) > len(exact):
+        worst = min(ls.sqnr_db for ls in kept if not math.isinf(ls.sqnr_db))
+        line += f"; {len(kept) - len(exact)} with scales or minimums rounded to fp16, SQNR >= {worst:.1f} dB"
+    line += ")"
+    if again:
+        mean = sum(ls.sqnr_db for ls in again) / len(again)
+        line += (
+            f"; {len(again)} quantized again from their dequantized weights (their grid does not fit "
+            f"the type), mean SQNR {mean:.1f} dB against the checkpoint"
+        )
+    print(line)
 
 
 def _print_outliers(report: QuantizeReport) -> None:

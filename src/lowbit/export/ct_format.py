@@ -50,8 +50,15 @@ class Layout(ABC):
         """Suffix -> tensor for one quantized Linear."""
 
     @abstractmethod
+    def read(self, tensors: Mapping[str, torch.Tensor], codec: Codec) -> QuantizedTensor:
+        """The codec's result (codes and parameters, as stored) from the stored tensors (suffix -> tensor)."""
+
     def decode(self, tensors: Mapping[str, torch.Tensor], codec: Codec) -> torch.Tensor:
         """The float32 weight ``(out, in)`` from the stored tensors (suffix -> tensor)."""
+        q = self.read(tensors, codec)
+        stored_codec = getattr(q, "codec", codec)
+        assert isinstance(stored_codec, Codec)
+        return stored_codec.dequantize(q)
 
     @abstractmethod
     def shape(self, src: SafetensorsSource, module: str) -> tuple[int, int]:
@@ -77,10 +84,9 @@ class PackQuantized(Layout):
         assert isinstance(q, AffineQuantized)
         return ct.linear_tensors(q)
 
-    def decode(self, tensors: Mapping[str, torch.Tensor], codec: Codec) -> torch.Tensor:
+    def read(self, tensors: Mapping[str, torch.Tensor], codec: Codec) -> QuantizedTensor:
         assert isinstance(codec, AffineCodec)
-        q = ct.read_linear(tensors, codec)
-        return q.codec.dequantize(q)
+        return ct.read_linear(tensors, codec)
 
     def shape(self, src: SafetensorsSource, module: str) -> tuple[int, int]:
         shape = tuple(int(v) for v in src.raw(f"{module}.{ct.SHAPE}").reshape(-1).tolist())
@@ -122,10 +128,9 @@ class IntQuantized(UnpackedLayout):
         assert isinstance(q, AffineQuantized)
         return ct.int_linear_tensors(q)
 
-    def decode(self, tensors: Mapping[str, torch.Tensor], codec: Codec) -> torch.Tensor:
+    def read(self, tensors: Mapping[str, torch.Tensor], codec: Codec) -> QuantizedTensor:
         assert isinstance(codec, AffineCodec)
-        q = ct.read_int_linear(tensors, codec)
-        return q.codec.dequantize(q)
+        return ct.read_int_linear(tensors, codec)
 
 
 class FloatQuantized(UnpackedLayout):
@@ -142,10 +147,9 @@ class FloatQuantized(UnpackedLayout):
         assert isinstance(q, Fp8Quantized)
         return ct.fp8_linear_tensors(q)
 
-    def decode(self, tensors: Mapping[str, torch.Tensor], codec: Codec) -> torch.Tensor:
+    def read(self, tensors: Mapping[str, torch.Tensor], codec: Codec) -> QuantizedTensor:
         assert isinstance(codec, Fp8Codec)
-        q = ct.read_fp8_linear(tensors, codec)
-        return q.codec.dequantize(q)
+        return ct.read_fp8_linear(tensors, codec)
 
 
 #: Codec type -> how compressed-tensors stores it with float activations (weight-only schemes).
@@ -251,6 +255,11 @@ def attach_decoders(src: SafetensorsSource, qcfg: Mapping[str, Any]) -> None:
         ) -> torch.Tensor:
             return layout.decode({s: src.raw(p) for s, p in parts.items()}, codec)
 
+        def read_stored(
+            layout: Layout = layout, codec: Codec = codec, parts: dict[str, str] = parts
+        ) -> QuantizedTensor:
+            return layout.read({s: src.raw(p) for s, p in parts.items()}, codec)
+
         out_f, in_f = layout.shape(src, module)
         total_bits += sum(src.raw_info(p).nbytes * 8 for s, p in parts.items() if layout.payload(s))
         total_params += out_f * in_f
@@ -267,5 +276,5 @@ def attach_decoders(src: SafetensorsSource, qcfg: Mapping[str, Any]) -> None:
                     )
                 scale = src.raw(f"{module}.{ct.INPUT_SCALE}").float().reshape(())
             src.activations[module] = LinearActivation(spec, input_scale=scale)
-        src.add_virtual(weight, decode, replaces=hidden + acts, at=parts[first])
+        src.add_virtual(weight, decode, replaces=hidden + acts, at=parts[first], stored=read_stored)
     src.linear_bits_per_weight = total_bits / total_params if total_params else None

@@ -27,7 +27,7 @@ packer asserts it, GPTQModel's torch kernel requires it); float16 scales.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -230,13 +230,18 @@ def attach_decoders(src: SafetensorsSource, qcfg: Mapping[str, Any]) -> None:
         if missing:
             raise InputFileError(f"AWQ checkpoint {src.path} lacks {', '.join(missing)}")
 
-        def decode(parts: dict[str, str] = parts) -> torch.Tensor:
-            q = read_linear({s: src.raw(p) for s, p in parts.items()}, g)
+        def read_stored(parts: dict[str, str] = parts) -> AffineQuantized:
+            return read_linear({s: src.raw(p) for s, p in parts.items()}, g)
+
+        def decode(read: Callable[[], AffineQuantized] = read_stored) -> torch.Tensor:
+            q = read()
             return q.codec.dequantize(q)
 
         in_f = src.raw_info(parts[QWEIGHT]).shape[0]
         out_f = src.raw_info(parts[SCALES]).shape[-1]
         total_bits += sum(src.raw_info(p).nbytes * 8 for p in parts.values())
         total_params += out_f * in_f
-        src.add_virtual(f"{module}.weight", decode, replaces=list(parts.values()), at=parts[QWEIGHT])
+        src.add_virtual(
+            f"{module}.weight", decode, replaces=list(parts.values()), at=parts[QWEIGHT], stored=read_stored
+        )
     src.linear_bits_per_weight = total_bits / total_params if total_params else None

@@ -60,7 +60,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -435,8 +435,11 @@ def attach_decoders(src: SafetensorsSource, qcfg: Mapping[str, Any]) -> None:
     for module in modules:
         parts = {s: f"{module}.{s}" for s in SUFFIXES if f"{module}.{s}" in stored}
 
-        def decode(parts: dict[str, str] = parts) -> torch.Tensor:
-            q = read_linear({s: src.raw(p) for s, p in parts.items()}, layout, fmt)
+        def read_stored(parts: dict[str, str] = parts) -> AffineQuantized:
+            return read_linear({s: src.raw(p) for s, p in parts.items()}, layout, fmt)
+
+        def decode(read: Callable[[], AffineQuantized] = read_stored) -> torch.Tensor:
+            q = read()
             return q.codec.dequantize(q)
 
         scales = src.raw_info(parts.get(SCALES, f"{module}.{SCALES}"))
@@ -448,5 +451,7 @@ def attach_decoders(src: SafetensorsSource, qcfg: Mapping[str, Any]) -> None:
         )
         total_bits += sum(src.raw_info(p).nbytes * 8 for s, p in parts.items() if s != G_IDX)
         total_params += out_f * in_f
-        src.add_virtual(f"{module}.weight", decode, replaces=list(parts.values()), at=parts[QWEIGHT])
+        src.add_virtual(
+            f"{module}.weight", decode, replaces=list(parts.values()), at=parts[QWEIGHT], stored=read_stored
+        )
     src.linear_bits_per_weight = total_bits / total_params if total_params else None

@@ -96,6 +96,14 @@ class Codec(ABC):
     def bits_per_weight(self, shape: tuple[int, ...]) -> float:
         return self.storage_bits(shape) / math.prod(shape)
 
+    def from_grid(self, grid: ElementGrid) -> QuantizedTensor | None:
+        """A weight that is already quantized on ``grid`` (another codec's or another tool's result, as
+        :meth:`RegionCodec.element_grid` describes it), held by this codec with the same codes under the
+        same scales and offsets, up to the rounding of its parameters' storage dtype; ``None`` when this
+        codec cannot hold the grid (its regions cut the grid's groups, its levels do not hold the codes,
+        it stores no offset where the grid has one). Converting a checkpoint without rounding twice."""
+        return None
+
     def fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
         """``dequantize(quantize(w))`` in ``w``'s dtype: the simulated-quantization weight."""
         return self.dequantize(self.quantize(w)).to(w.dtype)

@@ -183,6 +183,77 @@ class GGMLCodec(RegionCodec):
         data = b.join_blocks(header.reshape(-1, b.type_size), c).reshape(shape[0], -1)
         return GGMLQuantized(shape=tuple(shape), type=self.type, data=data)
 
+    def from_grid(self, grid: ElementGrid) -> GGMLQuantized | None:
+        """The grid in this type's blocks, for the types whose parameters are plain fp16 values (Q4_0,
+        Q4_1, Q5_0, Q5_1, Q8_0): every block of 32 must share one scale and offset in ``grid`` (groups
+        of a multiple of 32 columns, or one per row) and hold integer levels that fit the type's levels
+        after a shift ``k`` (``s·L - o = s·(L + k) - (o + s·k)``). Types without a stored offset need
+        ``o + s·k = 0`` (symmetric grids); types with a min take, per block, the shift whose offset fp16
+        holds exactly where one exists (so a 4-bit asymmetric grid is exact in Q5_1 with ``k = 16 - z``),
+        else the smallest. The scale is stored as fp16: exact for fp16 scales and for bf16/float32 ones
+        that fp16 holds. ``None`` where the grid does not fit (k-quants, i-quants: their sub-block
+        scales are 6-bit codes of one fp16 per 256, which another grid almost never lands on)."""
+        b = self.blocks
+        if not b.buildable:
+            return None
+        codes = grid.codes
+        if codes.ndim != 2 or codes.shape[1] % b.block_size:
+            return None
+        out_f, n = (int(d) for d in codes.shape)
+        nb = n // b.block_size
+        scale = grid.scale.to(torch.float64).reshape(out_f, nb, b.block_size)
+        offset = grid.offset.to(torch.float64).reshape(out_f, nb, b.block_size)
+        s, o = scale[..., 0], offset[..., 0]  # (out, nb)
+        if not (bool((scale == s[..., None]).all()) and bool((offset == o[..., None]).all())):
+            return None
+        levels = grid.levels.to(torch.float64)
+        if not bool((levels == levels.round()).all()):
+            return None
+        lv = levels[codes.long()].reshape(out_f, nb, b.block_size)  # the integer level of each element
+        lo, hi = lv.amin(-1), lv.amax(-1)
+        t0, t1 = float(b.levels[0]), float(b.levels[-1])
+        if b.stores_offset:
+            k = self._best_shift(s, o, t0 - lo, t1 - hi)
+            if k is None:
+                return None
+        else:
+            with torch.no_grad():
+                k = torch.where(s != 0, (-o / s).round(), torch.zeros_like(s))
+            if not bool((o + s * k == 0).all()) or not bool(((lo + k >= t0) & (hi + k <= t1)).all()):
+                return None
+        if not bool(torch.isfinite(torch.from_numpy(_fp16(s.numpy()))).all()):
+            return None  # a scale fp16 cannot hold
+        idx = (lv + k[..., None] - t0).to(torch.int32).reshape(-1, b.block_size).numpy()
+        new_offset = torch.where(k == 0, o, o + s * k)  # k = 0 keeps a -0.0 min as ggml wrote it
+        data = b.build_blocks(
+            s.reshape(-1).numpy().astype(np.float32), new_offset.reshape(-1).numpy().astype(np.float32), idx
+        )
+        return GGMLQuantized(shape=(out_f, n), type=self.type, data=data.reshape(out_f, -1))
+
+    @staticmethod
+    def _best_shift(
+        s: torch.Tensor, o: torch.Tensor, k_min: torch.Tensor, k_max: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Per block, an integer shift in ``[k_min, k_max]`` whose offset ``o + s·k`` fp16 holds exactly
+        (the one nearest 0), else the one nearest 0; None if some block has no room."""
+        if not bool((k_min <= k_max).all()):
+            return None
+        chosen = torch.clamp(torch.zeros_like(s), k_min, k_max)
+        exact = torch.zeros_like(s, dtype=torch.bool)
+        lo, hi = int(k_min.min()), int(k_max.max())
+        for k in sorted(range(lo, hi + 1), key=abs):
+            ok = (k >= k_min) & (k <= k_max) & ~exact
+            if not bool(ok.any()):
+                continue
+            off = (o + s * k if k else o).numpy()
+            holds = torch.from_numpy(_fp16(off).astype(np.float64) == off)
+            take = ok & holds
+            chosen = torch.where(take, torch.full_like(s, float(k)), chosen)
+            exact |= take
+            if bool(exact.all()):
+                break
+        return chosen
+
     def element_grid(self, q: QuantizedTensor) -> ElementGrid:
         if not isinstance(q, GGMLQuantized) or q.type != self.type:
             raise TypeError(f"{self.name} cannot read {type(q).__name__}")
@@ -207,3 +278,9 @@ class GGMLCodec(RegionCodec):
         c = codes.to(torch.int64).clamp(0, len(b.levels) - 1).numpy().reshape(-1, b.block_size)
         data = b.join_blocks(q.data.reshape(-1, b.type_size), c).reshape(q.data.shape)
         return GGMLQuantized(shape=q.shape, type=self.type, data=data)
+
+
+def _fp16(v: np.ndarray) -> np.ndarray:
+    """``v`` rounded to fp16 as ggml stores it (overflow to inf), as float32."""
+    with np.errstate(over="ignore"):
+        return np.asarray(v, dtype=np.float32).astype(np.float16).astype(np.float32)

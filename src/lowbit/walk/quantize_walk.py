@@ -50,12 +50,19 @@ def walk_quantize(
     stats: WalkStats | None = None,
     progress: bool = True,
     measure_error: bool = True,
+    keep_grids: bool = False,
 ) -> Iterator[WalkItem]:
     """Yield every tensor of ``source`` in block order, block linears quantized with their codec of
     ``codec`` (one codec, or a :class:`CodecPlan` per tensor).
 
     Embeddings, norms and lm_head pass through unchanged (``quantized`` is None) unless the plan names
     them (a GGUF mix quantizes the embeddings: round-to-nearest), as do linears whose plan says ``None``.
+
+    ``keep_grids``: a linear the source stores quantized (a GPTQ, AWQ or compressed-tensors checkpoint)
+    keeps its codes and scales where its codec can hold that grid (:meth:`Codec.from_grid`) instead of
+    being quantized again from its dequantized weights (the method runs on the others); its
+    :class:`LayerStat` notes ``kept_grid`` 1 (0 for a linear quantized again), and its error is
+    measured against the stored weights as for every linear (``inf`` dB: exact).
     """
     arch = source.arch
     plan = CodecPlan.of(codec)
@@ -67,11 +74,19 @@ def walk_quantize(
             c = plan(name) if arch.is_quantizable(name) else plan.tensors.get(name)
             if c is not None:
                 check_finite(name, t)
-                q = method.quantize_linear(t, c) if arch.is_quantizable(name) else c.quantize(t)
+                q = None
+                notes: dict[str, float] = {}
+                if keep_grids and arch.is_quantizable(name):
+                    grid = source.stored_grid(name)
+                    if grid is not None:
+                        q = c.from_grid(grid)
+                        notes["kept_grid"] = float(q is not None)
+                if q is None:
+                    q = method.quantize_linear(t, c) if arch.is_quantizable(name) else c.quantize(t)
                 bits = c.storage_bits(tuple(t.shape))
                 if stats is not None:
                     err = sqnr_db(t, c.dequantize(q)) if measure_error else math.nan
-                    stats.layers.append(LayerStat(name, tuple(t.shape), bits, err))
+                    stats.layers.append(LayerStat(name, tuple(t.shape), bits, err, notes))
                     stats.quantized_params += t.numel()
                     stats.quantized_bits += bits
                     log.debug("%s %s: %.2f dB", name, tuple(t.shape), err)

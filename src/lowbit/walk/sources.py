@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from lowbit.errors import InputFileError, SchemeError
+from lowbit.formats.base import ElementGrid, QuantizedTensor, RegionCodec
 from lowbit.models.registry import GGUF_TO_MODEL_TYPE, Architecture, get_architecture
 
 if TYPE_CHECKING:
@@ -72,6 +73,17 @@ class ModelSource(ABC):
     @abstractmethod
     def read(self, name: str) -> torch.Tensor:
         """The tensor as floats (its stored float dtype, or float32 if it had to be dequantized)."""
+
+    def stored_grid(self, name: str) -> ElementGrid | None:
+        """The grid a quantized checkpoint stores ``name`` on (its codes, scales and offsets), for
+        converting it without rounding twice (:meth:`lowbit.formats.base.Codec.from_grid`); None for
+        tensors stored in float and for sources that present weights otherwise (GGUF, rotated)."""
+        return None
+
+    @property
+    def holds_quantized(self) -> bool:
+        """Whether some tensors are stored quantized on a grid :meth:`stored_grid` reads."""
+        return False
 
     def tokenizer(self) -> Any:
         """A ``transformers`` tokenizer for this model, loaded once per source (loading one from a GGUF
@@ -163,6 +175,7 @@ class SafetensorsSource(ModelSource):
                 self._where[k] = f
         self._order = list(self._where)
         self._decoders: dict[str, Callable[[], torch.Tensor]] = {}
+        self._stored: dict[str, Callable[[], QuantizedTensor]] = {}
         self._hidden: set[str] = set()
         # Set by the quantized-checkpoint readers: bits/weight of the stored quantized linears.
         self.linear_bits_per_weight: float | None = None
@@ -194,13 +207,35 @@ class SafetensorsSource(ModelSource):
         return TensorInfo(name, shape, dtype, nbytes)
 
     def add_virtual(
-        self, name: str, decode: Callable[[], torch.Tensor], replaces: list[str], at: str
+        self,
+        name: str,
+        decode: Callable[[], torch.Tensor],
+        replaces: list[str],
+        at: str,
+        stored: Callable[[], QuantizedTensor] | None = None,
     ) -> None:
-        """Present ``name`` (read through ``decode``) in place of the stored tensors ``replaces``."""
+        """Present ``name`` (read through ``decode``) in place of the stored tensors ``replaces``;
+        ``stored`` reads it as the quantized result it is stored as (a codec's, whose ``codec``
+        attribute names it)."""
         self._decoders[name] = decode
+        if stored is not None:
+            self._stored[name] = stored
         self._hidden.update(replaces)
         if name not in self._order:
             self._order.insert(self._order.index(at), name)
+
+    def stored_grid(self, name: str) -> ElementGrid | None:
+        read = self._stored.get(name)
+        if read is None:
+            return None
+        q = read()
+        codec = getattr(q, "codec", None)
+        return codec.element_grid(q) if isinstance(codec, RegionCodec) else None
+
+    @property
+    def holds_quantized(self) -> bool:
+        """Whether some tensors are stored quantized on a grid :meth:`stored_grid` reads."""
+        return bool(self._stored)
 
     def info(self, name: str) -> TensorInfo:
         if name in self._decoders:

@@ -257,6 +257,33 @@ class GGMLBlockCodec(ABC):
             raise ShapeError(f"{self.name} codes are indices 0..{len(self.levels) - 1}")
         return self._join(blocks.copy(), codes.astype(np.int32))
 
+    @property
+    def buildable(self) -> bool:
+        """Whether :meth:`build_blocks` exists: blocks whose parameters are plain fp16 values (the
+        legacy types), which can be made from given scales, offsets and codes."""
+        return False
+
+    @property
+    def stores_offset(self) -> bool:
+        """Whether a block stores an offset (a min: Q4_1, Q5_1); without one the offset is 0."""
+        return False
+
+    def build_blocks(self, scale: np.ndarray, offset: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`split_blocks` for :attr:`buildable` types: ``scale``, ``offset`` float32
+        (B,) stored as fp16 (``offset`` must be 0 for types that store none), ``codes`` (B, block_size)
+        indices into :attr:`levels` -> uint8 (B, type_size) blocks."""
+        if not self.buildable:
+            raise SchemeError(f"{self.name} blocks are not made from given scales by lowbit")
+        scale = np.asarray(scale, dtype=F32).reshape(-1)
+        offset = np.asarray(offset, dtype=F32).reshape(-1)
+        if not self.stores_offset and np.any(offset != 0):
+            raise ShapeError(f"{self.name} blocks store no offset; every offset must be 0")
+        header = np.zeros((scale.shape[0], self.type_size), dtype=np.uint8)
+        header[:, 0:2] = fp16_bytes(scale)
+        if self.stores_offset:
+            header[:, 2:4] = fp16_bytes(-offset)  # the min m of x = d * L + m
+        return self.join_blocks(header, codes)
+
     def _check_blocks(self, blocks: np.ndarray) -> np.ndarray:
         blocks = np.asarray(blocks)
         if blocks.dtype != np.uint8 or blocks.ndim != 2 or blocks.shape[1] != self.type_size:

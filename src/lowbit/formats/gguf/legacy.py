@@ -74,6 +74,14 @@ class _Legacy(GGMLBlockCodec):
     sub_size = QK
     n_heads: ClassVar[int] = 1  # fp16 values at the start of a block: d (and m)
 
+    @property
+    def buildable(self) -> bool:
+        return True
+
+    @property
+    def stores_offset(self) -> bool:
+        return self.n_heads == 2
+
     def _split(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         d = fp16_from_bytes(blocks[:, 0:2])[:, None]
         # x = d*L + m = d*L - (-m); symmetric types: d*(L - nmax) - (+0), which keeps a -0.0 as ggml
