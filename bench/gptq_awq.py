@@ -20,7 +20,13 @@ GPTQ), ``awq``.
 A setting no checkpoint format holds (g128 on width 576: a ragged last group) is quantized in memory by
 ``bench/simulate_child.py`` and saved as float weights (the row says ``simulated``).
 
-Usage: python bench/gptq_awq.py [--samples 128] [--seqlen 512] [--settings w4g64,w3g64]
+``--model tiny256`` runs the same on tiny256 (../shared; bf16, widths multiples of 256), where the
+``autoround`` method reads Intel AutoRound 0.16.1's W4/W3 g128 checkpoints as measured by
+``bench/anchors/autoround_tiny256.py`` (same windows, same evaluation; its time is from that run).
+``gptq-asym`` is ``--asymmetric`` (towards the original model's outputs), ``gptq-asym-db0`` the same
+without the diagonal blend.
+
+Usage: python bench/gptq_awq.py [--model smollm2|tiny256] [--samples 128] [--seqlen 512] [--settings w4g64,w3g64]
        [--methods rtn,gptq,awq,llmc-gptq,llmc-awq] [--calib wikitext,tinystories] [--anchor-python PATH]
 """
 
@@ -58,7 +64,14 @@ LOWBIT_METHODS: dict[str, tuple[str, list[str]]] = {
     "gptq-noact": ("gptq", ["--act-order", "none"]),  # the same in the paper's column order
     "gptq-paper": ("gptq", ["--act-order", "none", "--diag-blend", "0"]),  # the paper's GPTQ
     "awq": ("awq", []),
+    # towards the original model's outputs (GPTAQ), with and without the diagonal blend
+    "gptq-asym": ("gptq", ["--asymmetric"]),
+    "gptq-asym-db0": ("gptq", ["--asymmetric", "--diag-blend", "0"]),
 }
+#: Models the bench runs on: SmolLM2-135M (its package's Q4_1 GGUF) or tiny256 (../shared, bf16).
+MODELS = ("smollm2", "tiny256")
+#: AutoRound's measured checkpoints (bench/anchors/autoround_tiny256.py): scheme -> its row there.
+AUTOROUND_RESULTS = "autoround_tiny256.json"
 #: bench method -> (llm-compressor method, extra arguments of llmc_quantize.py)
 LLMC_METHODS: dict[str, tuple[str, list[str]]] = {
     "llmc-gptq": ("gptq", []),
@@ -74,6 +87,7 @@ def default_anchor_python() -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", choices=MODELS, default="smollm2")
     ap.add_argument("--settings", default="w4g64,w3g64,w4,w2g64-asym")
     ap.add_argument("--methods", default="rtn,gptq,awq")
     ap.add_argument("--calib", default="wikitext,tinystories")
@@ -101,14 +115,20 @@ def main() -> None:
         "calibration is replaced): build one table from several runs",
     )
     args = ap.parse_args()
-    meta = {"samples": args.samples, "seqlen": args.seqlen, "chunks": args.chunks, "argv": sys.argv[1:]}
+    meta = {
+        "model": args.model,
+        "samples": args.samples,
+        "seqlen": args.seqlen,
+        "chunks": args.chunks,
+        "argv": sys.argv[1:],
+    }
     methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in LLMC_METHODS and m not in LOWBIT_METHODS]
+    unknown = [m for m in methods if m not in LLMC_METHODS and m not in LOWBIT_METHODS and m != "autoround"]
     if unknown:
-        sys.exit(f"unknown methods {unknown}; choose from {[*LOWBIT_METHODS, *LLMC_METHODS]}")
+        sys.exit(f"unknown methods {unknown}; choose from {[*LOWBIT_METHODS, *LLMC_METHODS, 'autoround']}")
     if any(m in LLMC_METHODS for m in methods) and not args.anchor_python.is_file():
         sys.exit(f"{args.anchor_python} is missing: run bench/anchors/setup_llmc.sh or pass --anchor-python")
-    model = smollm2_gguf()
+    model = smollm2_gguf() if args.model == "smollm2" else shared_path("data/models/tiny256")
     texts = {
         "wikitext": shared_path("data/text/wikitext-2-raw-test-calib.txt"),
         "tinystories": shared_path("data/text/tinystories-val.txt"),
@@ -141,6 +161,11 @@ def main() -> None:
                 for calib in ["-"] if method == "rtn" else args.calib.split(","):
                     out = Path(tmp) / f"{scheme}-{method}-{calib}"
                     row: dict[str, Any] = {"scheme": scheme, "method": method, "calib": calib}
+                    if method == "autoround":
+                        ar = autoround_row(args.model, scheme, calib)
+                        if ar is not None:
+                            keep({**row, **ar})
+                        continue
                     try:
                         if method in LLMC_METHODS:
                             # Not charged to either tool: the HF copy and the token file.
@@ -178,8 +203,9 @@ def main() -> None:
     rtn = {r["scheme"]: r["kld_mean"] for r in rows if r["method"] == "rtn" and "kld_mean" in r}
     for r in rows:
         r["kld_vs_rtn"] = r["kld_mean"] / rtn[r["scheme"]] if r["scheme"] in rtn and "kld_mean" in r else None
+    name = "SmolLM2-135M" if args.model == "smollm2" else "tiny256"
     print(
-        f"SmolLM2-135M on WikiText-2 test, ctx 512, {args.chunks} chunks; calibration {args.samples}x{args.seqlen}"
+        f"{name} on WikiText-2 test, ctx 512, {args.chunks} chunks; calibration {args.samples}x{args.seqlen}"
     )
     print_table(
         [r for r in rows if "error" not in r],
@@ -200,6 +226,26 @@ def main() -> None:
         if "error" in r:
             print(f"{r['scheme']} {r['method']} {r['calib']}: failed: {r['error']}")
     print(f"wrote {write_results(args.results, {**meta, 'complete': True, 'rows': rows})}")
+
+
+def autoround_row(model: str, scheme: str, calib: str) -> dict[str, Any] | None:
+    """AutoRound's checkpoint of ``scheme`` as measured by ``anchors/autoround_tiny256.py`` (tiny256,
+    WikiText-2 calibration, the same windows and ``lowbit eval`` as this bench), or None."""
+    path = RESULTS / AUTOROUND_RESULTS
+    if model != "tiny256" or calib != "wikitext" or not path.is_file():
+        return None
+    for r in json.loads(path.read_text()).get("rows", []):
+        if str(r.get("row", "")).lower() == scheme.lower() and r.get("kld_mean") is not None:
+            return {
+                "kld_mean": r["kld_mean"],
+                "ppl": r.get("ppl"),
+                "bpw": r.get("bpw"),
+                "top1": r.get("top1"),
+                "seconds": r.get("wall_s"),
+                "peak_rss_mib": r.get("peak_rss_mib"),
+                "from": f"{AUTOROUND_RESULTS} (measured in an earlier run)",
+            }
+    return None
 
 
 def run_lowbit(

@@ -368,13 +368,13 @@ def _quantize_gguf_walk(
 
 def _holds_quantized(model: str | Path | ModelSource) -> bool:
     """Whether ``model`` is a checkpoint whose linears are stored quantized on a grid lowbit reads."""
-    from lowbit.walk.sources import ModelSource, open_model
-
-    if isinstance(model, ModelSource):
-        return model.holds_quantized
+    if not isinstance(model, str | Path):
+        return bool(model.holds_quantized)
     cfg = Path(model) / "config.json"
     if not cfg.is_file() or "quantization_config" not in cfg.read_text():
         return False  # a float checkpoint or a GGUF file: no torch import on the fast path
+    from lowbit.walk.sources import open_model
+
     with open_model(model) as src:
         return src.holds_quantized
 

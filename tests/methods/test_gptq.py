@@ -13,7 +13,7 @@ import torch
 
 from lowbit.calib.hessian import HessianAccumulator
 from lowbit.errors import ArgumentError, SchemeError
-from lowbit.formats.affine import AffineCodec
+from lowbit.formats.affine import AffineCodec, AffineQuantized
 from lowbit.formats.base import PER_CHANNEL, PER_TENSOR, Block, Codec, QuantizedTensor, group
 from lowbit.methods.base import METHODS
 from lowbit.methods.gptq import GPTQ, GPTQConfig, GPTQQuantized, gptq_quantize, hessian_loss
@@ -57,25 +57,36 @@ def _correlated_hessian(cols: int, seed: int = 0, tokens: int = 2000) -> torch.T
     ids=["plain", "act-order", "static"],
 )
 def test_identity_hessian_equals_rtn(bits: int, symmetric: bool, block: Block, config: GPTQConfig) -> None:
+    """With H = I GPTQ's updates vanish: its codes are round-to-nearest under its scales, which the
+    clipping search chose (the range shrunk where that lowers the squared error: never more error than
+    min-max RTN), and with the search's importance all zero, min-max RTN itself."""
     w = _gauss(10, 100, seed=bits)  # 100 = 3·32 + 4 = 2·48 + 4: ragged last groups
     codec = AffineCodec(bits, symmetric, block)
     q = gptq_quantize(w, torch.eye(100), codec, config)
+    assert isinstance(q, AffineQuantized)
+    assert torch.equal(q.codes, codec.quantize_with(w, q.scales, q.zeros))
     rtn = codec.quantize(w)
-    assert torch.equal(q.codes, rtn.codes)
-    assert torch.equal(q.scales, rtn.scales)
+    err = lambda x: float((codec.dequantize(x) - w).square().sum())  # noqa: E731
+    assert err(q) <= err(rtn) * (1 + 1e-6)
     if symmetric:
         assert q.zeros is None and rtn.zeros is None
     else:
-        assert q.zeros is not None and rtn.zeros is not None and torch.equal(q.zeros, rtn.zeros)
-    assert torch.equal(codec.dequantize(q), codec.dequantize(rtn))
-    assert q.report.loss == q.report.rtn_loss
+        assert q.zeros is not None and rtn.zeros is not None
+    plain = gptq_quantize(w, torch.eye(100), codec, config, importance=torch.zeros(100))
+    assert torch.equal(plain.codes, rtn.codes) and torch.equal(plain.scales, rtn.scales)
+    assert torch.equal(codec.dequantize(plain), codec.dequantize(rtn))
+    assert plain.report.loss == plain.report.rtn_loss and q.report.loss <= q.report.rtn_loss * (1 + 1e-6)
 
 
 def test_full_diag_blend_is_rtn_on_a_real_hessian() -> None:
     w, h = _gauss(16, 96, seed=1), _correlated_hessian(96)
     codec = AffineCodec(3, False, group(32))
-    rtn = codec.quantize(w)
-    assert torch.equal(gptq_quantize(w, h, codec, GPTQConfig(diag_blend=1.0)).codes, rtn.codes)
+    diag = gptq_quantize(w, h, codec, GPTQConfig(diag_blend=1.0))
+    # round-to-nearest under the parameters fitted with the Hessian's diagonal as importance
+    assert isinstance(diag, AffineQuantized)
+    assert torch.equal(diag.codes, codec.quantize_with(w, diag.scales, diag.zeros))
+    fit = codec.choose_qparams_searched(w, h.diagonal().float())
+    assert torch.equal(diag.scales, fit[0])
     half = gptq_quantize(w, h, codec, GPTQConfig(diag_blend=0.5))
     full = gptq_quantize(w, h, codec, GPTQConfig(diag_blend=0.0))
     # Blending trades loss on the calibration Hessian for robustness: between GPTQ and RTN here.
@@ -190,7 +201,9 @@ def test_gptq_beats_rtn_on_held_out_inputs(layers: dict[str, Layer]) -> None:
 def _naive_gptq(w: torch.Tensor, h: torch.Tensor, codec: AffineCodec, damp: float = 0.01) -> torch.Tensor:
     """Codes of the paper's Algorithm 1 written the slow, obvious way (float64): after each column, update
     the remaining ones with the explicit inverse Hessian, then eliminate the column from that inverse.
-    No Cholesky, no blocks; groups chosen on entry from the current weights."""
+    No Cholesky, no blocks; groups chosen on entry from the current weights (the codec's clipping
+    search weighted by the Hessian's diagonal, as GPTQ's fit)."""
+    imp = h.diagonal().float().clamp(min=0.0)
     w = w.double().clone()  # (out, in)
     h = h.double() + damp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=torch.float64)
     hinv = torch.linalg.inv(h)  # (in, in)
@@ -199,7 +212,7 @@ def _naive_gptq(w: torch.Tensor, h: torch.Tensor, codec: AffineCodec, damp: floa
     s, z = codec.choose_qparams(w.float())
     for j in range(w.shape[1]):
         if j % g == 0:
-            s, z = codec.choose_qparams(w[:, j : j + g].float())  # (out, 1)
+            s, z = codec.choose_qparams_searched(w[:, j : j + g].float(), imp[j : j + g])  # (out, 1)
         c = codec.quantize_with(w[:, j : j + 1].float(), s, z)  # (out, 1)
         codes[:, j : j + 1] = c
         err = (w[:, j] - codec.dequantize_codes(c, s, z)[:, 0].double()) / hinv[j, j]
@@ -262,7 +275,8 @@ def test_exhausted_retries_fall_back_to_rtn(caplog: pytest.LogCaptureFixture) ->
         q = gptq_quantize(w, h, codec, GPTQConfig(max_damp_retries=1))
     assert q.report.diagonal_fallback and q.report.retries == 2
     assert "falls back to round-to-nearest" in caplog.text
-    assert torch.equal(q.codes, codec.quantize(w).codes)
+    assert isinstance(q, AffineQuantized)
+    assert torch.equal(q.codes, codec.quantize_with(w, q.scales, q.zeros))
 
 
 def test_singular_hessian_is_handled_by_damping() -> None:
@@ -332,9 +346,9 @@ def test_static_groups_are_contiguous(layers: dict[str, Layer]) -> None:
     assert q.contiguous_groups and q.perm is not None
     assert torch.equal(q.g_idx, (torch.arange(172) // 32).to(torch.int32))
     assert q.scales.shape == (64, 6) and q.zeros is not None and q.zeros.shape == (64, 6)
-    # Static groups are chosen from the original weights: the same parameters as round-to-nearest.
-    rtn = codec.quantize(layer.weight)
-    assert rtn.zeros is not None and torch.equal(q.scales, rtn.scales) and torch.equal(q.zeros, rtn.zeros)
+    # Static groups are chosen from the original weights: the codec's fit with the Hessian's diagonal.
+    s, z = codec.choose_qparams_searched(layer.weight, layer.hessian.diagonal().float())
+    assert z is not None and torch.equal(q.scales, s) and torch.equal(q.zeros, z)
 
 
 # --------------------------------------------------------------------- method contract

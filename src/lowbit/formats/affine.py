@@ -26,6 +26,9 @@ from lowbit.errors import NonFiniteWeightError, SchemeError, ShapeError
 from lowbit.formats.base import PER_CHANNEL, Block, ColumnQuantizer, ElementGrid, QuantizedTensor, RegionCodec
 
 _FLOAT_BITS: dict[torch.dtype, int] = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32}
+#: Factors a block's range is shrunk by in the clipping search of :meth:`AffineCodec.fit_region`
+#: with an importance (GPTQ): 1 (min-max) down to 0.75 in steps of 0.01.
+CLIP_SEARCH: tuple[float, ...] = tuple(1.0 - 0.01 * i for i in range(26))
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,48 @@ class AffineCodec(RegionCodec):
         zero = (self.qmin - torch.round(lo / s.float())).clamp(self.qmin, self.qmax)
         return s, zero.to(torch.int16)
 
+    def choose_qparams_searched(
+        self, w: torch.Tensor, importance: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`choose_qparams` with each block's range (its absmax, or its min and max) shrunk by the
+        factor of :data:`CLIP_SEARCH` whose codes give the least ``Σ importance_c · (w - ŵ)²`` over the
+        block (``importance`` (in,) float32, e.g. the Hessian's diagonal: GPTQ's clipping search, as
+        GPTQ's ``mse`` option, weighted like ggml's searches). Unshrunk on ties."""
+        w = w.float()
+        shape = (w.shape[0], w.shape[1])
+        imp = importance.detach().float().reshape(1, -1).clamp(min=0.0)
+        if imp.shape[1] != shape[1]:
+            raise ShapeError(f"an importance vector for {shape[1]} columns has {imp.shape[1]} values")
+        if self.symmetric:
+            absmax = block_reduce(w.abs(), self.block, "amax")
+        else:
+            lo = block_reduce(w, self.block, "amin").clamp(max=0.0)
+            hi = block_reduce(w, self.block, "amax").clamp(min=0.0)
+        best: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        best_err = torch.empty(0)
+        for shrink in CLIP_SEARCH:
+            if self.symmetric:
+                s = _finish_scale(absmax * shrink / ((self.qmax - self.qmin) / 2), self.scale_dtype)
+                z = None
+            else:
+                s = _finish_scale((hi - lo) * shrink / (self.qmax - self.qmin), self.scale_dtype)
+                z = (self.qmin - torch.round(lo * shrink / s.float())).clamp(self.qmin, self.qmax)
+                z = z.to(torch.int16)
+            deq = self.dequantize_codes(self.quantize_with(w, s, z), s, z)
+            err = block_sum((w - deq).square() * imp, self.block)
+            if best is None:
+                best, best_err = (s, z), err
+                continue
+            take = err < best_err
+            best_err = torch.where(take, err, best_err)
+            bz = best[1]
+            best = (
+                torch.where(take, s, best[0]),
+                None if z is None or bz is None else torch.where(take, z, bz),
+            )
+        assert best is not None
+        return best
+
     def quantize_with(
         self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
     ) -> torch.Tensor:
@@ -174,10 +219,15 @@ class AffineCodec(RegionCodec):
         return False  # a g_idx (GPTQ's desc_act) can say which group each column is in
 
     def fit_region(self, w: torch.Tensor, start: int, importance: torch.Tensor | None = None) -> AffineRun:
-        """Scales/zeros of the groups of ``w`` (out, k) by range (``importance`` is not used: the grid
-        is absmax / min-max, as :meth:`quantize`'s)."""
+        """Scales/zeros of the groups of ``w`` (out, k): by range (absmax / min-max, as :meth:`quantize`)
+        without ``importance``; with it (k,), the range of each group shrunk by the factor of
+        :data:`CLIP_SEARCH` that minimizes its importance-weighted squared error
+        (:meth:`choose_qparams_searched`)."""
         out_f, k = w.shape
-        scales, zeros = self.choose_qparams(w)  # (row blocks, ceil(k / g))
+        if importance is None:
+            scales, zeros = self.choose_qparams(w)  # (row blocks, ceil(k / g))
+        else:
+            scales, zeros = self.choose_qparams_searched(w, importance)
         r = self.block.resolve((out_f, k))[0]
         g = self.block.cols if self.block.cols is not None else k
 
@@ -321,6 +371,17 @@ def block_reduce(w: torch.Tensor, block: Block, op: str) -> torch.Tensor:
     if op == "amin":
         return blocks.amin(dim=(1, 3))
     raise ValueError(f"unknown reduction {op!r}")
+
+
+def block_sum(w: torch.Tensor, block: Block) -> torch.Tensor:
+    """Sum of ``w`` (rows, cols) over each block -> grid tensor (ragged last blocks: their elements)."""
+    rows, cols = w.shape
+    r, c = block.resolve((rows, cols))
+    gr, gc = block.grid((rows, cols))
+    pad_r, pad_c = gr * r - rows, gc * c - cols
+    if pad_r or pad_c:
+        w = F.pad(w, (0, pad_c, 0, pad_r))
+    return w.reshape(gr, r, gc, c).sum(dim=(1, 3))
 
 
 def expand_blocks(grid: torch.Tensor, block: Block, shape: tuple[int, int]) -> torch.Tensor:
