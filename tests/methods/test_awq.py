@@ -6,12 +6,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from lowbit.errors import ArgumentError, SchemeError
 from lowbit.formats.base import Codec, QuantizedTensor
+from lowbit.formats.ggml import GGMLCodec, GGMLQuantized
 from lowbit.methods.awq import AWQ, AWQConfig, LossScope, candidate_scales
 from lowbit.methods.base import BlockContext, get_method
 from lowbit.models.registry import get_architecture
@@ -267,12 +270,37 @@ def test_quantize_linear_is_rtn_after_the_block_transform(contexts: list[BlockCo
     codec = parse_scheme("w4g16").codec()
     w = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
     awq = get_method("awq")
-    assert awq.transforms_block and awq.needs == ()
+    assert awq.transforms_block and awq.needs == ("importance",)
     # Without the walk's block transform, AWQ would silently be RTN: it refuses.
     with pytest.raises(ArgumentError, match="calibration"):
         awq.quantize_linear(w, codec)
-    awq.transform_block(contexts[0])
+    awq.transform_block(_fresh(contexts[0]))
     assert torch.equal(codec.dequantize(awq.quantize_linear(w, codec)), codec.fake_quantize(w))
+    # an integer codec has no importance-weighted search: the importance changes nothing
+    imp = torch.rand(32, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(awq.quantize_linear(w, codec, {"importance": imp}).codes, codec.quantize(w).codes)
+    # a ggml block type rounds with ggml's search weighted by it, as llama-quantize --imatrix
+    q40 = GGMLCodec("Q4_0")
+    got = awq.quantize_linear(w, q40, {"importance": imp})
+    assert isinstance(got, GGMLQuantized) and np.array_equal(got.data, q40.quantize_weighted(w, imp).data)
+
+
+def _fresh(ctx: BlockContext, **changes: Any) -> BlockContext:
+    """``ctx`` with statistics of its own (a transform updates them in place)."""
+    return dataclasses.replace(ctx, stats={k: dict(v) for k, v in ctx.stats.items()}, **changes)
+
+
+def test_the_importance_follows_the_scaled_inputs(contexts: list[BlockContext]) -> None:
+    """AWQ divides a norm's outputs by ``s`` (folded into the norm) and multiplies the linears it feeds
+    by ``s``: the importance (mean x²) those linears are quantized with becomes ``importance / s²``."""
+    ctx = _fresh(contexts[1], codec=GGMLCodec("Q4_0"), codecs={"mlp.down_proj": None})  # 172: no Q4_0
+    before = ctx.stats["input_layernorm"]["importance"].clone()
+    awq = AWQ(AWQConfig(clip=False))
+    new = awq.transform_block(ctx)
+    gamma, gamma_new = ctx.weights["input_layernorm.weight"], new["input_layernorm.weight"]
+    assert not torch.equal(gamma, gamma_new)
+    ratio = (gamma_new.double() / gamma.double()).square().float()
+    torch.testing.assert_close(ctx.stats["input_layernorm"]["importance"], before * ratio, rtol=1e-5, atol=0)
 
 
 def test_config_is_checked() -> None:

@@ -203,6 +203,8 @@ class _Search:
     inputs: dict[str, torch.Tensor]
     quantizable: set[str]
     grams: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)
+    # Product of the scales each input has been divided by (the weights it feeds multiplied by).
+    input_scales: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def gram(self, key: str) -> tuple[torch.Tensor, int]:
         if key not in self.grams:
@@ -212,6 +214,21 @@ class _Search:
     def rescale_inputs(self, key: str, s: torch.Tensor) -> None:
         self.inputs[key] = self.inputs[key] / s[None, :]
         self.grams.pop(key, None)
+        prev = self.input_scales.get(key)
+        self.input_scales[key] = s.clone() if prev is None else prev * s
+
+    def importance(self, key: str | None) -> torch.Tensor | None:
+        """Mean ``x²`` per column of the (current, rescaled) sampled inputs ``key``: what a codec with
+        an importance-weighted search (ggml's block types) weights each column's error by."""
+        if key is None or key not in self.inputs:
+            return None
+        return self.inputs[key].pow(2).mean(dim=0)
+
+
+def _fake_quantize(codec: Codec, w: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+    """``w`` (out, in) float32 quantized (guided by ``importance`` (in,) where the codec searches its
+    parameters: the ggml block types) and dequantized, float32."""
+    return codec.dequantize(codec.quantize_weighted(w, importance)).reshape(w.shape).float()
 
 
 def _input_key(mapping: FeedMapping, target: str, inputs: Mapping[str, torch.Tensor]) -> str | None:
@@ -232,7 +249,7 @@ class AWQ(Method):
     """
 
     name = "awq"
-    needs = ()
+    needs = ("importance",)  # of each linear's inputs: ggml's searches weight the columns by it
     transforms_block = True
 
     def __init__(self, config: AWQConfig | None = None) -> None:
@@ -244,15 +261,16 @@ class AWQ(Method):
     def quantize_linear(
         self, weight: torch.Tensor, codec: Codec, stats: dict[str, torch.Tensor] | None = None
     ) -> QuantizedTensor:
-        # The weights arrive scaled and clipped by transform_block: what is left is round-to-nearest.
-        # A caller that never ran transform_block (a walk without calibration) would get plain RTN
-        # labelled "awq": refuse instead.
+        # The weights arrive scaled and clipped by transform_block: what is left is round-to-nearest,
+        # guided (for codecs that search their parameters: ggml's block types) by the importance of the
+        # scaled inputs, which transform_block put in the block's statistics. A caller that never ran
+        # transform_block (a walk without calibration) would get plain RTN labelled "awq": refuse.
         if not self._transformed:
             raise ArgumentError(
                 "AWQ scales and clips each block from calibration activations before rounding; run it "
                 "through the calibration walk (pass calibration text), or use --method rtn"
             )
-        return codec.quantize(weight)
+        return codec.quantize_weighted(weight, None if stats is None else stats.get("importance"))
 
     # ----------------------------------------------------------------- block transform
     def transform_block(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
@@ -293,6 +311,11 @@ class AWQ(Method):
                 ctx.index,
                 ", ".join(sorted(quantizable - scaled)),
             )
+        # The inputs the quantized linears see are the scaled ones: so is their importance (mean x²).
+        for k_in, scale in state.input_scales.items():
+            imp = ctx.stats.get(k_in, {}).get("importance")
+            if imp is not None:
+                ctx.stats[k_in]["importance"] = imp / scale.to(imp.dtype).square()
         if self.config.clip:
             for lin in sorted(quantizable):
                 if lin.rsplit(".", 1)[-1] in self.config.clip_skip:
@@ -350,7 +373,10 @@ class AWQ(Method):
             if reference is not None:
                 cand = fold_scales(state.weights, mapping, s, ctx.arch.norm_offset)
                 for t in measured:
-                    cand[f"{t}.weight"] = _codec(ctx, t).fake_quantize(cand[f"{t}.weight"])
+                    imp = state.importance(keys[t])
+                    cand[f"{t}.weight"] = _fake_quantize(
+                        _codec(ctx, t), cand[f"{t}.weight"].float(), None if imp is None else imp / s.square()
+                    ).to(cand[f"{t}.weight"].dtype)
                 return float((ctx.run(cand) - reference).double().pow(2).mean())
             total = 0.0
             for t in measured:
@@ -358,7 +384,9 @@ class AWQ(Method):
                 key = keys[t]
                 assert key is not None
                 gram, n = state.gram(key)
-                delta = w - _codec(ctx, t).fake_quantize(w * s[None, :]).float() / s[None, :]
+                imp = state.importance(key)
+                imp = None if imp is None else imp / s.square()
+                delta = w - _fake_quantize(_codec(ctx, t), w * s[None, :], imp) / s[None, :]
                 total += _output_loss(delta, gram, n)
             return total
 
@@ -398,6 +426,7 @@ class AWQ(Method):
         x = state.inputs[key]
         x = x[:: max(1, x.shape[0] // cfg.clip_sample_tokens)][: cfg.clip_sample_tokens]  # (T, in)
         codec = _codec(ctx, lin)
+        imp = state.importance(key)
         block = grouping(codec, (out_f, in_f))
         r, c = block.resolve((out_f, in_f))
         n_groups = math.ceil(in_f / c)
@@ -411,7 +440,7 @@ class AWQ(Method):
             factor = 1.0 - i / cfg.clip_n_grid
             bound = expand_blocks(org_max * factor, block, (out_f, in_f))  # (out, in)
             cur = torch.minimum(torch.maximum(w, -bound), bound)
-            d = codec.fake_quantize(cur).float() - w  # (out, in)
+            d = _fake_quantize(codec, cur, imp) - w  # (out, in)
             dg = F.pad(d, (0, n_groups * c - in_f)).reshape(out_f, n_groups, c)  # (out, G, c)
             err = torch.empty(out_f, n_groups)
             for o in range(0, out_f, chunk):

@@ -36,7 +36,9 @@ class BlockContext:
     ``run``: runs the block with the given weights on the sampled calibration hidden states and returns
     its output ``(samples, seq, hidden)``; the block's original output is ``run(weights)``.
     ``stats``: the accumulated statistics the method declared in ``needs`` over *all* calibration tokens,
-    keyed like ``inputs`` (e.g. ``stats["input_layernorm"]["absmax"]``).
+    keyed like ``inputs`` (e.g. ``stats["input_layernorm"]["absmax"]``). A transform that changes a
+    linear's inputs updates their statistics here (AWQ: the importance of the scaled inputs): the walk
+    hands these, not the original block's, to :meth:`Method.quantize_linear`.
     ``activations``: how the scheme quantizes the linears' inputs at run time (None: float).
     ``codec`` quantizes every linear except those in ``codecs`` (block-relative linear name, without
     ``.weight`` -> codec, or None: the linear stays in float): a GGUF mix gives some linears more bits,
@@ -49,7 +51,7 @@ class BlockContext:
     codec: Codec
     inputs: Mapping[str, torch.Tensor]
     run: Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
-    stats: Mapping[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)
+    stats: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     activations: ActQuant | LLMInt8 | None = None
     codecs: Mapping[str, Codec | None] = field(default_factory=dict)
 

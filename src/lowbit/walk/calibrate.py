@@ -417,6 +417,7 @@ class _BlockCalibration:
         self.originals: dict[str, torch.Tensor] = {}
         self.batch = slice(0, 0)
         self.results: dict[str, QuantizedTensor] = {}
+        self.transformed_stats: dict[str, dict[str, torch.Tensor]] = {}
         self.dequantized: dict[str, torch.Tensor] = {}  # (out, in) float32, checked finite
         self.seen: list[str] = []  # group keys in the order their hooks fired
         self.stop_after: str | None = None  # the group whose inputs come last in the block, once known
@@ -439,8 +440,9 @@ class _BlockCalibration:
         if codec is None:  # kept in float: the block runs it as it is
             self.dequantized[lin] = w.float()
             return
-        accs = self.accs[self.key_of[lin]]
-        q = _quantize_one(self.method, codec, w, accs, self.prefix + lin)
+        key = self.key_of[lin]
+        accs = self.accs[key]
+        q = _quantize_one(self.method, codec, w, accs, self.prefix + lin, self.transformed_stats.get(key))
         if all(acc.count for acc in accs.values()):
             self.notes[lin] = self.method.describe_layer({need: acc.result() for need, acc in accs.items()})
         deq = codec.dequantize(q).reshape(w.shape)
@@ -602,9 +604,10 @@ class _BlockCalibration:
                 stats={k: {need: acc.result() for need, acc in a.items()} for k, a in self.accs.items()},
                 activations=self.activations,
             )
-            # Statistics above were taken on the original block: a block-level method quantizes its
-            # transformed weights without them (AWQ: RTN after scaling and clipping).
+            # Statistics above were taken on the original block; the transform updates those of the
+            # inputs it changed (AWQ: the importance of the scaled inputs), which quantize its linears.
             self.weights = self.method.transform_block(ctx)
+            self.transformed_stats = ctx.stats
         for rel in self.weights:  # in the block's tensor order
             lin = rel[: -len(".weight")]
             if lin in self.key_of and lin not in self.dequantized:
@@ -612,11 +615,20 @@ class _BlockCalibration:
 
 
 def _quantize_one(
-    method: Method, codec: Codec, w: torch.Tensor, accs: Mapping[str, Any], name: str
+    method: Method,
+    codec: Codec,
+    w: torch.Tensor,
+    accs: Mapping[str, Any],
+    name: str,
+    transformed: Mapping[str, torch.Tensor] | None = None,
 ) -> QuantizedTensor:
-    """One linear with its group's statistics. A group no calibration token reached (an MoE expert
-    the router never picked) has no statistics: it is quantized by round-to-nearest, with a warning."""
+    """One linear with its group's statistics (``transformed``: as a block transform updated them). A
+    group no calibration token reached (an MoE expert the router never picked) has no statistics: it is
+    quantized by round-to-nearest, with a warning."""
     if any(acc.count == 0 for acc in accs.values()):
         log.warning("%s: no calibration token reached this linear; quantized by round-to-nearest", name)
         return codec.quantize(w)
-    return method.quantize_linear(w, codec, {need: acc.result() for need, acc in accs.items()})
+    stats = {need: acc.result() for need, acc in accs.items()}
+    if transformed is not None:
+        stats.update({k: v for k, v in transformed.items() if k in stats})
+    return method.quantize_linear(w, codec, stats)
