@@ -113,25 +113,20 @@ def tiny256_files(
     of the same text."""
     root = tmp_path_factory.mktemp("gptq-gguf")
     calib = shared_file(CALIB)
-    gptq = root / "gptq.gguf"
-    rep = quantize(
-        shared_file(TINY_DIR),
-        "Q4_K_M",
-        gptq,
-        method="gptq",
-        progress=False,
-        calib=CalibConfig(calib, samples=32, seqlen=512),
-    )
-    rotated = root / "gptq-rot.gguf"
-    quantize(
-        shared_file(TINY_DIR),
-        "Q4_K_M",
-        rotated,
-        method="gptq",
-        progress=False,
-        calib=CalibConfig(calib, samples=32, seqlen=512),
-        rotate="hadamard",
-    )
+    gptq, rotated = root / "gptq.gguf", root / "gptq-rot.gguf"
+    reports = [
+        quantize(
+            shared_file(TINY_DIR),
+            "Q4_K_M",
+            out,
+            method="gptq",
+            progress=False,
+            calib=CalibConfig(calib, samples=32, seqlen=512),
+            rotate=rotate,
+        )
+        for out, rotate in ((gptq, None), (rotated, "hadamard"))
+    ]
+    rep = reports[0]
     imatrix = root / "imatrix.gguf"
     argv = [str(shared_file(f"{BIN}/llama-imatrix")), "-m", str(shared_file(TINY_GGUF)), "-f", str(calib)]
     argv += ["-c", "512", "--chunks", "32", "-t", "2", "-nr", "-o", str(imatrix)]
