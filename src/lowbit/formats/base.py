@@ -96,6 +96,13 @@ class Codec(ABC):
     def bits_per_weight(self, shape: tuple[int, ...]) -> float:
         return self.storage_bits(shape) / math.prod(shape)
 
+    @property
+    def searches_range(self) -> bool:
+        """Whether round-to-nearest already searches each region's range (scale, min) for the least
+        error, as ggml's quantizers do; False for min-max / absmax codecs, whose range a method may
+        clip beforehand (AWQ's clipping search)."""
+        return False
+
     def from_grid(self, grid: ElementGrid) -> QuantizedTensor | None:
         """A weight that is already quantized on ``grid`` (another codec's or another tool's result, as
         :meth:`RegionCodec.element_grid` describes it), held by this codec with the same codes under the

@@ -86,6 +86,10 @@ class GGMLCodec(RegionCodec):
         get_codec(self.type)  # a one-line error for a type lowbit has no codec for
 
     @property
+    def searches_range(self) -> bool:
+        return True  # ggml's quantizers search each block's scale (and min) themselves
+
+    @property
     def blocks(self) -> GGMLBlockCodec:
         """The numpy/C block codec of the type."""
         return get_codec(self.type)

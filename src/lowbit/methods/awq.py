@@ -89,7 +89,7 @@ class AWQConfig:
     duo_scaling: bool = True
     loss: LossScope = LossScope.LINEAR
     max_tokens: int = 8192
-    clip: bool = True
+    clip: bool = True  # block types that search their own range (ggml's) are never clipped
     clip_n_grid: int = 20
     clip_max_shrink: float = 0.5
     clip_sample_tokens: int = 512
@@ -319,6 +319,11 @@ class AWQ(Method):
         if self.config.clip:
             for lin in sorted(quantizable):
                 if lin.rsplit(".", 1)[-1] in self.config.clip_skip:
+                    continue
+                codec = ctx.codec_for(lin)
+                if codec is not None and codec.searches_range:
+                    # ggml's block types search each block's range themselves: clipping first only
+                    # takes values from that search (tiny256 Q4_K_M: KLD 0.0089 with, 0.0086 without)
                     continue
                 key = lin if lin in state.inputs else None
                 if key is None:  # a linear fed by a norm: its input is stored under the norm's name
