@@ -266,7 +266,8 @@ def _quantize_gguf(
     plain_rtn = method == "rtn" and calib is None and not method_options and rotation is None
     # A quantized checkpoint (GPTQ, AWQ, compressed-tensors) converted with RTN keeps its grids where
     # the block types hold them: the walk, which reads what the checkpoint stores.
-    keep_grids = plain_rtn and _holds_quantized(model)
+    checkpoint = _quantized_checkpoint(model) if plain_rtn else None
+    keep_grids = checkpoint is not None
     if plain_rtn and not keep_grids:
         from lowbit.export.gguf import write_gguf
 
@@ -277,7 +278,7 @@ def _quantize_gguf(
         stats = WalkStats()
     else:
         rep, label, stats = _quantize_gguf_walk(
-            model,
+            checkpoint or model,
             sch.name,
             out,
             method,
@@ -366,17 +367,21 @@ def _quantize_gguf_walk(
     return rep, label, stats
 
 
-def _holds_quantized(model: str | Path | ModelSource) -> bool:
-    """Whether ``model`` is a checkpoint whose linears are stored quantized on a grid lowbit reads."""
+def _quantized_checkpoint(model: str | Path | ModelSource) -> ModelSource | None:
+    """``model`` opened, if it is a checkpoint whose linears are stored quantized (lowbit reads their
+    codes and scales); None otherwise."""
     if not isinstance(model, str | Path):
-        return bool(model.holds_quantized)
+        return model if model.holds_quantized else None
     cfg = Path(model) / "config.json"
     if not cfg.is_file() or "quantization_config" not in cfg.read_text():
-        return False  # a float checkpoint or a GGUF file: no torch import on the fast path
+        return None  # a float checkpoint or a GGUF file: no torch import on the fast path
     from lowbit.walk.sources import open_model
 
-    with open_model(model) as src:
-        return src.holds_quantized
+    src = open_model(model)
+    if src.holds_quantized:
+        return src
+    src.close()
+    return None
 
 
 def _rotation(rotate: RotationConfig | str | None) -> RotationConfig | None:

@@ -46,7 +46,7 @@ def _linears(gguf: Path, ckpt: Path) -> list[tuple[str, torch.Tensor, torch.Tens
     """(name, the GGUF's weight as lowbit reads it, the checkpoint's dequantized weight) per linear the
     checkpoint stores quantized and the mix quantizes (stories260K's 172-wide down_proj stays F16)."""
     with open_model(gguf) as g, open_model(ckpt) as c:
-        names = [n for n in c.names() if c.stored_grid(n) is not None and g.info(n).storage != "F16"]
+        names = [n for n in c.names() if c.read_stored(n) is not None and g.info(n).storage != "F16"]
         return [(n, g.read(n).float(), c.read(n).float()) for n in names]
 
 

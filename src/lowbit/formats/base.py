@@ -111,9 +111,10 @@ class Codec(ABC):
         it stores no offset where the grid has one). Converting a checkpoint without rounding twice."""
         return None
 
-    def fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
-        """``dequantize(quantize(w))`` in ``w``'s dtype: the simulated-quantization weight."""
-        return self.dequantize(self.quantize(w)).to(w.dtype)
+    def fake_quantize(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+        """``dequantize(quantize(w))`` in ``w``'s dtype: the simulated-quantization weight; with
+        ``importance``, :meth:`quantize_weighted`'s."""
+        return self.dequantize(self.quantize_weighted(w, importance)).to(w.dtype)
 
 
 class ColumnQuantizer(ABC):

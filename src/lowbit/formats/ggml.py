@@ -221,8 +221,7 @@ class GGMLCodec(RegionCodec):
             if k is None:
                 return None
         else:
-            with torch.no_grad():
-                k = torch.where(s != 0, (-o / s).round(), torch.zeros_like(s))
+            k = torch.where(s != 0, (-o / s).round(), torch.zeros_like(s))
             if not bool((o + s * k == 0).all()) or not bool(((lo + k >= t0) & (hi + k <= t1)).all()):
                 return None
         if not bool(torch.isfinite(torch.from_numpy(_fp16(s.numpy()))).all()):

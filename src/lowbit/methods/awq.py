@@ -225,12 +225,6 @@ class _Search:
         return self.inputs[key].pow(2).mean(dim=0)
 
 
-def _fake_quantize(codec: Codec, w: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
-    """``w`` (out, in) float32 quantized (guided by ``importance`` (in,) where the codec searches its
-    parameters: the ggml block types) and dequantized, float32."""
-    return codec.dequantize(codec.quantize_weighted(w, importance)).reshape(w.shape).float()
-
-
 def _input_key(mapping: FeedMapping, target: str, inputs: Mapping[str, torch.Tensor]) -> str | None:
     """The :attr:`BlockContext.inputs` key of ``target``'s input (:func:`input_key`), falling back to
     the linear's own name (e.g. MoE experts that see only their routed tokens); None if neither was
@@ -379,9 +373,9 @@ class AWQ(Method):
                 cand = fold_scales(state.weights, mapping, s, ctx.arch.norm_offset)
                 for t in measured:
                     imp = state.importance(keys[t])
-                    cand[f"{t}.weight"] = _fake_quantize(
-                        _codec(ctx, t), cand[f"{t}.weight"].float(), None if imp is None else imp / s.square()
-                    ).to(cand[f"{t}.weight"].dtype)
+                    cand[f"{t}.weight"] = _codec(ctx, t).fake_quantize(
+                        cand[f"{t}.weight"], None if imp is None else imp / s.square()
+                    )
                 return float((ctx.run(cand) - reference).double().pow(2).mean())
             total = 0.0
             for t in measured:
@@ -391,7 +385,7 @@ class AWQ(Method):
                 gram, n = state.gram(key)
                 imp = state.importance(key)
                 imp = None if imp is None else imp / s.square()
-                delta = w - _fake_quantize(_codec(ctx, t), w * s[None, :], imp) / s[None, :]
+                delta = w - _codec(ctx, t).fake_quantize(w * s[None, :], imp).float() / s[None, :]
                 total += _output_loss(delta, gram, n)
             return total
 
@@ -445,7 +439,7 @@ class AWQ(Method):
             factor = 1.0 - i / cfg.clip_n_grid
             bound = expand_blocks(org_max * factor, block, (out_f, in_f))  # (out, in)
             cur = torch.minimum(torch.maximum(w, -bound), bound)
-            d = _fake_quantize(codec, cur, imp) - w  # (out, in)
+            d = codec.fake_quantize(cur, imp).float() - w  # (out, in)
             dg = F.pad(d, (0, n_groups * c - in_f)).reshape(out_f, n_groups, c)  # (out, G, c)
             err = torch.empty(out_f, n_groups)
             for o in range(0, out_f, chunk):

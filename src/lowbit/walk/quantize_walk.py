@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lowbit.errors import NonFiniteWeightError
-from lowbit.formats.base import Codec, CodecPlan, QuantizedTensor, sqnr_db
+from lowbit.formats.base import Codec, CodecPlan, QuantizedTensor, RegionCodec, sqnr_db
 from lowbit.methods.base import Method
 from lowbit.walk.sources import ModelSource
 from lowbit.walk.stats import LayerStat, WalkStats
@@ -70,17 +70,20 @@ def walk_quantize(
     bar = tqdm(groups, desc="quantize", unit="block", disable=not progress, leave=False)
     for grp in bar:
         for name in grp.names:
-            t = source.read(name)
+            stored = source.read_stored(name) if keep_grids and arch.is_quantizable(name) else None
+            stored_codec = getattr(stored, "codec", None)
+            if stored is not None and isinstance(stored_codec, Codec):
+                t = stored_codec.dequantize(stored)  # what source.read gives, without reading it again
+            else:
+                t = source.read(name)
             c = plan(name) if arch.is_quantizable(name) else plan.tensors.get(name)
             if c is not None:
                 check_finite(name, t)
                 q = None
                 notes: dict[str, float] = {}
-                if keep_grids and arch.is_quantizable(name):
-                    grid = source.stored_grid(name)
-                    if grid is not None:
-                        q = c.from_grid(grid)
-                        notes["kept_grid"] = float(q is not None)
+                if stored is not None and isinstance(stored_codec, RegionCodec):
+                    q = c.from_grid(stored_codec.element_grid(stored))
+                    notes["kept_grid"] = float(q is not None)
                 if q is None:
                     q = method.quantize_linear(t, c) if arch.is_quantizable(name) else c.quantize(t)
                 bits = c.storage_bits(tuple(t.shape))

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from lowbit.errors import InputFileError, SchemeError
-from lowbit.formats.base import ElementGrid, QuantizedTensor, RegionCodec
+from lowbit.formats.base import QuantizedTensor
 from lowbit.models.registry import GGUF_TO_MODEL_TYPE, Architecture, get_architecture
 
 if TYPE_CHECKING:
@@ -74,15 +74,16 @@ class ModelSource(ABC):
     def read(self, name: str) -> torch.Tensor:
         """The tensor as floats (its stored float dtype, or float32 if it had to be dequantized)."""
 
-    def stored_grid(self, name: str) -> ElementGrid | None:
-        """The grid a quantized checkpoint stores ``name`` on (its codes, scales and offsets), for
+    def read_stored(self, name: str) -> QuantizedTensor | None:
+        """``name`` as a quantized checkpoint stores it: its codec's result (codes and parameters;
+        the result's ``codec`` attribute names the codec, whose ``dequantize`` gives :meth:`read`), for
         converting it without rounding twice (:meth:`lowbit.formats.base.Codec.from_grid`); None for
         tensors stored in float and for sources that present weights otherwise (GGUF, rotated)."""
         return None
 
     @property
     def holds_quantized(self) -> bool:
-        """Whether some tensors are stored quantized on a grid :meth:`stored_grid` reads."""
+        """Whether some tensors are stored quantized (:meth:`read_stored` reads them)."""
         return False
 
     def tokenizer(self) -> Any:
@@ -224,17 +225,12 @@ class SafetensorsSource(ModelSource):
         if name not in self._order:
             self._order.insert(self._order.index(at), name)
 
-    def stored_grid(self, name: str) -> ElementGrid | None:
+    def read_stored(self, name: str) -> QuantizedTensor | None:
         read = self._stored.get(name)
-        if read is None:
-            return None
-        q = read()
-        codec = getattr(q, "codec", None)
-        return codec.element_grid(q) if isinstance(codec, RegionCodec) else None
+        return None if read is None else read()
 
     @property
     def holds_quantized(self) -> bool:
-        """Whether some tensors are stored quantized on a grid :meth:`stored_grid` reads."""
         return bool(self._stored)
 
     def info(self, name: str) -> TensorInfo:
