@@ -25,19 +25,32 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--cache-dir", default=None, help="where reference logits are cached (default ~/.cache/lowbit)"
     )
+    p.add_argument(
+        "--float-inputs",
+        action="store_true",
+        help="a GGUF file: multiply its weights by float inputs instead of converting each matmul's input "
+        "to the 8-bit (Q8_0/Q8_1/Q8_K) or 16-bit type llama.cpp's CPU backend uses for that weight type",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from lowbit.eval.run import evaluate_source, prepare_reference, result_dict, source_bits_per_weight
+    from lowbit.eval.run import (
+        evaluate_source,
+        inputs_label,
+        prepare_reference,
+        result_dict,
+        source_bits_per_weight,
+    )
     from lowbit.walk.sources import open_model
 
     progress = sys.stderr.isatty()
     source = open_model(args.model)
     setup = prepare_reference(args.ref, args.text, args.ctx, args.chunks, args.cache_dir, progress)
-    result = evaluate_source(setup, source, progress=progress)
+    result = evaluate_source(setup, source, progress=progress, runtime_inputs=not args.float_inputs)
     out = result_dict(result, source_bits_per_weight(source))
+    out["inputs"] = inputs_label(source, runtime_inputs=not args.float_inputs)
     if args.json:
         print(json.dumps(out))
         return 0
@@ -45,6 +58,6 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{args.model}: PPL {result.ppl:.4f} ± {result.ppl_stderr:.4f} (reference {result.ref_ppl:.4f}, "
         f"Δ {result.delta_ppl:+.4f}), KLD mean {result.kld_mean:.6f} p99 {result.kld_p99:.6f} "
-        f"p99.9 {result.kld_p999:.6f}, top-1 {100 * result.top1:.2f}%, {result.tokens} tokens, bits/weight {bpw}"
+        f"p99.9 {result.kld_p999:.6f}, top-1 {100 * result.top1:.2f}%, {result.tokens} tokens, bits/weight {bpw}, {out['inputs']}"
     )
     return 0

@@ -87,7 +87,7 @@ def prepare_reference(
     def ref_fn(ids: torch.Tensor) -> torch.Tensor:
         nonlocal ref_model
         if ref_model is None:
-            ref_model = build_model(ref_source)
+            ref_model = build_model(ref_source)  # its weights with float inputs, even from a GGUF file
         return logits_fn(ref_model)(ids)
 
     with threads_for(ref_source.config):
@@ -97,18 +97,66 @@ def prepare_reference(
     return EvalSetup(tokens, bos, reference, ref_source)
 
 
+def llama_cpp_inputs(source: ModelSource) -> dict[str, LinearActivation]:
+    """Module name -> the input conversion llama.cpp's CPU backend applies before each matmul of a GGUF
+    file (:mod:`lowbit.formats.gguf.dot_input`): every block linear and the output head (the token
+    embedding's type where the head is tied). Empty for other sources, and for linears stored in F32.
+    Expert linears stacked in one GGUF tensor are left as they are."""
+    from lowbit.formats.gguf.dot_input import GGMLDotInput
+
+    if not isinstance(source, GGUFSource):
+        return {}
+    arch = source.arch
+    names = set(source.names())
+    out: dict[str, LinearActivation] = {}
+    weights = [n for n in source.names() if n.endswith(".weight") and ".experts." not in n]
+    for name in weights:
+        split = arch.split_block_name(name)
+        if split is None or arch.linear_pattern(split[1][: -len(".weight")]) is None:
+            continue
+        out[name[: -len(".weight")]] = LinearActivation(GGMLDotInput.for_weight(source.info(name).storage))
+    head = f"{arch.lm_head}.weight"
+    head_from = head if head in names else f"{arch.embed}.weight"
+    if head_from in names:
+        out[arch.lm_head] = LinearActivation(GGMLDotInput.for_weight(source.info(head_from).storage))
+    return {k: a for k, a in out.items() if not isinstance(a.spec, GGMLDotInput) or a.spec.changes_input}
+
+
+def inputs_label(source: ModelSource, runtime_inputs: bool = True) -> str:
+    """How :func:`evaluate_source` multiplies ``source``'s linears: ``"float"``, or the run-time input
+    quantizations it applies (``"llama.cpp CPU: Q8_0, Q8_K inputs"``, W8A8's per-token int8, ...)."""
+    if isinstance(source, GGUFSource):
+        if not runtime_inputs:
+            return "float"
+        from lowbit.formats.gguf.dot_input import GGMLDotInput
+
+        kinds = {
+            a.spec.input_type.name
+            for a in llama_cpp_inputs(source).values()
+            if isinstance(a.spec, GGMLDotInput)
+        }
+        return f"llama.cpp CPU: {', '.join(sorted(kinds))} inputs" if kinds else "float"
+    labels = sorted({a.spec.label for a in source.activations.values()})
+    return "; ".join(labels) if labels else "float"
+
+
 def evaluate_source(
     setup: EvalSetup,
     model: str | Path | ModelSource,
     weights: Mapping[str, torch.Tensor] | None = None,
     progress: bool | None = None,
     activations: Mapping[str, LinearActivation] | None = None,
+    runtime_inputs: bool = True,
 ) -> EvalResult:
     """Evaluate ``model`` (or ``weights`` on its architecture) against ``setup``'s reference.
 
     Linears whose inputs are quantized at run time (``activations``; default: what the checkpoint
-    says) quantize them during the evaluation, as the runtime does."""
+    says) quantize them during the evaluation, as the runtime does. A GGUF file is judged as llama.cpp
+    runs it: each matmul's input converted to its weight type's dot-product type (:func:`llama_cpp_inputs`),
+    unless ``runtime_inputs`` is False (its weights alone, with float inputs)."""
     source = model if isinstance(model, ModelSource) else open_model(model)
+    if activations is None and runtime_inputs and isinstance(source, GGUFSource):
+        activations = llama_cpp_inputs(source)
     vocab = int(source.config.get("vocab_size", 0))
     ref_vocab = int(setup.ref_source.config.get("vocab_size", 0))
     if vocab and ref_vocab and vocab != ref_vocab:

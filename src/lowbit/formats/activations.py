@@ -28,6 +28,8 @@ from lowbit.errors import SchemeError
 if TYPE_CHECKING:
     import torch
 
+    from lowbit.formats.gguf.dot_input import GGMLDotInput
+
 
 class ActKind(StrEnum):
     INT = "int"
@@ -191,9 +193,11 @@ class LinearActivation:
     """How one linear's input is quantized at run time, with what the runtime stores for it:
     ``input_scale`` for a static :class:`ActQuant`, the int8 weight ``(codes, row_absmax)`` for
     :class:`LLMInt8` (its matmul runs on the codes, not on a float weight), or a function that reads it.
+    :class:`~lowbit.formats.gguf.dot_input.GGMLDotInput`: llama.cpp's conversion of the input to its
+    weight type's dot-product type.
     """
 
-    spec: ActQuant | LLMInt8
+    spec: ActQuant | LLMInt8 | GGMLDotInput
     input_scale: torch.Tensor | None = None
     int8_weight: (
         tuple[torch.Tensor, torch.Tensor] | Callable[[], tuple[torch.Tensor, torch.Tensor]] | None
