@@ -19,7 +19,7 @@ from lowbit.errors import LowbitError
 log = logging.getLogger("lowbit")
 
 # Subcommand modules, in the order `lowbit --help` lists them.
-SUBCOMMANDS: tuple[str, ...] = ("demo", "quantize", "imatrix", "eval", "fit", "inspect")
+SUBCOMMANDS: tuple[str, ...] = ("demo", "quantize", "imatrix", "eval", "compare", "fit", "inspect")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
