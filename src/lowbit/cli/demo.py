@@ -1,28 +1,33 @@
 """``lowbit demo``: lowbit's main job on the bundled model, end to end, in about a minute.
 
-Quantizes the bundled stories260K with several schemes, writes each in its real format where lowbit
-writes that format (and evaluates the written file through lowbit's reader), evaluates every result
-against the original on the bundled TinyStories text, and prints one table.
+``lowbit compare`` on the bundled tiny256 (a 5 M-parameter Llama trained for this project, every width a
+multiple of 256, so llama.cpp's k-quants apply): GGUF mixes for llama.cpp beside the Hugging Face formats
+for transformers and vLLM, each made as a real file and judged against the original on TinyStories text
+the model never saw in training; the table with the Pareto front, a recommendation for a small memory,
+and the report (``DIR/report.html``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-import tempfile
-import time
+import re
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
 
 DEFAULT_SCHEMES = (
-    "w8", "w8a8", "int8", "fp8", "w4", "w4-asym", "w4g32", "w3-asym", "w2g32-asym", "nf4", "nf4-dq", "fp4",
+    "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M", "Q2_K",
+    "w8a8", "fp8", "int8", "w4g128", "w4g64-asym", "nf4",
 )  # fmt: skip
+#: tiny256 was trained on the first 3,872 blank-line blocks of the bundled TinyStories text; the demo
+#: evaluates on the rest (a few blocks of margin) and calibrates on the start
+HELD_OUT_FROM = 3880
+CALIB_BLOCKS = 600
+DEFAULT_OUTPUT = "lowbit-demo"
 
 
 def bundled_model() -> Path:
-    return Path(str(files("lowbit") / "assets" / "models" / "stories260K"))
+    return Path(str(files("lowbit") / "assets" / "models" / "tiny256"))
 
 
 def bundled_text() -> Path:
@@ -30,87 +35,71 @@ def bundled_text() -> Path:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("demo", help="quantize the bundled model with several schemes and compare them")
-    p.add_argument("--model", default=None, help="model to use instead of the bundled stories260K")
-    p.add_argument("--text", default=None, help="evaluation text instead of the bundled TinyStories sample")
+    p = sub.add_parser(
+        "demo",
+        help="compare GGUF and Hugging Face schemes on the bundled model: table, Pareto front, report",
+        description="lowbit compare on the bundled tiny256 with held-out TinyStories text.",
+    )
+    p.add_argument("--model", default=None, help="model to use instead of the bundled tiny256")
+    p.add_argument("--text", default=None, help="evaluation text instead of held-out TinyStories")
     p.add_argument("--schemes", default=",".join(DEFAULT_SCHEMES), help="comma-separated schemes")
+    p.add_argument("--methods", default="rtn", help="rtn, gptq, awq (default rtn)")
+    p.add_argument("--memory", default="72MiB", help="memory to recommend for (default 72MiB)")
+    p.add_argument("--context", type=int, default=512, help="context to run at (default 512)")
     p.add_argument("--ctx", type=int, default=256, help="evaluation window (default 256)")
     p.add_argument("--chunks", type=int, default=40, help="evaluation windows (default 40)")
+    p.add_argument("--workers", type=int, default=1, help="candidates made at once (default 1)")
+    p.add_argument(
+        "-o", "--output", default=DEFAULT_OUTPUT, help=f"report directory (default ./{DEFAULT_OUTPUT})"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object with every row")
     p.set_defaults(func=run)
 
 
-def run_scheme(setup: Any, name: str, workdir: Path) -> dict[str, Any]:
-    """One row of the demo table: write ``name`` in its format where lowbit can and evaluate the written
-    checkpoint; where the format cannot hold it (yet), evaluate the in-memory simulation and say why."""
-    from lowbit.api import quantize, simulate_scheme
-    from lowbit.errors import ShapeError
-    from lowbit.eval.run import evaluate_source, result_dict
-    from lowbit.export.hf_checkpoint import available_formats
-    from lowbit.schemes import parse_scheme
-    from lowbit.walk.sources import open_model
-
-    scheme = parse_scheme(name)
-    original = setup.ref_source
-    t0 = time.perf_counter()
-    reason = f"{scheme.default_format} output is not written yet"
-    if scheme.default_format in available_formats():
-        try:
-            report = quantize(original, scheme.name, workdir / scheme.name, progress=False)
-        except ShapeError as e:  # the format cannot hold this layout: show the codec's quality anyway
-            reason = str(e).split(";")[0]
-        else:
-            result = evaluate_source(setup, open_model(report.output), progress=False)
-            return {
-                "scheme": scheme.name,
-                **result_dict(result, report.linear_bits_per_weight),
-                "file_bytes": report.file_bytes,
-                "written_as": scheme.default_format,
-                "seconds": round(time.perf_counter() - t0, 2),
-            }
-    weights, stats = simulate_scheme(original, scheme.name)
-    result = evaluate_source(setup, original, weights=weights, progress=False, activations=stats.activations)
-    return {
-        "scheme": scheme.name,
-        **result_dict(result, stats.linear_bits_per_weight),
-        "file_bytes": (stats.quantized_bits + stats.other_bits) // 8,
-        "written_as": f"simulated: {reason}",
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
+def demo_texts(out: Path) -> tuple[Path, Path]:
+    """The held-out evaluation text and the calibration text, cut from the bundled TinyStories."""
+    blocks = re.split(r"\n\s*\n", bundled_text().read_text(encoding="utf-8"))
+    text, calib = out / "heldout.txt", out / "calib.txt"
+    text.write_text("\n\n".join(blocks[HELD_OUT_FROM:]), encoding="utf-8")
+    calib.write_text("\n\n".join(blocks[:CALIB_BLOCKS]), encoding="utf-8")
+    return text, calib
 
 
 def run(args: argparse.Namespace) -> int:
-    from lowbit.eval.run import prepare_reference
+    import shutil
 
+    from lowbit.errors import ArgumentError
+    from lowbit.eval.compare import CompareConfig, RunTarget, compare, plan_candidates
+    from lowbit.eval.fit import parse_memory
+    from lowbit.eval.report import text_table, write_report
+
+    out = Path(args.output)
+    candidates, notes = plan_candidates(args.schemes.split(","), args.methods.split(","))
+    target = RunTarget(memory=parse_memory(args.memory), context=args.context)
+    # the demo's own directory is replaced; anything else is left alone
+    if out.exists() and any(out.iterdir()) and not (out / "results.json").is_file():
+        raise ArgumentError(f"{out} exists and is not a lowbit demo directory; pass -o NEW_DIR")
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    text, calib = demo_texts(out)
+    if args.text:
+        text = Path(args.text)
     model = Path(args.model) if args.model else bundled_model()
-    text = Path(args.text) if args.text else bundled_text()
-    t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="lowbit-demo-") as tmp:
-        setup = prepare_reference(
-            model, text, args.ctx, args.chunks, cache_dir=Path(tmp) / "cache", progress=False
-        )
-        rows = [run_scheme(setup, s.strip(), Path(tmp)) for s in args.schemes.split(",") if s.strip()]
+    config = CompareConfig(
+        text=text, calib=calib, samples=32, seqlen=256, ctx=args.ctx, chunks=args.chunks, target=target,
+        workers=args.workers,
+    )  # fmt: skip
+    report = compare(model, candidates, config, out, notes=notes, progress=False if args.json else None)
+    paths = write_report(report, out)
     if args.json:
-        print(json.dumps({"model": str(model), "text": str(text), "ctx": args.ctx, "rows": rows}))
+        print(json.dumps(report.to_json()))
         return 0
-    if not rows:
-        print("no schemes given")
-        return 0
-    print(
-        f"lowbit demo: {model.name} on {text.name}, ctx {args.ctx}, {rows[0]['tokens']} tokens scored, "
-        f"reference PPL {rows[0]['ref_ppl']:.4f}"
-    )
-    header = f"{'scheme':<12} {'bits/w':>7} {'size KB':>9} {'PPL':>8} {'ΔPPL':>8} {'KLD':>9} {'top-1':>7}  written as"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(
-            f"{r['scheme']:<12} {r['bpw']:>7.3f} {r['file_bytes'] / 1024:>9.1f} {r['ppl']:>8.4f} "
-            f"{r['delta_ppl']:>+8.4f} {r['kld_mean']:>9.5f} {100 * r['top1']:>6.2f}%  {r['written_as']}"
-        )
-    print(
-        f"({time.perf_counter() - t_start:.1f} s; bits/w: codes + scales + zeros of the quantized linears; "
-        "size: the checkpoint's weights file)",
-        file=sys.stderr,
-    )
+    ok = [r for r in report.rows if "tokens" in r]
+    head = f"lowbit demo: {model.name} on held-out TinyStories, ctx {args.ctx}"
+    if ok:
+        head += f", {ok[0]['tokens']} tokens scored, reference PPL {ok[0]['ref_ppl']:.3f}"
+    print(head)
+    print(text_table(report))
+    print(f"\nreport: {paths['report']}  ({report.seconds:.0f} s)")
     return 0

@@ -165,7 +165,7 @@ def html_report(report: CompareReport, svg: str) -> str:
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; font-size: 0.9em; }}
-th, td {{ border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: right; }}
+th, td {{ border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: right; white-space: nowrap; }}
 th:nth-child(-n+3), td:nth-child(-n+3) {{ text-align: left; }}
 tr.front td {{ font-weight: 600; }}
 tr.best td {{ background: #e6f4e6; }}
