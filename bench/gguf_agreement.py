@@ -14,18 +14,19 @@ llama-quantize's (no imatrix), ``gptq`` ``lowbit quantize --method gptq`` (128 x
 WikiText-2 calibration half). Results: ``bench/results/gguf_agreement.json``.
 
 Usage: python bench/gguf_agreement.py [--models tiny256,smollm2] [--mixes Q8_0,Q4_K_M,...]
-       [--methods lq,gptq] [--chunks 40]
+       [--methods lq,gptq] [--chunks 40] [--append]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from _common import LLAMA_BIN, print_table, run_measured, shared_path, smollm2_gguf, write_results
+from _common import LLAMA_BIN, RESULTS, print_table, run_measured, shared_path, smollm2_gguf, write_results
 from gguf_beyond import EVAL, perplexity
 
 from lowbit.eval.run import evaluate_source, prepare_reference
@@ -58,9 +59,14 @@ def main() -> None:
     ap.add_argument("--methods", default="lq,gptq")
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--out", default="gguf_agreement", help="bench/results/NAME.json")
+    ap.add_argument("--append", action="store_true", help="keep the rows already measured, skip them")
     args = ap.parse_args()
     text = shared_path(EVAL)
+    path = RESULTS / f"{args.out}.json"
     rows: list[dict[str, Any]] = []
+    if args.append and path.is_file():
+        rows = [r for r in json.loads(path.read_text())["rows"] if "error" not in r]
+    done = {(r["model"], r["mix"], r["method"]) for r in rows}
     meta = {
         "eval": f"WikiText-2 test, ctx 512 x {args.chunks} chunks; llama-perplexity against the F32 GGUF's "
         "logits, lowbit eval against the same weights in float32",
@@ -78,13 +84,18 @@ def main() -> None:
             print(f"{model}: llama-perplexity's floor (F32 against its own base) {floor:.6f}", flush=True)
             for mix in args.mixes.split(","):
                 for method in args.methods.split(","):
+                    if (model, mix, method) in done:
+                        continue
                     out = tmp / f"{model}-{mix}-{method}.gguf"
                     try:
                         make_file(method, model_in, f32, mix, out)
+                        # the tool's logger sometimes loses its summary on a loaded machine, 4 times running
+                        llama = perplexity(out, text, args.chunks, base, make_base=False)
                     except RuntimeError as e:
                         print(f"{model} {mix} {method}: {str(e)[-160:]}", flush=True)
+                        rows.append({"model": model, "mix": mix, "method": method, "error": str(e)[-300:]})
+                        write_results(args.out, {**meta, "rows": rows})
                         continue
-                    llama = perplexity(out, text, args.chunks, base, make_base=False)
                     runtime = evaluate_source(setup, out, progress=False)
                     floats = evaluate_source(setup, out, progress=False, runtime_inputs=False)
                     row = {
@@ -111,7 +122,7 @@ def main() -> None:
                         flush=True,
                     )
     print_table(
-        rows,
+        [r for r in rows if "error" not in r],
         [
             ("model", "model", "s"),
             ("mix", "mix", "s"),
