@@ -7,9 +7,10 @@ reference's tokenizer, one cached reference per (reference weights, text, ctx, c
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,10 @@ import torch
 
 from lowbit.errors import InputFileError
 from lowbit.eval.perplexity import EvalResult, evaluate, load_or_build_reference
-from lowbit.eval.refcache import Reference
+from lowbit.eval.refcache import Reference, default_cache_dir
+from lowbit.eval.tasks import TaskItem, TaskResult, run_task, task_fingerprint
 from lowbit.eval.windows import encode_text, read_text_exact, tokenizer_bos_id
+from lowbit.export.atomic import atomic_file
 from lowbit.formats.activations import LinearActivation
 from lowbit.walk.sources import GGUFSource, ModelSource, SafetensorsSource, open_model
 from lowbit.walk.torch_model import build_model, logits_fn, threads_for
@@ -61,6 +64,8 @@ class EvalSetup:
     bos_id: int | None
     reference: Reference
     ref_source: ModelSource
+    fingerprint: str = ""
+    cache_dir: Path | None = None
 
 
 def prepare_reference(
@@ -94,7 +99,14 @@ def prepare_reference(
         reference = load_or_build_reference(
             ref_fn, tokens, ctx, chunks, bos, model_fingerprint=fp, cache_dir=cache_dir, progress=progress
         )
-    return EvalSetup(tokens, bos, reference, ref_source)
+    return EvalSetup(
+        tokens,
+        bos,
+        reference,
+        ref_source,
+        fp,
+        Path(cache_dir) if cache_dir is not None else default_cache_dir(),
+    )
 
 
 def llama_cpp_inputs(source: ModelSource) -> dict[str, LinearActivation]:
@@ -154,6 +166,21 @@ def evaluate_source(
     says) quantize them during the evaluation, as the runtime does. A GGUF file is judged as llama.cpp
     runs it: each matmul's input converted to its weight type's dot-product type (:func:`llama_cpp_inputs`),
     unless ``runtime_inputs`` is False (its weights alone, with float inputs)."""
+    return evaluate_model(setup, model, weights, progress, activations, runtime_inputs)[0]
+
+
+def evaluate_model(
+    setup: EvalSetup,
+    model: str | Path | ModelSource,
+    weights: Mapping[str, torch.Tensor] | None = None,
+    progress: bool | None = None,
+    activations: Mapping[str, LinearActivation] | None = None,
+    runtime_inputs: bool = True,
+    task: Sequence[TaskItem] | None = None,
+    task_score: str = "sum",
+) -> tuple[EvalResult, TaskResult | None]:
+    """:func:`evaluate_source`, and the model's answers on ``task`` (:mod:`lowbit.eval.tasks`) from the
+    same built model."""
     source = model if isinstance(model, ModelSource) else open_model(model)
     if activations is None and runtime_inputs and isinstance(source, GGUFSource):
         activations = llama_cpp_inputs(source)
@@ -166,7 +193,43 @@ def evaluate_source(
         )
     torch_model = build_model(source, weights, activations=activations)
     with threads_for(source.config):
-        return evaluate(logits_fn(torch_model), setup.reference, progress=progress)
+        fn = logits_fn(torch_model)
+        result = evaluate(fn, setup.reference, progress=progress)
+        answers = None
+        if task is not None:
+            tok = setup.ref_source.tokenizer()
+            answers = run_task(fn, tok, tokenizer_bos_id(tok), task, task_score)
+    return result, answers
+
+
+def reference_task(setup: EvalSetup, task: Sequence[TaskItem], task_score: str = "sum") -> TaskResult:
+    """The reference model's answers on ``task`` (float inputs), cached beside its logits."""
+    cache = None
+    if setup.cache_dir is not None and setup.fingerprint:
+        key = f"{setup.fingerprint[:16]}-{task_fingerprint(task)[:16]}-{task_score}"
+        cache = setup.cache_dir / f"task-{key}.json"
+        if cache.is_file():
+            return TaskResult.from_json(json.loads(cache.read_text()))
+    torch_model = build_model(setup.ref_source, activations={})
+    with threads_for(setup.ref_source.config):
+        tok = setup.ref_source.tokenizer()
+        res = run_task(logits_fn(torch_model), tok, tokenizer_bos_id(tok), task, task_score)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(cache, force=True) as tmp:
+            tmp.write_text(json.dumps(res.to_json()))
+    return res
+
+
+def task_dict(result: TaskResult, reference: TaskResult, task_score: str = "sum") -> dict[str, Any]:
+    """The ``--task`` fields of ``lowbit eval --json``."""
+    return {
+        "task_scoring": "log-likelihood sum" if task_score == "sum" else "mean log-likelihood per token",
+        "task_accuracy": result.accuracy,
+        "ref_task_accuracy": reference.accuracy,
+        "task_items": len(result.answers),
+        "task_flips": result.flips(reference),
+    }
 
 
 def result_dict(result: EvalResult, bpw: float | None) -> dict[str, Any]:
