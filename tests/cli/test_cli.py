@@ -220,6 +220,7 @@ def test_demo_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     )
     assert rows["Q4_K_M"]["inputs"] == "llama.cpp CPU: Q8_K inputs"
     assert res["recommended"]["fits"] and res["recommended"]["name"] in rows
+    assert rows["Q4_K_M"]["task_items"] == 40 and "task_flips" in rows["nf4"]  # the bundled task
     assert (out / "report.html").is_file() and (out / "files" / "Q4_K_M.gguf").is_file()
     # a second run replaces the demo's own directory; a directory that is not one is refused
     assert main([*argv, "--schemes", "Q8_0", "--json"]) == 0

@@ -24,6 +24,7 @@ from lowbit.eval.compare import (
 ROOT = Path(__file__).resolve().parents[2]
 STORIES = ROOT / "src" / "lowbit" / "assets" / "models" / "stories260K"
 TEXT = ROOT / "src" / "lowbit" / "assets" / "text" / "tinystories-val.txt"
+TASK = ROOT / "src" / "lowbit" / "assets" / "tasks" / "tinystories-mc.jsonl"
 SCHEMES = "Q8_0,Q4_0,nf4,w8a8,w4"
 
 
@@ -116,6 +117,7 @@ def compared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     argv = ["compare", str(STORIES), "--text", str(root / "eval.txt"), "--ctx", "128", "--chunks", "8"]
     argv += ["--schemes", SCHEMES, "--methods", "rtn,gptq", "--calib", str(root / "calib.txt")]
     argv += ["--samples", "16", "--seqlen", "128", "--memory", "80MiB", "--context", "256", "-o", str(out)]
+    argv += ["--task", str(TASK)]
     return {"root": root, "out": out, "argv": argv}
 
 
@@ -154,8 +156,11 @@ def test_compare_writes_every_candidate_and_the_report(
         if not r["pareto"]:
             d = by[r["dominated_by"]]
             assert d["file_bytes"] <= r["file_bytes"] and d["kld_mean"] <= r["kld_mean"]
+    assert all(r["task_items"] == 40 and 0 <= r["task_flips"] <= 40 for r in rows)
+    assert len({r["ref_task_accuracy"] for r in rows}) == 1
     rec = saved["recommended"]
     assert rec["fits"] and by[rec["name"]]["recommended"] and by[rec["name"]]["fits"]
+    assert "answers flipped on your task" in rec["reason"]
     assert by[rec["name"]]["kld_mean"] == min(r["kld_mean"] for r in rows if r["fits"])
     html = (out / "report.html").read_text()
     assert "<svg" in html and html.count("<tr") == len(rows) + 1 and rec["reason"].split(":")[0] in html
@@ -189,12 +194,16 @@ def test_workers_give_the_serial_rows(compared: dict[str, Any], capsys: pytest.C
         (["--schemes", "Q8_0", "--methods", "gptq"], "--calib"),
         (["--schemes", "Q8_0", "--preset", "local"], "not both"),
         (["--schemes", "Q8_0", "--kv-type", "q9"], "q9"),
+        (["--schemes", "Q8_0", "--task", "{bad}"], "bad.jsonl:2"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(
     extra: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "cmp"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "choices": ["b", "c"], "answer": 0}\n{"prompt": "a", "choices": ["b"]}\n')
+    extra = [a.replace("{bad}", str(bad)) for a in extra]
     assert main(["compare", str(STORIES), "--text", str(TEXT), *extra, "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err

@@ -34,6 +34,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--kv-type", default="f16", help="KV cache type (f16, q8_0, q4_0, ...; default f16)")
     p.add_argument("--ctx", type=int, default=512, help="evaluation window, tokens (default 512)")
     p.add_argument("--chunks", type=int, default=None, help="evaluation windows (default: all)")
+    p.add_argument(
+        "--task", default=None, help="JSON-lines task (see lowbit eval --task): accuracy and flips per row"
+    )
+    p.add_argument(
+        "--task-score", choices=("sum", "mean"), default="sum", help="multiple-choice scoring (default sum)"
+    )
     p.add_argument("--workers", type=int, default=1, help="candidates made at once (default 1)")
     p.add_argument("--cache-dir", default=None, help="reference logits cache (default DIR/cache)")
     p.add_argument("-o", "--output", required=True, help="directory for the report and the files")
@@ -58,6 +64,11 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.model).exists():
         raise InputFileError(f"model {args.model} does not exist")
     kv_type(args.kv_type)
+    task = Path(args.task) if args.task else None
+    if task is not None:
+        from lowbit.eval.tasks import load_task
+
+        load_task(task)  # a malformed line fails here, before any file is made
     target = RunTarget(
         memory=parse_memory(args.memory) if args.memory else None,
         context=args.context,
@@ -88,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         target=target,
         workers=args.workers,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        task=task,
+        task_score=args.task_score,
     )
     report = compare(
         args.model, candidates, config, out, notes=notes, progress=None if not args.json else False

@@ -34,6 +34,10 @@ def bundled_text() -> Path:
     return Path(str(files("lowbit") / "assets" / "text" / "tinystories-val.txt"))
 
 
+def bundled_task() -> Path:
+    return Path(str(files("lowbit") / "assets" / "tasks" / "tinystories-mc.jsonl"))
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "demo",
@@ -88,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     model = Path(args.model) if args.model else bundled_model()
     config = CompareConfig(
         text=text, calib=calib, samples=32, seqlen=256, ctx=args.ctx, chunks=args.chunks, target=target,
-        workers=args.workers,
+        workers=args.workers, task=None if args.model else bundled_task(),
     )  # fmt: skip
     report = compare(model, candidates, config, out, notes=notes, progress=False if args.json else None)
     paths = write_report(report, out)

@@ -104,6 +104,8 @@ class CompareConfig:
     target: RunTarget = field(default_factory=RunTarget)
     workers: int = 1
     cache_dir: Path | None = None
+    task: Path | None = None
+    task_score: str = "sum"
 
 
 def plan_candidates(schemes: Iterable[str], methods: Iterable[str]) -> tuple[list[Candidate], list[str]]:
@@ -175,7 +177,8 @@ def _run_job(job: _Job) -> dict[str, Any]:
     import torch
 
     from lowbit.api import quantize
-    from lowbit.eval.run import evaluate_source, inputs_label, prepare_reference
+    from lowbit.eval.run import evaluate_model, inputs_label, prepare_reference, reference_task, task_dict
+    from lowbit.eval.tasks import load_task
     from lowbit.walk.calibrate import CalibConfig
     from lowbit.walk.sources import open_model
 
@@ -202,7 +205,10 @@ def _run_job(job: _Job) -> dict[str, Any]:
         setup = prepare_reference(job.model, cfg.text, cfg.ctx, cfg.chunks, cfg.cache_dir, progress=False)
         source = open_model(job.out)
         t0 = time.perf_counter()
-        res = evaluate_source(setup, source, progress=False)
+        task = load_task(cfg.task) if cfg.task is not None else None
+        res, answers = evaluate_model(setup, source, progress=False, task=task, task_score=cfg.task_score)
+        if task is not None and answers is not None:
+            row.update(task_dict(answers, reference_task(setup, task, cfg.task_score), cfg.task_score))
         row.update(
             file_bytes=rep.file_bytes,
             bpw=8 * rep.file_bytes / _n_params(setup.ref_source),
@@ -339,6 +345,11 @@ def recommend(
                 f"{format_bytes(best['overhead_bytes'])} overhead fits {format_bytes(memory)} "
                 f"with {format_bytes(spare)} to spare; KLD {best['kld_mean']:.4g}, top-1 {100 * best['top1']:.1f}%"
             )
+            if "task_flips" in best:
+                why += (
+                    f"; {100 * best['task_flips'] / best['task_items']:.1f}% of answers flipped on your task "
+                    f"(accuracy {100 * best['task_accuracy']:.1f}%, original {100 * best['ref_task_accuracy']:.1f}%)"
+                )
             return {"name": best["name"], "fits": True, "reason": why}
         small = min(cands, key=lambda r: r["run_bytes"])
         ctx = small["max_context"]
@@ -381,8 +392,13 @@ def compare(
     files.mkdir(parents=True, exist_ok=True)
     cache = config.cache_dir or out_dir / "cache"
     config = replace(config, cache_dir=cache)
-    # the reference once, in this process: the workers read it from the cache
-    prepare_reference(model_s, config.text, config.ctx, config.chunks, cache, progress=progress)
+    # the reference once, in this process: the workers read it (and its task answers) from the cache
+    setup = prepare_reference(model_s, config.text, config.ctx, config.chunks, cache, progress=progress)
+    if config.task is not None:
+        from lowbit.eval.run import reference_task
+        from lowbit.eval.tasks import load_task
+
+        reference_task(setup, load_task(config.task), config.task_score)
     imatrix = _shared_imatrix(model_s, candidates, config, out_dir, progress)
     workers = min(config.workers, len(candidates))
     threads = max(1, (os.cpu_count() or 1) // workers)

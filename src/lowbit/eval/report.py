@@ -29,6 +29,8 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("kld_mean", "KLD"),
     ("kld_p99", "KLD p99"),
     ("top1", "top-1"),
+    ("task_accuracy", "task"),
+    ("task_flips", "flips"),
     ("run_bytes", "to run"),
     ("fits", "fits"),
     ("quantize_s", "quantize s"),
@@ -50,8 +52,10 @@ def cell(row: dict[str, Any], key: str) -> str:
         return f"{v:+.3f}"
     if key in ("kld_mean", "kld_p99"):
         return f"{v:.5f}"
-    if key == "top1":
-        return f"{100 * v:.2f}%"
+    if key in ("top1", "task_accuracy"):
+        return f"{100 * v:.2f}%" if key == "top1" else f"{100 * v:.1f}%"
+    if key == "task_flips":
+        return f"{v}/{row.get('task_items')}"
     if key == "bpw":
         return f"{v:.2f}"
     if key == "quantize_s":
@@ -63,9 +67,18 @@ def cell(row: dict[str, Any], key: str) -> str:
     return str(v)
 
 
+def _columns(report: CompareReport) -> list[tuple[str, str]]:
+    """The columns with something to show: ``fits`` with a memory size, the task's with a task."""
+    has_task = any("task_accuracy" in r for r in report.rows)
+    skip = {"fits"} if report.target.memory is None else set()
+    if not has_task:
+        skip |= {"task_accuracy", "task_flips"}
+    return [(k, h) for k, h in COLUMNS if k not in skip]
+
+
 def text_table(report: CompareReport) -> str:
     """The comparison as aligned text, errors and the recommendation below it."""
-    cols = [(k, h) for k, h in COLUMNS if k != "fits" or report.target.memory is not None]
+    cols = _columns(report)
     ok = [r for r in report.rows if "error" not in r]
     body = [[cell(r, k) for k, _ in cols] for r in ok]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, (_, h) in enumerate(cols)]
@@ -134,7 +147,7 @@ def plot(rows: Sequence[dict[str, Any]], fmt: str) -> bytes:
 
 def html_report(report: CompareReport, svg: str) -> str:
     """One self-contained page: what was compared, the plot, the table, the recommendation."""
-    cols = [(k, h) for k, h in COLUMNS if k != "fits" or report.target.memory is not None]
+    cols = _columns(report)
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h in cols)
     body = []
     for r in report.rows:
