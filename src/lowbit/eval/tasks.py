@@ -145,12 +145,15 @@ def choice_scores(
     common = 0
     while all(len(s) > common + 1 for s in seqs) and len({s[common] for s in seqs}) == 1:
         common += 1
+    # one forward pass for all choices, padded on the right (causal: padding never reaches the scored
+    # positions)
+    width = max(len(q) for q in seqs)
+    batch = torch.tensor([q + [q[-1]] * (width - len(q)) for q in seqs], dtype=torch.long)
+    logp_all = torch.log_softmax(fn(batch).double(), dim=-1)
     scores = []
-    for s in seqs:
-        ids = torch.tensor([s], dtype=torch.long)
-        logp = torch.log_softmax(fn(ids)[0].double(), dim=-1)
-        targets = torch.tensor(s[common:], dtype=torch.long)
-        picked = logp[common - 1 : len(s) - 1].gather(1, targets[:, None])
+    for row, q in enumerate(seqs):
+        targets = torch.tensor(q[common:], dtype=torch.long)
+        picked = logp_all[row, common - 1 : len(q) - 1].gather(1, targets[:, None])
         scores.append(float(picked.mean() if score == "mean" else picked.sum()))
     return scores
 
