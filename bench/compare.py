@@ -76,6 +76,7 @@ def main() -> None:
             "report": report,
         }
         print(f"compare: {len(report['rows'])} candidates in {m.seconds:.0f} s", flush=True)
+        write_results("compare_smollm2", result)  # again below, with the baseline
         if not args.no_separate:
             t0 = time.perf_counter()
             cache = tmp / "cache"
