@@ -235,9 +235,7 @@ def _run_job(job: _Job) -> dict[str, Any]:
 
 
 def _n_params(source: Any) -> int:
-    import math as _m
-
-    return sum(_m.prod(source.info(n).shape) for n in source.names())
+    return sum(math.prod(source.info(n).shape) for n in source.names())
 
 
 def _finite(v: float) -> float | None:
