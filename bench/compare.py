@@ -10,7 +10,8 @@ importance matrix) then ``lowbit eval`` (with one reference cache for all, as ``
 gives). Both runs' rows must agree (same files, same evaluator); the table has compare's rows.
 Results: ``bench/results/compare_smollm2.json``, with the compare directory's ``results.json`` inside.
 
-Usage: python bench/compare.py [--schemes Q4_K_M,...] [--chunks 40] [--workers 1] [--no-separate]
+Usage: python bench/compare.py [--schemes Q4_K_M,...] [--chunks 40] [--samples 128] [--workers 1] [--no-separate]
+       [--no-task]
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--no-separate", action="store_true", help="skip the one-command-at-a-time baseline")
+    ap.add_argument("--no-task", action="store_true", help="without the general-knowledge task")
     args = ap.parse_args()
     model = smollm2_gguf()
     text, calib = shared_path(TEXT), shared_path(CALIB)
@@ -73,6 +75,7 @@ def main() -> None:
             "compare_wall_s": m.seconds,
             "compare_peak_rss_mib": m.peak_rss_bytes / 2**20,
             "workers": args.workers,
+            "task": None if args.no_task else TASK.name,
             "report": report,
         }
         print(f"compare: {len(report['rows'])} candidates in {m.seconds:.0f} s", flush=True)
