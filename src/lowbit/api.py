@@ -7,7 +7,7 @@ import logging
 import math
 import resource
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
     from lowbit.formats.base import Codec
+    from lowbit.formats.gguf.mixes import TypeOverride
     from lowbit.methods.base import Method
     from lowbit.transforms.rotation import RotationConfig
     from lowbit.walk.calibrate import CalibConfig
@@ -139,6 +140,7 @@ def quantize(
     method_options: Mapping[str, Any] | None = None,
     threshold: float | None = None,
     rotate: RotationConfig | str | None = None,
+    tensor_types: Sequence[str] = (),
 ) -> QuantizeReport:
     """Quantize every block linear of ``model`` with ``scheme`` and write ``out`` in ``fmt``.
 
@@ -161,9 +163,15 @@ def quantize(
             "instead (the importance is then computed on the rotated model)"
         )
     if scheme is not None and (fmt or (GGUF_FORMAT if gguf_mix_name(scheme) else None)) == GGUF_FORMAT:
+        from lowbit.formats.gguf.mixes import parse_type_overrides
+
+        overrides = parse_type_overrides(tensor_types)
         return _quantize_gguf(
-            model, scheme, out_path, method, force, progress, calib, imatrix, method_options, rotation
-        )
+            model, scheme, out_path, method, force, progress, calib, imatrix, method_options, rotation,
+            overrides,
+        )  # fmt: skip
+    if tensor_types:
+        raise ArgumentError("--tensor-type chooses ggml types: it applies only when writing a GGUF mix")
     if imatrix is not None:
         raise ArgumentError("--imatrix is used only when writing GGUF (--format gguf with a GGUF mix)")
     from lowbit.export.hf_checkpoint import get_format, model_dtype, write_checkpoint
@@ -245,6 +253,7 @@ def _quantize_gguf(
     imatrix: str | Path | Imatrix | None,
     method_options: Mapping[str, Any] | None = None,
     rotation: RotationConfig | None = None,
+    overrides: Sequence[TypeOverride] = (),
 ) -> QuantizeReport:
     """A llama-quantize mix as a GGUF file; the report's numbers are per tensor as written.
 
@@ -272,8 +281,9 @@ def _quantize_gguf(
         from lowbit.export.gguf import write_gguf
 
         rep = write_gguf(
-            model, sch.name, out, imatrix=im, force=force, progress=progress, imatrix_file=im_file
-        )
+            model, sch.name, out, imatrix=im, force=force, progress=progress, imatrix_file=im_file,
+            overrides=overrides,
+        )  # fmt: skip
         label = "ggml+imatrix" if im is not None else "ggml"
         stats = WalkStats()
     else:
@@ -290,6 +300,7 @@ def _quantize_gguf(
             method_options,
             rotation,
             keep_grids=keep_grids,
+            overrides=overrides,
         )
     from lowbit.formats.gguf.types import is_quantized
 
@@ -324,6 +335,7 @@ def _quantize_gguf_walk(
     method_options: Mapping[str, Any] | None,
     rotation: RotationConfig | None = None,
     keep_grids: bool = False,
+    overrides: Sequence[TypeOverride] = (),
 ) -> tuple[Any, str, WalkStats]:
     """The quantize walk with each block linear's ggml type as its codec, written by the GGUF writer;
     ``keep_grids``: linears a quantized checkpoint stores keep their grid where their type holds it."""
@@ -349,7 +361,9 @@ def _quantize_gguf_walk(
     source = _rotated(model if isinstance(model, ModelSource) else open_model(model), rotation)
     arch = source.arch
     calibrated = [n for n in source.names() if arch.is_quantizable(n)] if calib is not None else []
-    plan = plan_gguf_walk(source, mix, calibrated=calibrated, imatrix=im, imatrix_file=im_file)
+    plan = plan_gguf_walk(
+        source, mix, calibrated=calibrated, imatrix=im, imatrix_file=im_file, overrides=overrides
+    )
     codecs = plan.codec_plan(arch.is_quantizable, embedding=f"{arch.embed}.weight")
     stats = WalkStats()
     if calib is not None:

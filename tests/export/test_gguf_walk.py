@@ -201,6 +201,64 @@ def test_lowbit_eval_agrees_with_llama_perplexity(
         assert floats < ours, (name, ours, llama, floats)
 
 
+# ------------------------------------------------------------------------------- --tensor-type
+OVERRIDES = ["attn_v=q8_0", r"blk\.[0-2]\.ffn_down=q6_k", "output=q8_0", "attn_q=q5_0"]
+
+
+@pytest.mark.shared
+def test_tensor_type_overrides_write_llama_quantizes_file(
+    shared_file: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """``--tensor-type`` as llama-quantize applies it: after the mix's rules, the last match winning, before
+    the row-width fall-back. From the BF16 GGUF the file is llama-quantize's byte for byte; from the
+    Hugging Face directory (whose metadata lowbit converts) every tensor is."""
+    ref = tmp_path / "llama.gguf"
+    argv = [str(shared_file(f"{BIN}/llama-quantize"))]
+    for o in OVERRIDES:
+        argv += ["--tensor-type", o]
+    argv += [str(shared_file(TINY_GGUF)), str(ref), "Q4_K_M", "2"]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-1500:]
+    from_gguf, from_hf = tmp_path / "gguf.gguf", tmp_path / "hf.gguf"
+    quantize(shared_file(TINY_GGUF), "Q4_K_M", from_gguf, progress=False, tensor_types=OVERRIDES)
+    quantize(shared_file(TINY_DIR), "Q4_K_M", from_hf, progress=False, tensor_types=OVERRIDES)
+    assert from_gguf.read_bytes() == ref.read_bytes()
+    assert _tensors(from_hf) == _tensors(ref)
+    types = {n: t for n, (t, _, _) in _tensors(ref).items()}
+    assert types["blk.0.attn_v.weight"] == "Q8_0" and types["output.weight"] == "Q8_0"
+    assert types["blk.1.ffn_down.weight"] == "Q6_K" and types["blk.4.ffn_down.weight"] != "Q6_K"
+    assert types["blk.3.attn_q.weight"] == "Q5_0"
+
+
+def test_tensor_type_overrides_drive_the_methods_too(tmp_path: Path) -> None:
+    """GPTQ through the walk takes the overridden types; the last matching pattern wins."""
+    out = tmp_path / "gptq.gguf"
+    calib = CalibConfig(_stories_dir().parent.parent / "text" / "tinystories-val.txt", samples=4, seqlen=128)
+    quantize(_stories_dir(), "Q4_0", out, method="gptq", calib=calib, progress=False,
+             tensor_types=["attn=q8_0", "attn_k=q5_0"])  # fmt: skip
+    types = {n: t for n, (t, _, _) in _tensors(out).items()}
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_k.weight"] == "Q5_0"
+    assert types["blk.0.ffn_up.weight"] == "Q4_0"
+
+
+@pytest.mark.parametrize(
+    ("tensor_types", "scheme", "needle"),
+    [
+        (["attn_v"], "Q4_K_M", "NAME_PATTERN=TYPE"),
+        (["attn_v=q9_k"], "Q4_K_M", "q9_k"),
+        (["attn_v[=q8_0"], "Q4_K_M", "regular expression"),
+        (["attn_vv=q8_0"], "Q4_K_M", "matches no quantized tensor"),
+        (["attn_v=q8_0"], "w4", "only when writing a GGUF"),
+    ],
+)
+def test_bad_tensor_types(tensor_types: list[str], scheme: str, needle: str, tmp_path: Path) -> None:
+    from lowbit.errors import LowbitError
+
+    with pytest.raises(LowbitError, match=re.escape(needle)):
+        quantize(_stories_dir(), scheme, tmp_path / "o.gguf", progress=False, tensor_types=tensor_types)
+    assert not list(tmp_path.iterdir())
+
+
 # ---------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     ("extra", "needle"),

@@ -117,6 +117,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="nf4/fp4: quantize the block absmax values to 8 bits too (QLoRA's double quantization)",
     )
     p.add_argument(
+        "--tensor-type",
+        action="append",
+        default=[],
+        metavar="PATTERN=TYPE",
+        help="GGUF mixes: tensors whose name matches the regular expression PATTERN take ggml type TYPE "
+        "(as llama-quantize --tensor-type; repeatable, the last match wins), e.g. attn_v=q8_0",
+    )
+    p.add_argument(
         "--imatrix",
         default=None,
         metavar="FILE",
@@ -235,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
         method_options=options,
         threshold=args.threshold,
         rotate=args.rotate,
+        tensor_types=args.tensor_type,
     )
     if args.json:
         print(json.dumps(report.to_json_dict()))

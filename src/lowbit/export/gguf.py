@@ -57,7 +57,7 @@ from lowbit.export.atomic import atomic_file, check_output
 from lowbit.export.gguf_meta import check_hf_architecture, gguf_metadata, hf_metadata
 from lowbit.export.gguf_plan import ImatrixUse, assign_types, check_plan, imatrix_use, importance_for
 from lowbit.export.gguf_stream import GGUFStreamWriter, TensorEntry
-from lowbit.formats.gguf.mixes import MixSpec, ModelInfo, allows_quantization, get_mix
+from lowbit.formats.gguf.mixes import MixSpec, ModelInfo, TypeOverride, allows_quantization, get_mix
 from lowbit.formats.gguf.types import GGMLType, is_quantized, tensor_nbytes
 from lowbit.walk.gguf_inputs import PLAIN_FLOATS, TensorInput, gguf_inputs, hf_inputs
 from lowbit.walk.gguf_read import GGUFFile, read_gguf
@@ -206,9 +206,10 @@ def write_gguf(
     force: bool = False,
     progress: bool = False,
     imatrix_file: str | None = None,
+    overrides: Sequence[TypeOverride] = (),
 ) -> GGUFReport:
     """Write ``source`` as a GGUF file of llama-quantize mix ``mix`` (``Q4_K_M``, ``Q8_0``, ``F16`` ...),
-    every tensor rounded by ggml's quantizer.
+    every tensor rounded by ggml's quantizer; ``overrides``: llama-quantize's ``--tensor-type`` options.
 
     ``source`` is a GGUF file (requantized as llama-quantize does) or a llama-family Hugging Face
     directory (converted as convert_hf_to_gguf does, then quantized). ``imatrix`` maps GGUF tensor
@@ -227,7 +228,7 @@ def write_gguf(
         items, values = gguf_inputs(src)
         _check_not_split(src, values)
         model = ModelInfo.from_gguf_fields(values, [it.name for it in items])
-        items = assign_types(spec.name, items, model, im is not None)
+        items = assign_types(spec.name, items, model, im is not None, overrides)
         alignment = src.alignment
         check_plan(spec.name, items, im)
         kvs = gguf_metadata(src, spec.file_type, im)
@@ -235,7 +236,7 @@ def write_gguf(
         kind = "hf"
         check_hf_architecture(src)
         items = hf_inputs(src)
-        items = assign_types(spec.name, items, _hf_model_info(src), im is not None)
+        items = assign_types(spec.name, items, _hf_model_info(src), im is not None, overrides)
         alignment = _DEFAULT_ALIGNMENT
         check_plan(spec.name, items, im)
         kvs = hf_metadata(src, spec.file_type, items, im)
@@ -298,6 +299,7 @@ def plan_gguf_walk(
     calibrated: Iterable[str] = (),
     imatrix: Imatrix | Mapping[str, np.ndarray] | None = None,
     imatrix_file: str | None = None,
+    overrides: Sequence[TypeOverride] = (),
 ) -> GGUFWalkPlan:
     """Types, names and header of ``source`` written as mix ``mix`` (GGUF metadata copied from a GGUF
     source's file, converted from a Hugging Face one). ``calibrated``: the source names whose importance
@@ -343,12 +345,14 @@ def plan_gguf_walk(
         values = g.values()
         _check_not_split(g, values)
         model = ModelInfo.from_gguf_fields(values, [it.name for it in items])
-        items = assign_types(spec.name, items, model, im is not None or bool(calibrated))
+        items = assign_types(spec.name, items, model, im is not None or bool(calibrated), overrides)
         check_plan(spec.name, items, im, frozenset(gnames))
         kvs = gguf_metadata(g, spec.file_type, im)
         return GGUFWalkPlan(spec, tuple(items), tuple(names), heads, tuple(kvs), g.alignment, "gguf", im)
     check_hf_architecture(source)
-    items = assign_types(spec.name, items, _hf_model_info(source), im is not None or bool(calibrated))
+    items = assign_types(
+        spec.name, items, _hf_model_info(source), im is not None or bool(calibrated), overrides
+    )
     check_plan(spec.name, items, im, frozenset(gnames))
     kvs = hf_metadata(source, spec.file_type, items, im)
     return GGUFWalkPlan(spec, tuple(items), tuple(names), heads, tuple(kvs), _DEFAULT_ALIGNMENT, "hf", im)

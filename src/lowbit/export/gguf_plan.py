@@ -21,6 +21,7 @@ from lowbit.formats.gguf.mixes import (
     Category,
     ModelInfo,
     TensorSpec,
+    TypeOverride,
     allows_quantization,
     category_of,
     requires_imatrix,
@@ -63,11 +64,20 @@ def imatrix_use(imatrix: Imatrix | Mapping[str, np.ndarray] | None, file: str | 
 
 
 def assign_types(
-    mix: str, items: list[TensorInput], model: ModelInfo, has_imatrix: bool
+    mix: str,
+    items: list[TensorInput],
+    model: ModelInfo,
+    has_imatrix: bool,
+    overrides: Sequence[TypeOverride] = (),
 ) -> list[TensorInput]:
-    """``items`` with the type llama-quantize's mix ``mix`` gives each (``dst_type``)."""
+    """``items`` with the type llama-quantize's mix ``mix`` (and its ``--tensor-type`` ``overrides``)
+    gives each (``dst_type``). An override that matches no quantized tensor is an error: a typo would
+    otherwise write the mix unchanged."""
     specs = [TensorSpec(it.name, it.shape, it.src_type) for it in items]
-    chosen = tensor_types(mix, specs, model, imatrix=has_imatrix)
+    chosen = tensor_types(mix, specs, model, imatrix=has_imatrix, overrides=overrides)
+    for o in overrides:
+        if not any(o.matches(it.name) and allows_quantization(it.name, it.shape) for it in items):
+            raise SchemeError(f"--tensor-type {o.pattern}={o.type.name.lower()} matches no quantized tensor")
     return [replace(it, dst_type=chosen[it.name]) for it in items]
 
 

@@ -26,7 +26,8 @@ Conventions.
   ``output.weight`` among the tensors". ``choose_type`` answers for one tensor, taking the counters to be
   the tensor's layer index (true for every standard layout: one attn_v / ffn_down per layer).
 
-Not modelled: ``--tensor-type`` / ``--output-tensor-type`` / ``--token-embedding-type`` overrides,
+``--tensor-type`` overrides (:class:`TypeOverride`) are applied as llama-quantize applies them. Not
+modelled: ``--output-tensor-type`` / ``--token-embedding-type`` (``--tensor-type output=...`` does it),
 ``--leave-output-tensor``, ``--prune-layers``; llama.cpp's Q1_0/Q2_0/NVFP4 mixes (gguf-py does not know
 all of their types).
 """
@@ -41,7 +42,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 from lowbit.errors import InputFileError, SchemeError, ShapeError
-from lowbit.formats.gguf.types import GGMLType, block_size, is_quantized
+from lowbit.formats.gguf.types import GGMLType, block_size, ggml_type, is_quantized
 
 log = logging.getLogger(__name__)
 
@@ -631,6 +632,39 @@ def _rule_type(c: _Ctx) -> GGMLType:
     return _attn_v_after(c, t) if c.category in _ATTN_V_LIKE else t
 
 
+# ------------------------------------------------------------------------------------------ overrides
+@dataclass(frozen=True)
+class TypeOverride:
+    """llama-quantize's ``--tensor-type PATTERN=TYPE``: tensors whose GGUF name ``PATTERN`` (a regular
+    expression, searched anywhere in the name) matches take ``type`` instead of the mix's choice."""
+
+    pattern: str
+    type: GGMLType
+
+    def matches(self, name: str) -> bool:
+        return re.search(self.pattern, name) is not None
+
+
+def parse_type_overrides(specs: Iterable[str]) -> tuple[TypeOverride, ...]:
+    """``["attn_v=q8_0", "blk\\.[0-3]\\.ffn_down=q6_k"]`` -> overrides; :class:`SchemeError` for a bad one."""
+    out: list[TypeOverride] = []
+    for spec in specs:
+        pattern, sep, type_name = spec.rpartition("=")
+        if not sep or not pattern or not type_name:
+            raise SchemeError(f"--tensor-type {spec!r}: write NAME_PATTERN=TYPE, e.g. attn_v=q8_0")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise SchemeError(
+                f"--tensor-type {spec!r}: {pattern!r} is not a regular expression ({e})"
+            ) from None
+        t = ggml_type(type_name)
+        if not is_quantized(t) and t not in (T.F16, T.BF16, T.F32):
+            raise SchemeError(f"--tensor-type {spec!r}: {t.name} is not a type a weight can be stored in")
+        out.append(TypeOverride(pattern, t))
+    return tuple(out)
+
+
 # ------------------------------------------------------------------------------------------ public
 def _select(
     spec: MixSpec,
@@ -641,6 +675,7 @@ def _select(
     *,
     imatrix: bool,
     pure: bool,
+    overrides: Sequence[TypeOverride] = (),
 ) -> GGMLType:
     if not allows_quantization(t.name, t.shape):
         return t.type
@@ -664,6 +699,9 @@ def _select(
             n_layer=model.n_layer,
         )
         new = _rule_type(ctx)
+        for o in overrides:  # as llama-quantize: every pattern is tried, the last match wins
+            if o.matches(t.name):
+                new = o.type
     return fallback_type(new, int(t.shape[-1]))
 
 
@@ -705,8 +743,10 @@ def tensor_types(
     *,
     imatrix: bool = False,
     pure: bool = False,
+    overrides: Sequence[TypeOverride] = (),
 ) -> dict[str, GGMLType]:
-    """Every tensor's type under ``mix``, exactly as llama-quantize computes it.
+    """Every tensor's type under ``mix``, exactly as llama-quantize computes it (with ``overrides``: its
+    ``--tensor-type`` options, applied after the mix's rules and before the row-width fall-back).
 
     The result is ordered as llama-quantize writes its output file (by layer, then by name).
     ``model_info.tied_embeddings`` is overridden by whether ``output.weight`` is among ``tensors``.
@@ -722,7 +762,9 @@ def tensor_types(
     counters: dict[str, int] = {}
     out: dict[str, GGMLType] = {}
     for t in specs:
-        out[t.name] = _select(spec, t, model, counters, n_attn_v, imatrix=imatrix, pure=pure)
+        out[t.name] = _select(
+            spec, t, model, counters, n_attn_v, imatrix=imatrix, pure=pure, overrides=overrides
+        )
         key = _COUNTER_OF.get(category_of(t.name))
         # llama.cpp advances a counter only when its rules ran for that tensor
         if key and allows_quantization(t.name, t.shape) and is_quantized(spec.default_type) and not pure:
