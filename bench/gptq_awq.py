@@ -20,9 +20,10 @@ GPTQ), ``awq``.
 A setting no checkpoint format holds (g128 on width 576: a ragged last group) is quantized in memory by
 ``bench/simulate_child.py`` and saved as float weights (the row says ``simulated``).
 
-``--model tiny256`` runs the same on tiny256 (../shared; bf16, widths multiples of 256), where the
-``autoround`` method reads Intel AutoRound 0.16.1's W4/W3 g128 checkpoints as measured by
-``bench/anchors/autoround_tiny256.py`` (same windows, same evaluation; its time is from that run).
+``--model tiny256`` runs the same on tiny256 (../shared; bf16, widths multiples of 256). The ``autoround``
+method reads Intel AutoRound 0.16.1's checkpoints of the model (W4/W3 g128, and g64 on SmolLM2 where
+measured) as measured by ``bench/anchors/autoround_tiny256.py --model MODEL`` (same windows, same
+evaluation; its time is from that run; ``bench/results/autoround_MODEL.json``).
 ``gptq-asym`` is ``--asymmetric`` (towards the original model's outputs), ``gptq-asym-db0`` the same
 without the diagonal blend.
 
@@ -70,8 +71,8 @@ LOWBIT_METHODS: dict[str, tuple[str, list[str]]] = {
 }
 #: Models the bench runs on: SmolLM2-135M (its package's Q4_1 GGUF) or tiny256 (../shared, bf16).
 MODELS = ("smollm2", "tiny256")
-#: AutoRound's measured checkpoints (bench/anchors/autoround_tiny256.py): scheme -> its row there.
-AUTOROUND_RESULTS = "autoround_tiny256.json"
+#: AutoRound's measured checkpoints (bench/anchors/autoround_tiny256.py --model MODEL), per model.
+AUTOROUND_RESULTS = "autoround_{model}.json"
 #: bench method -> (llm-compressor method, extra arguments of llmc_quantize.py)
 LLMC_METHODS: dict[str, tuple[str, list[str]]] = {
     "llmc-gptq": ("gptq", []),
@@ -162,7 +163,7 @@ def main() -> None:
                     out = Path(tmp) / f"{scheme}-{method}-{calib}"
                     row: dict[str, Any] = {"scheme": scheme, "method": method, "calib": calib}
                     if method == "autoround":
-                        ar = autoround_row(args.model, scheme, calib)
+                        ar = autoround_row(args.model, scheme, calib, f"{args.samples}x{args.seqlen}")
                         if ar is not None:
                             keep({**row, **ar})
                         continue
@@ -228,14 +229,17 @@ def main() -> None:
     print(f"wrote {write_results(args.results, {**meta, 'complete': True, 'rows': rows})}")
 
 
-def autoround_row(model: str, scheme: str, calib: str) -> dict[str, Any] | None:
-    """AutoRound's checkpoint of ``scheme`` as measured by ``anchors/autoround_tiny256.py`` (tiny256,
-    WikiText-2 calibration, the same windows and ``lowbit eval`` as this bench), or None."""
-    path = RESULTS / AUTOROUND_RESULTS
-    if model != "tiny256" or calib != "wikitext" or not path.is_file():
+def autoround_row(model: str, scheme: str, calib: str, windows: str) -> dict[str, Any] | None:
+    """AutoRound's checkpoint of ``scheme`` on ``model`` as measured by ``anchors/autoround_tiny256.py``
+    (WikiText-2 calibration, the same ``windows`` (``"128x512"``) and ``lowbit eval`` as this bench), or
+    None."""
+    name = AUTOROUND_RESULTS.format(model=model)
+    path = RESULTS / name
+    if calib != "wikitext" or not path.is_file():
         return None
     for r in json.loads(path.read_text()).get("rows", []):
-        if str(r.get("row", "")).lower() == scheme.lower() and r.get("kld_mean") is not None:
+        same = str(r.get("row", "")).lower() == scheme.lower() and r.get("samples_x_seqlen") == windows
+        if same and r.get("kld_mean") is not None:
             return {
                 "kld_mean": r["kld_mean"],
                 "ppl": r.get("ppl"),
@@ -243,7 +247,7 @@ def autoround_row(model: str, scheme: str, calib: str) -> dict[str, Any] | None:
                 "top1": r.get("top1"),
                 "seconds": r.get("wall_s"),
                 "peak_rss_mib": r.get("peak_rss_mib"),
-                "from": f"{AUTOROUND_RESULTS} (measured in an earlier run)",
+                "from": f"{name} (measured in an earlier run)",
             }
     return None
 

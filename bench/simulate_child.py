@@ -6,7 +6,7 @@ evaluated like any checkpoint. Prints one JSON line: bits per weight of the quan
 codec stores them, and seconds.
 
 Usage: python bench/simulate_child.py MODEL SCHEME METHOD OUT [--calib TEXT --samples N --seqlen L]
-       [--act-order static|group|none] [--diag-blend B]
+       [--act-order static|group|none] [--diag-blend B] [--asymmetric]
 """
 
 from __future__ import annotations
@@ -34,9 +34,12 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--act-order", choices=["static", "group", "none"], default=None)
     ap.add_argument("--diag-blend", type=float, default=None)
+    ap.add_argument(
+        "--asymmetric", action="store_true", default=None, help="GPTQ towards the original outputs"
+    )
     args = ap.parse_args()
     t0 = time.perf_counter()
-    opts = {"act_order": args.act_order, "diag_blend": args.diag_blend}
+    opts = {"act_order": args.act_order, "diag_blend": args.diag_blend, "asymmetric": args.asymmetric}
     calib = CalibConfig(args.calib, samples=args.samples, seqlen=args.seqlen) if args.calib else None
     with open_model(args.model) as src:
         weights, stats = simulate_scheme(

